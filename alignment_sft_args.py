@@ -1,0 +1,54 @@
+"""Stage 3: instruction SFT in "Human: ...\\nAssistant: " form.
+
+Plain constants, no logic. Override any of them on the command line:
+    torchrun --standalone --nproc_per_node=2 alignment_sft_main.py packing=True
+"""
+
+# ---------------------------------------------------------------- model
+init_model_path = "outputs/task_instruct_tuning/final"  # stage 2's final model
+tokenizer_path = ""  # empty: <init_model_path>/tokenizer.model
+dropout_prob = 0.05  # BiLLa's dropout after attention and after the FFN
+gradient_checkpointing = True  # recompute activations in backward to fit batch 24 x 1024
+
+# ---------------------------------------------------------------- data
+pretrain_data_root_dir = "pretraining_corpora"  # holds one folder per set: <set>/<NNNNN>.jsonl
+pretrain_data_split = {  # set: weight and first file number; every 12 samples hold 6 from "others"
+    "code-alpaca-en": {"weight": 1, "file_start": 0},  # CodeAlpaca
+    "cot-en": {"weight": 2, "file_start": 0},  # FLAN CoT
+    "leet-code-zh": {"weight": 1, "file_start": 0},  # COIG leetcode
+    "mwp-en": {"weight": 1, "file_start": 0},  # MathQA with rationales
+    "mwp-zh": {"weight": 1, "file_start": 0},  # Ape210k, Math23k with rationales
+    "others": {"weight": 6, "file_start": 0},  # AlpacaGPT4, Dolly, GPT4Tools, GPTeacher, HC3, COIG, ...
+}
+max_seq_length = 1024  # tokens per sample, bos and eos included
+batch_size = 24  # samples per GPU: 24 x 2 GPUs x 1024 tokens = 49,152 tokens/step at most
+long_text = "split"  # LM sets only; a prompted sample that is too long is cut on the input side
+packing = False  # True: pack samples into rows of max_seq_length; SFT batches are mostly padding otherwise
+skip_bad_records = False  # True: count, log and skip bad records instead of stopping
+seed = 42  # data order; each rank derives its own stream from it
+
+# ---------------------------------------------------------------- optimisation
+lr = 2e-5  # peak learning rate
+min_lr = 2e-6  # cosine floor: 0.1 x lr
+warmup_steps = 2000  # linear warmup: 2,000 of 20,000 steps = 10%
+max_steps = 20_000  # 20,000 steps x 48 samples = 960,000 samples
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
+weight_decay = 0.1  # AdamW decoupled weight decay
+adam_beta1 = 0.9  # AdamW beta1
+adam_beta2 = 0.95  # AdamW beta2
+max_grad_norm = 2.0  # clip the global gradient norm to this
+precision = "bf16"  # "fp16" (V100, dynamic loss scale), "bf16" (A100, the recipe's stage-3 GPU) or "fp32"
+initial_loss_scale = 16384  # 2**14, fp16 only
+max_bad_steps = 50  # stop after this many consecutive non-finite losses
+
+# ---------------------------------------------------------------- engine
+plugin = "gemini"  # "gemini" (ZeRO, CPU placement, as the recipe), "zero2" or "ddp"; CPU-only machines use "ddp"
+zero2_cpu_offload = False  # zero2 only: keep optimizer states in CPU memory
+
+# ---------------------------------------------------------------- logging and checkpoints
+output_dir = "outputs/alignment_sft"  # checkpoints: ckpt_step-<step>_loss-<loss>/, and final/ at the end
+logdir = "outputs/alignment_sft/logs"  # log.txt.<rank> and TensorBoard events
+logging_steps = 10  # log every 10 optimizer steps
+saving_steps = 1000  # checkpoint every 1,000 steps
+keep_checkpoints = 3  # delete older step checkpoints beyond the newest 3
+recover_training_from_checkpoint = ""  # "": fresh start; "latest": newest in output_dir; or a checkpoint path

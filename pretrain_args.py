@@ -1,0 +1,51 @@
+"""Stage 1: continued LM pretraining on Chinese and English text plus translation pairs.
+
+Plain constants, no logic. Override any of them on the command line:
+    torchrun --standalone --nproc_per_node=8 pretrain_main.py lr=1e-5 batch_size=16
+"""
+
+# ---------------------------------------------------------------- model
+init_model_path = "models/llama-7b-zh"  # this repo's model dir or a transformers LLaMA dir (converted on load)
+tokenizer_path = ""  # empty: <init_model_path>/tokenizer.model
+dropout_prob = 0.05  # BiLLa's dropout after attention and after the FFN
+gradient_checkpointing = True  # recompute activations in backward: ~30% slower, fits batch 20 x 1024 on 32 GB
+
+# ---------------------------------------------------------------- data
+pretrain_data_root_dir = "pretraining_corpora"  # holds one folder per set: <set>/<NNNNN>.jsonl
+pretrain_data_split = {  # set: integer weight; every 10 samples hold exactly 4 zh, 4 en, 2 translate
+    "zh": 4,  # WuDao, {"text"}
+    "en": 4,  # Pile-CC and Github, {"text"}
+    "translate": 2,  # WMT, {"en_text", "zh_text"}
+}
+max_seq_length = 1024  # tokens per sample, bos and eos included
+batch_size = 20  # samples per GPU: 20 x 8 GPUs x 1024 tokens = 163,840 tokens/step
+long_text = "split"  # "split": a long document becomes several samples; "truncate": the recipe's cut-off
+packing = False  # True: pack samples into rows of max_seq_length (20 x 1024 = 20,480 tokens per GPU)
+skip_bad_records = False  # True: count, log and skip bad records instead of stopping
+seed = 42  # data order and masks; each rank derives its own stream from it
+
+# ---------------------------------------------------------------- optimisation
+lr = 3e-5  # peak learning rate
+min_lr = 3e-6  # cosine floor: 0.1 x lr
+warmup_steps = 2000  # linear warmup: 2,000 of 100,000 steps = 2%
+max_steps = 100_000  # 100,000 steps x 163,840 tokens = 16.4B tokens
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
+weight_decay = 0.1  # AdamW decoupled weight decay
+adam_beta1 = 0.9  # AdamW beta1
+adam_beta2 = 0.95  # AdamW beta2
+max_grad_norm = 2.0  # clip the global gradient norm to this
+precision = "fp16"  # "fp16" (V100, dynamic loss scale), "bf16" (A100/H100) or "fp32"
+initial_loss_scale = 16384  # 2**14, fp16 only
+max_bad_steps = 50  # stop after this many consecutive non-finite losses
+
+# ---------------------------------------------------------------- engine
+plugin = "gemini"  # "gemini" (ZeRO, CPU placement, as the recipe), "zero2" or "ddp"; CPU-only machines use "ddp"
+zero2_cpu_offload = False  # zero2 only: keep optimizer states in CPU memory
+
+# ---------------------------------------------------------------- logging and checkpoints
+output_dir = "outputs/pretrain"  # checkpoints: ckpt_step-<step>_loss-<loss>/, and final/ at the end
+logdir = "outputs/pretrain/logs"  # log.txt.<rank> and TensorBoard events
+logging_steps = 10  # log every 10 optimizer steps
+saving_steps = 1000  # checkpoint every 1,000 steps = every 164M tokens
+keep_checkpoints = 3  # delete older step checkpoints beyond the newest 3
+recover_training_from_checkpoint = ""  # "": fresh start; "latest": newest in output_dir; or a checkpoint path

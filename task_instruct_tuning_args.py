@@ -1,0 +1,61 @@
+"""Stage 2: stage-1 data mixed 1:1 with task data, each task record wrapped in a random prompt.
+
+Plain constants, no logic. Override any of them on the command line:
+    torchrun --standalone --nproc_per_node=8 task_instruct_tuning_main.py lr=1e-5
+"""
+
+# ---------------------------------------------------------------- model
+init_model_path = "outputs/pretrain/final"  # stage 1's final model
+tokenizer_path = ""  # empty: <init_model_path>/tokenizer.model
+dropout_prob = 0.05  # BiLLa's dropout after attention and after the FFN
+gradient_checkpointing = True  # recompute activations in backward to fit batch 20 x 1024
+
+# ---------------------------------------------------------------- data
+pretrain_data_root_dir = "pretraining_corpora"  # holds one folder per set: <set>/<NNNNN>.jsonl
+pretrain_data_split = {  # set: weight and first file number; LM 10 : tasks 10 = the recipe's 1:1 mix
+    "zh": {"weight": 4, "file_start": 0},  # WuDao
+    "en": {"weight": 4, "file_start": 0},  # Pile-CC and Github
+    "translate": {"weight": 2, "file_start": 0},  # WMT, prompt after the source
+    "zh-qa-long": {"weight": 1, "file_start": 0},  # WebQA (Baidu)
+    "zh-qa-short": {"weight": 1, "file_start": 0},  # CMRC2018, DuReader
+    "zh-reasoning": {"weight": 1, "file_start": 0},  # Ape210k, Math23k, COIG leetcode
+    "zh-summary": {"weight": 1, "file_start": 0},  # CNewsSum
+    "en-hotpotqa": {"weight": 1, "file_start": 0},  # HotpotQA
+    "en-reasoning": {"weight": 1, "file_start": 0},  # MathQA, HotpotQA rationales, CodeAlpaca
+    "en-squad2": {"weight": 1, "file_start": 0},  # SQuAD 2.0
+    "en-summary": {"weight": 1, "file_start": 0},  # CNN/DM
+    "en-summary-dialogue": {"weight": 1, "file_start": 0},  # SamSum, MediaSum
+    "en-wikihow": {"weight": 1, "file_start": 0},  # WikiHow
+}
+max_seq_length = 1024  # tokens per sample, bos and eos included
+batch_size = 20  # samples per GPU: 20 x 8 GPUs x 1024 tokens = 163,840 tokens/step
+long_text = "split"  # "split": a long document becomes several samples; "truncate": the recipe's cut-off
+packing = False  # True: pack samples into rows of max_seq_length (20 x 1024 = 20,480 tokens per GPU)
+skip_bad_records = False  # True: count, log and skip bad records instead of stopping
+seed = 42  # data order, prompts and masks; each rank derives its own stream from it
+
+# ---------------------------------------------------------------- optimisation
+lr = 2e-5  # peak learning rate
+min_lr = 2e-6  # cosine floor: 0.1 x lr
+warmup_steps = 2000  # linear warmup: 2,000 of 20,000 steps = 10%
+max_steps = 20_000  # 20,000 steps x 163,840 tokens = 3.3B tokens
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
+weight_decay = 0.1  # AdamW decoupled weight decay
+adam_beta1 = 0.9  # AdamW beta1
+adam_beta2 = 0.95  # AdamW beta2
+max_grad_norm = 2.0  # clip the global gradient norm to this
+precision = "fp16"  # "fp16" (V100, dynamic loss scale), "bf16" (A100/H100) or "fp32"
+initial_loss_scale = 16384  # 2**14, fp16 only
+max_bad_steps = 50  # stop after this many consecutive non-finite losses
+
+# ---------------------------------------------------------------- engine
+plugin = "gemini"  # "gemini" (ZeRO, CPU placement, as the recipe), "zero2" or "ddp"; CPU-only machines use "ddp"
+zero2_cpu_offload = False  # zero2 only: keep optimizer states in CPU memory
+
+# ---------------------------------------------------------------- logging and checkpoints
+output_dir = "outputs/task_instruct_tuning"  # checkpoints: ckpt_step-<step>_loss-<loss>/, and final/ at the end
+logdir = "outputs/task_instruct_tuning/logs"  # log.txt.<rank> and TensorBoard events
+logging_steps = 10  # log every 10 optimizer steps
+saving_steps = 1000  # checkpoint every 1,000 steps = every 164M tokens
+keep_checkpoints = 3  # delete older step checkpoints beyond the newest 3
+recover_training_from_checkpoint = ""  # "": fresh start; "latest": newest in output_dir; or a checkpoint path

@@ -51,11 +51,14 @@ max_bad_steps = 50  # stop after this many consecutive non-finite losses
 # ---------------------------------------------------------------- engine
 plugin = "gemini"  # "gemini" (ZeRO, CPU placement, as the recipe), "zero2" or "ddp"; CPU-only machines use "ddp"
 zero2_cpu_offload = False  # zero2 only: keep optimizer states in CPU memory
+gemini_placement_policy = "static"  # gemini only: "static": fixed placement set by the next line; "auto": chunks move with free GPU memory
+gemini_offload_optim_frac = 1.0  # gemini static only: 1.0 = all Adam states in CPU memory, the recipe's CPU placement
 
 # ---------------------------------------------------------------- logging and checkpoints
 output_dir = "outputs/task_instruct_tuning"  # checkpoints: ckpt_step-<step>_loss-<loss>/, and final/ at the end
 logdir = "outputs/task_instruct_tuning/logs"  # log.txt.<rank> and TensorBoard events
 logging_steps = 10  # log every 10 optimizer steps
+peak_tflops_per_gpu = 0.0  # MFU denominator; 0: look the GPU up by name (V100 125, A100 312, H100 989 dense fp16/bf16)
 saving_steps = 1000  # checkpoint every 1,000 steps = every 164M tokens
 keep_checkpoints = 3  # delete older step checkpoints beyond the newest 3
 recover_training_from_checkpoint = ""  # "": fresh start; "latest": newest in output_dir; or a checkpoint path

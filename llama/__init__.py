@@ -1,0 +1,8 @@
+"""The LLaMA model family in MetaAI's layout: config, model, tokenizer, generation, conversion. Knows nothing of
+training."""
+from llama.configuration_llama import LlamaConfig
+from llama.generation import generate, stream
+from llama.llama_model import Llama, check_tokenizer_matches
+from llama.tokenization_llama import Tokenizer
+
+__all__ = ["LlamaConfig", "Llama", "Tokenizer", "generate", "stream", "check_tokenizer_matches"]

@@ -36,3 +36,84 @@ def train_tokenizer(texts: Iterable[str], output_path: str | Path, vocab_size: i
     )
     output_path.write_bytes(model.getvalue())
     return output_path
+
+
+def make_tiny_model(output_dir: str | Path, tokenizer_path: str | Path, dim: int = 64, n_layers: int = 2,
+                    n_heads: int = 4, n_kv_heads: int | None = None, max_seq_len: int = 512, seed: int = 0) -> Path:
+    """Write a complete, randomly initialised model dir (config.json, model.safetensors, tokenizer.model)."""
+    import torch
+
+    from llama.configuration_llama import LlamaConfig
+    from llama.llama_model import Llama
+    from llama.tokenization_llama import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=dim, num_hidden_layers=n_layers,
+                         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                         max_sequence_length=max_seq_len, bos_token_id=tokenizer.bos_id,
+                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    torch.manual_seed(seed)
+    model = Llama(config)
+    return model.save_pretrained(output_dir, tokenizer_path=tokenizer.model_path)
+
+
+def corpus_texts(corpus_dir: str | Path, max_chars: int = 20_000_000) -> list[str]:
+    """Every string field of every JSON line under corpus_dir (*.jsonl, recursively) plus *.prompt lines, up to
+    max_chars in total -- enough text for a tokenizer of a few thousand pieces."""
+    import json
+
+    corpus_dir = Path(corpus_dir)
+    if not corpus_dir.is_dir():
+        raise FileNotFoundError(f"corpus dir not found: {corpus_dir}")
+    texts: list[str] = []
+    total = 0
+    for path in sorted(corpus_dir.rglob("*")):
+        if path.suffix not in (".jsonl", ".prompt") or not path.is_file():
+            continue
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                if path.suffix == ".prompt":
+                    values = [line.rstrip("\n")]
+                else:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                    values = [v for v in record.values() if isinstance(v, str)] if isinstance(record, dict) else []
+                for v in values:
+                    texts.append(v)
+                    total += len(v)
+                    if total >= max_chars:
+                        return texts
+    if not texts:
+        raise ValueError(f"{corpus_dir}: no text found in *.jsonl / *.prompt files")
+    return texts
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m llama.tiny",
+                                     description="Train a tokenizer on a corpus folder and write a tiny random model dir.")
+    parser.add_argument("--corpus", required=True, type=Path, help="folder of *.jsonl files (searched recursively)")
+    parser.add_argument("--output", required=True, type=Path, help="model dir to write")
+    parser.add_argument("--vocab-size", type=int, default=4000)
+    parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    tokenizer = train_tokenizer(corpus_texts(args.corpus), args.output / "tokenizer.model", args.vocab_size,
+                                args.model_type)
+    make_tiny_model(args.output, tokenizer, args.dim, args.layers, args.heads, args.kv_heads, args.max_seq_len,
+                    args.seed)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""LLaMA in MetaAI's layout (parameter names and q/k rotary layout of Meta's code), trainable, not a transformers class.
+
+    loss, logits = model(input_ids, loss_mask=None, labels=None, doc_ids=None)
+
+Differences from Meta's inference-only model.py: dropout (BiLLa's 0.05 after attention and FFN), optional gradient
+checkpointing, packed rows (doc_ids), attention through F.scaled_dot_product_attention, and a loss that projects to
+the vocabulary only the positions whose target counts. Generation lives in llama/generation.py on top of
+`forward_with_cache`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llama.configuration_llama import CONFIG_NAME, LlamaConfig
+from llama.convert import TOKENIZER_NAME, hf_to_llama_state_dict
+from llama.loss import linear_cross_entropy_sum, plain_linear_cross_entropy_sum
+from llama.model_files import DEFAULT_MAX_SHARD_SIZE, is_transformers_dir, iter_tensors, save_tensors
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Meta and transformers do), cast back, then scale.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_frequencies(head_dim: int, length: int, theta: float, device: torch.device | str) -> torch.Tensor:
+    """e^(i * position * theta^(-2j/head_dim)) as complex64, shape (length, head_dim // 2)."""
+    # Built as transformers builds inv_freq (int64 arange -> float) so the angles match it bit for bit.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate dims (2j, 2j+1) of each head by its position's angle (Meta's interleaved layout), in fp32.
+
+    x: (bs, L, n_heads, head_dim); freqs_cis: complex, broadcastable to (bs, L, 1, head_dim // 2).
+    """
+    x_c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (bs, L, n_heads, head_dim/2) complex
+    return torch.view_as_real(x_c * freqs_cis).flatten(3).type_as(x)  # (bs, L, n_heads, head_dim)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Grouped-query attention: key/value head h serves query heads h*n_rep .. h*n_rep + n_rep-1."""
+    if n_rep == 1:
+        return x
+    bs, n_kv, seqlen, head_dim = x.shape
+    # (bs, n_kv, n_rep, seqlen, head_dim) -> (bs, n_kv * n_rep, seqlen, head_dim)
+    return x[:, :, None].expand(bs, n_kv, n_rep, seqlen, head_dim).reshape(bs, n_kv * n_rep, seqlen, head_dim)
+
+
+def positions_and_documents(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed rows: (position within its document, document run index), both (bs, L).
+
+    A document is a contiguous run of equal doc_id; a later run that reuses an id is a new document.
+    """
+    bs, seqlen = doc_ids.shape
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    index = torch.arange(seqlen, device=doc_ids.device).expand(bs, seqlen)
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index, starts.cumsum(dim=1)
+
+
+def document_causal_mask(runs: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask (True = may attend): causal and within the same document. runs: (bs, L)."""
+    seqlen = runs.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=runs.device).tril()
+    same_doc = runs[:, :, None] == runs[:, None, :]  # (bs, L, L)
+    return (same_doc & causal)[:, None]  # (bs, 1, L, L), broadcast over heads
+
+
+class KVCache:
+    """Keys and values of every layer for generation, on the model's device and dtype."""
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_length: int, device: torch.device,
+                 dtype: torch.dtype):
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.max_length = max_length
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (bs, n_kv, L, head_dim) at positions start..start+L; return all keys/values so far."""
+        end = start + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions, asked to write up to {end}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_id: int, config: LlamaConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        bs, seqlen, _ = x.shape
+        q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)  # (bs, L, n_heads, head_dim)
+        k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)  # (bs, L, n_kv_heads, head_dim)
+        v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)  # (bs, L, n_kv_heads, head_dim)
+        q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
+        # SDPA wants heads before positions: (bs, heads, L, head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, start_pos, k, v)  # (bs, n_kv_heads, start_pos + L, head_dim)
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (bs, n_heads, S, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (bs, n_heads, L, hd)
+        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))  # (bs, L, n_heads * head_dim) -> (bs, L, dim)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, config: LlamaConfig):
+        super().__init__()
+        self.attention = Attention(layer_id, config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.dropout = nn.Dropout(config.dropout_prob)  # BiLLa: 0.05 after attention and after the FFN
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        h = x + self.dropout(self.attention(self.attention_norm(x), freqs_cis, mask, is_causal, cache, start_pos))
+        return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(i, config) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        # True: the loss goes through llama/loss.py's chunked projection+CE (no full fp32 logits even for the
+        # counted rows). False: plain F.linear + cross_entropy on the counted rows, for wrappers that must see
+        # `output` used as an ordinary op (e.g. parameter-sharding hooks).
+        self.fused_loss = True
+        # Rotary table per device. A plain attribute, not a buffer: state dicts stay Meta's names only and
+        # model.to(bfloat16) cannot cast the complex table to a real dtype.
+        self._rope_cache: dict[torch.device, torch.Tensor] = {}
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init as transformers' LLaMA does (normal(0, std) for linears and embeddings, ones for norms)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer in backward (non-reentrant checkpointing) to trade compute for activation memory."""
+        self.gradient_checkpointing = enabled
+
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        device = torch.device(device)
+        if device not in self._rope_cache:
+            c = self.config
+            self._rope_cache[device] = rope_frequencies(c.head_dim, c.max_sequence_length, c.rope_theta, device)
+        return self._rope_cache[device]  # (max_sequence_length, head_dim // 2) complex64
+
+    def _check_length(self, length: int) -> None:
+        if length > self.config.max_sequence_length:
+            raise ValueError(f"sequence length {length} exceeds config max_sequence_length "
+                             f"{self.config.max_sequence_length}")
+
+    def hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (bs, L, dim)."""
+        bs, seqlen = input_ids.shape
+        self._check_length(seqlen)
+        table = self.rope_table(input_ids.device)
+        if doc_ids is None:
+            freqs_cis = table[:seqlen][None, :, None, :]  # (1, L, 1, head_dim/2)
+            mask, is_causal = None, True  # lets SDPA pick the flash / memory-efficient kernels
+        else:
+            positions, runs = positions_and_documents(doc_ids)
+            freqs_cis = table[positions][:, :, None, :]  # (bs, L, 1, head_dim/2)
+            mask, is_causal = document_causal_mask(runs), False
+        h = self.tok_embeddings(input_ids)  # (bs, L, dim)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, freqs_cis, mask, is_causal, use_reentrant=False)
+            else:
+                h = layer(h, freqs_cis, mask, is_causal)
+        return self.norm(h)
+
+    def forward(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(loss, None) when loss_mask or labels is given, else (None, fp32 logits (bs, L, vocab)).
+
+        loss_mask (bs, L) is aligned with input_ids: token t counts as a target (predicted from position t-1) iff
+        loss_mask[:, t] == 1. labels follow transformers (-100 = ignore, shifted here). With doc_ids (bs, L), a
+        contiguous run of equal ids is a document: attention stays inside it, positions restart at 0, and its
+        first token is never a target. The loss is the fp32 mean cross-entropy over counted targets; it is 0.0
+        (still connected to every parameter) when nothing counts.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
+        for name, t in (("loss_mask", loss_mask), ("labels", labels), ("doc_ids", doc_ids)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} shape {tuple(t.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if loss_mask is not None and labels is not None:
+            raise ValueError("pass loss_mask or labels, not both")
+        h = self.hidden_states(input_ids, doc_ids)
+        if loss_mask is None and labels is None:
+            return None, self.output(h).float()
+
+        if labels is not None:
+            targets = labels[:, 1:]  # (bs, L-1)
+            counted = targets != -100
+        else:
+            targets = input_ids[:, 1:]  # (bs, L-1)
+            counted = loss_mask[:, 1:].bool()
+        if doc_ids is not None:
+            counted = counted & (doc_ids[:, 1:] == doc_ids[:, :-1])
+        # Only the rows whose target counts reach the vocabulary projection.
+        hidden = h[:, :-1][counted]  # (n_counted, dim)
+        loss_fn = linear_cross_entropy_sum if self.fused_loss else plain_linear_cross_entropy_sum
+        loss_sum = loss_fn(hidden, self.output.weight, targets[counted])
+        return loss_sum / counted.sum().clamp(min=1), None
+
+    @torch.no_grad()
+    def forward_with_cache(self, input_ids: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor:
+        """Run input_ids (bs, L) as positions start_pos.., filling `cache`; fp32 logits of the last position."""
+        bs, seqlen = input_ids.shape
+        self._check_length(start_pos + seqlen)
+        freqs_cis = self.rope_table(input_ids.device)[start_pos:start_pos + seqlen][None, :, None, :]
+        if start_pos == 0:
+            mask, is_causal = None, True
+        elif seqlen == 1:
+            mask, is_causal = None, False  # one new query sees every cached key
+        else:
+            # Query i sits at position start_pos + i and sees keys 0 .. start_pos + i.
+            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=input_ids.device).tril(start_pos)
+            is_causal = False
+        h = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, mask, is_causal, cache, start_pos)
+        return self.output(self.norm(h[:, -1])).float()  # (bs, vocab)
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        p = self.output.weight
+        return KVCache(self.config, batch_size, min(max_length, self.config.max_sequence_length), p.device, p.dtype)
+
+    # ---- files -----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "Llama":
+        """Load a model dir of this repo, or a transformers LLaMA dir (converted on load), straight to dtype.
+
+        The model is built on the meta device and takes the loaded tensors as its parameters, so no randomly
+        initialised or fp32 copy is ever allocated.
+        """
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"LLaMA config not found: {config_path}")
+        config = LlamaConfig.from_pretrained(config_path)
+        tensors = iter_tensors(directory, dtype, device)
+        if is_transformers_dir(json.loads(config_path.read_text(encoding="utf-8"))):
+            state = hf_to_llama_state_dict(tensors, config, source=str(directory))
+        else:
+            state = dict(tensors)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise KeyError(f"{directory}: weights do not match the config: missing {missing[:8]}"
+                           f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                           f"{'...' if len(unexpected) > 8 else ''}")
+        for name, t in state.items():
+            if t.shape != expected[name].shape:
+                raise ValueError(f"{directory}: weight {name} has shape {tuple(t.shape)}, config {config_path} "
+                                 f"implies {tuple(expected[name].shape)}")
+        model.load_state_dict(state, strict=True, assign=True)
+        return model
+
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                        tokenizer_path: str | Path | None = None) -> Path:
+        """Write config.json + model.safetensors (or shards + index above max_shard_size); copy tokenizer_path to
+        tokenizer.model when given, so the dir is complete."""
+        directory = Path(directory)
+        save_tensors(self.state_dict(), directory, max_shard_size)
+        self.config.save_pretrained(directory)
+        if tokenizer_path is not None and Path(tokenizer_path).resolve() != (directory / TOKENIZER_NAME).resolve():
+            shutil.copyfile(tokenizer_path, directory / TOKENIZER_NAME)
+        return directory
+
+
+def check_tokenizer_matches(config: LlamaConfig, tokenizer, allow_padded_embedding: bool = False) -> None:
+    """Raise ValueError if the tokenizer and the model's embedding disagree.
+
+    Every token id must have an embedding row: tokenizer.vocab_size > config.vocab_size is always an error.
+    A larger embedding is an error too unless allow_padded_embedding (some checkpoints pad the vocabulary to a
+    multiple of 64); BiLLa's expanded vocabulary is resized to match exactly. bos/eos ids must agree.
+    """
+    where = getattr(tokenizer, "model_path", "tokenizer")
+    if tokenizer.vocab_size > config.vocab_size or (tokenizer.vocab_size != config.vocab_size
+                                                    and not allow_padded_embedding):
+        raise ValueError(f"tokenizer {where} has {tokenizer.vocab_size} pieces but the model's embedding "
+                         f"(config vocab_size) has {config.vocab_size} rows")
+    for name, tok_id, cfg_id in (("bos", tokenizer.bos_id, config.bos_token_id),
+                                 ("eos", tokenizer.eos_id, config.eos_token_id)):
+        if tok_id != cfg_id:
+            raise ValueError(f"tokenizer {where} has {name}_id {tok_id} but config {name}_token_id is {cfg_id}")

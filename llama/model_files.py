@@ -1,0 +1,140 @@
+"""Weight files of a model dir: safetensors, one file or shards with a transformers-standard index.
+
+A dir holds `model.safetensors`, or shards listed in `model.safetensors.index.json` ({"weight_map": {name: file}})
+under any file names -- transformers writes model-00001-of-00002.safetensors, ColossalAI's booster.save_model
+writes model-00001.safetensors. transformers dirs may instead hold pytorch_model.bin (+ .index.json), read with
+torch.load(weights_only=True). The weight files hold the model only (no optimizer state).
+
+Tensors are cast to the requested dtype one at a time, so loading never holds a second full copy of the model.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in `size`: an int, or a string like "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes as an int or a string like '5GB' or '500MB'")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The weight files of `directory` in index order; a clear error if none or a listed shard is missing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model dir not found: {directory}")
+    for index_name, single_name in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME),
+                                    (BIN_WEIGHTS_INDEX_NAME, BIN_WEIGHTS_NAME)):
+        index_path = directory / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index_path}: not a weight index with a 'weight_map' ({e})") from None
+            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f}: listed in {index_path} but missing")
+            return files
+        if (directory / single_name).is_file():
+            return [directory / single_name]
+    raise FileNotFoundError(f"{directory}: no weights ({SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, "
+                            f"{BIN_WEIGHTS_NAME} or {BIN_WEIGHTS_INDEX_NAME})")
+
+
+def iter_tensors(directory: str | Path, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight in `directory`, each cast to `dtype` (None keeps the stored dtype)."""
+    for path in weight_files(directory):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    yield name, _cast(f.get_tensor(name), dtype)
+        else:
+            # weights_only: a .bin is a pickle; never let it run code.
+            try:
+                shard = torch.load(path, map_location=device, weights_only=True, mmap=True)
+            except RuntimeError:  # pre-zipfile (legacy) .bin files cannot be memory-mapped
+                shard = torch.load(path, map_location=device, weights_only=True)
+            for name in list(shard):
+                yield name, _cast(shard.pop(name), dtype)
+            del shard
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+def load_tensors(directory: str | Path, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return dict(iter_tensors(directory, dtype, device))
+
+
+def save_tensors(state_dict: dict[str, torch.Tensor], directory: str | Path,
+                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[Path]:
+    """Write `state_dict` as model.safetensors, or as shards + model.safetensors.index.json above max_shard_size.
+
+    Shards are named as transformers names them (model-00001-of-00002.safetensors); stale weight files of an
+    earlier save are removed so the dir never mixes two checkpoints.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in state_dict.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > limit:
+            shards.append({})
+            shard_bytes = 0
+        # safetensors needs contiguous CPU tensors that own their storage (no shared views).
+        shards[-1][name] = tensor.detach().to("cpu").contiguous().clone() if tensor.device.type != "cpu" \
+            else tensor.detach().contiguous()
+        shard_bytes += size
+
+    for stale in [*directory.glob("model*.safetensors"), directory / SAFE_WEIGHTS_INDEX_NAME,
+                  directory / BIN_WEIGHTS_NAME, directory / BIN_WEIGHTS_INDEX_NAME, *directory.glob("pytorch_model*.bin")]:
+        if stale.is_file():
+            stale.unlink()
+
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        path = directory / SAFE_WEIGHTS_NAME
+        save_file(shards[0], str(path), metadata=metadata)
+        return [path]
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=metadata)
+        weight_map.update({k: name for k in shard})
+        paths.append(directory / name)
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return paths
+
+
+def is_transformers_dir(config_dict: dict) -> bool:
+    """A transformers LLaMA config.json (its weights use transformers' names and q/k layout)."""
+    return ("LlamaForCausalLM" in (config_dict.get("architectures") or [])
+            or config_dict.get("model_type") == "llama"
+            or "max_position_embeddings" in config_dict)

@@ -14,12 +14,17 @@ def train_tokenizer(texts: Iterable[str], output_path: str | Path, vocab_size: i
 
     Normalisation is off and whitespace is kept as is, as in LLaMA's tokenizer, so that
     decode(encode(text)) == text for any text, Chinese included.
+
+    SentencePiece refuses a vocab_size below what it must hold (3 specials + 256 byte pieces + the covered
+    characters), so vocab_size is raised to that floor for small, character-rich (Chinese) corpora.
     """
+    texts = [t for t in texts if t.strip()]
+    vocab_size = max(vocab_size, 3 + 256 + len(set("".join(texts))))
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([t for t in texts if t.strip()]),
+        sentence_iterator=iter(texts),
         model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,

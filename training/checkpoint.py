@@ -1,0 +1,273 @@
+"""Checkpoints: atomic save, "latest" discovery, exact resume, and the final model directory.
+
+Layout of output_dir/ckpt_step-<step>_loss-<loss>/ (written as <name>.tmp/, renamed when complete):
+    config.json, tokenizer.model,                       a loadable model directory: the next stage's init_model_path
+    model.safetensors.index.json + model-*.safetensors  (booster.save_model, shard=True, use_safetensors=True)
+    optimizer/  or  optimizer.bin                       ColossalAI sharded save on GPU; one file on the CPU fallback
+    scheduler.json                                      lr scheduler state
+    data_state.rank<R>.json                             each rank's DataProcessor position
+    rng_state.rank<R>.json                              each rank's torch, CUDA and Python RNG states
+    trainer_state.json                                  step, tokens seen, loss, skipped steps, world size, settings;
+                                                        written last, so its presence marks a complete checkpoint
+Nothing is unpickled on load: JSON, safetensors, and the optimizer through torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^ckpt_step-(\d+)_loss-([^/]+)$")
+TMP_SUFFIX = ".tmp"
+TRAINER_STATE = "trainer_state.json"
+FINAL_DIR = "final"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this run; the message names the path."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # real (non-pad) tokens consumed over all ranks
+    loss: float = float("nan")  # mean loss of the last logged window
+    skipped_steps: int = 0  # steps skipped for non-finite loss or gradients, in total
+    world_size: int = 1
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_name(step: int, loss: float) -> str:
+    loss_text = f"{loss:.4f}" if math.isfinite(loss) else "nan"
+    return f"ckpt_step-{step}_loss-{loss_text}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete step checkpoints in output_dir, oldest first. `.tmp` directories (a save that never finished) and
+    directories without trainer_state.json are not checkpoints."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match and not path.name.endswith(TMP_SUFFIX) and (path / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_latest(output_dir: str | Path) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def resolve_resume(setting: str, output_dir: str | Path) -> Path | None:
+    """recover_training_from_checkpoint -> the checkpoint to load, or None for a fresh start.
+
+    "latest" with no checkpoint yet starts fresh (so one command both starts and restarts a job); an explicit path
+    must be a complete checkpoint.
+    """
+    if not setting:
+        return None
+    if setting == "latest":
+        latest = find_latest(output_dir)
+        if latest is None:
+            logger.info("recover_training_from_checkpoint='latest': no checkpoint in %s yet, starting fresh", output_dir)
+        return latest
+    path = Path(setting)
+    if not path.is_dir():
+        raise CheckpointError(f"recover_training_from_checkpoint={setting!r}: no such checkpoint directory")
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(f"recover_training_from_checkpoint={setting!r} is incomplete: no {TRAINER_STATE} "
+                              f"(a save that did not finish?); use 'latest' or an earlier checkpoint")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- save
+
+
+def save_checkpoint(engine, data_processor, state: TrainerState, model_config, tokenizer_path: str | Path,
+                    output_dir: str | Path, keep: int) -> Path:
+    """Collective: every rank calls it. Writes <name>.tmp/, then rank 0 renames it to <name>/ and prunes old ones."""
+    rank, world_size = _rank(), _world_size()
+    final = Path(output_dir) / checkpoint_name(state.step, state.loss)
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    _save_model_dir(engine, tmp, model_config, tokenizer_path)
+    if engine.checkpoint_optimizer_sharded:
+        engine.booster.save_optimizer(engine.optimizer, str(tmp / "optimizer"), shard=True)
+    else:
+        engine.booster.save_optimizer(engine.optimizer, str(tmp / "optimizer.bin"), shard=False)
+    _write_json(tmp / f"data_state.rank{rank}.json", data_processor.state_dict())
+    _write_json(tmp / f"rng_state.rank{rank}.json", capture_rng_state())
+    if rank == 0:
+        _write_json(tmp / "scheduler.json", engine.scheduler.state_dict())
+    _barrier()
+    if rank == 0:
+        state.world_size = world_size
+        _write_json(tmp / TRAINER_STATE, asdict(state))  # last: marks the directory complete
+        shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        _prune(output_dir, keep)
+    _barrier()
+    return final
+
+
+def save_final(engine, model_config, tokenizer_path: str | Path, output_dir: str | Path) -> Path:
+    """The finished stage's model directory, output_dir/final/ (atomic too: final.tmp/ then rename)."""
+    final = Path(output_dir) / FINAL_DIR
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    _save_model_dir(engine, tmp, model_config, tokenizer_path)
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    _barrier()
+    return final
+
+
+def _save_model_dir(engine, directory: Path, model_config, tokenizer_path: str | Path) -> None:
+    """config.json + tokenizer.model + safetensors shards with their index: what Llama.from_pretrained reads."""
+    engine.booster.save_model(engine.model, str(directory), shard=True, use_safetensors=True)
+    if _rank() == 0:
+        model_config.save_pretrained(directory)
+        shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
+
+
+def _prune(output_dir: str | Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; also drop `.tmp` leftovers of saves that crashed."""
+    checkpoints = list_checkpoints(output_dir)
+    for _, path in checkpoints[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("removed old checkpoint %s (keep_checkpoints=%d)", path, keep)
+    for path in Path(output_dir).glob(f"ckpt_step-*{TMP_SUFFIX}"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- load
+
+
+def load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerState:
+    """Collective: restore model, optimizer, scheduler, this rank's data position and RNG; return the loop state."""
+    rank, world_size = _rank(), _world_size()
+    state = TrainerState(**_read_json(path / TRAINER_STATE))
+    if state.world_size != world_size:
+        raise CheckpointError(f"{path} was written by {state.world_size} processes, this run has {world_size}: "
+                              f"each rank resumes its own data position, so the world size must match")
+    engine.booster.load_model(engine.model, str(path))
+    with weights_only_torch_load():
+        if (path / "optimizer").is_dir():
+            engine.booster.load_optimizer(engine.optimizer, str(path / "optimizer"))
+        else:
+            engine.booster.load_optimizer(engine.optimizer, str(path / "optimizer.bin"))
+    engine.scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+    data_processor.load_state_dict(_read_json(path / f"data_state.rank{rank}.json"))
+    restore_rng_state(_read_json(path / f"rng_state.rank{rank}.json"))
+    changed = {k: (v, getattr(settings, k)) for k, v in state.settings.items()
+               if k in settings and getattr(settings, k) != v and k in _SETTINGS_THAT_CHANGE_THE_RUN}
+    for name, (old, new) in changed.items():
+        logger.warning("resuming with %s=%r (the checkpoint ran with %r): the run will not match an uninterrupted one",
+                       name, new, old)
+    return state
+
+
+# Settings whose change makes a resumed run differ from the run that wrote the checkpoint.
+_SETTINGS_THAT_CHANGE_THE_RUN = ("pretrain_data_split", "max_seq_length", "batch_size", "packing", "long_text", "seed",
+                                 "lr", "min_lr", "warmup_steps", "max_steps", "gradient_accumulation_steps",
+                                 "precision", "plugin", "dropout_prob")
+
+
+@contextlib.contextmanager
+def weights_only_torch_load():
+    """ColossalAI's optimizer loader calls torch.load without weights_only; force it on for that call."""
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+# ---------------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG streams as JSON: torch CPU, every CUDA device, Python's `random`."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state().tolist(), "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

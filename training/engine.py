@@ -1,0 +1,217 @@
+"""The engine: ColossalAI booster + plugin + optimizer + lr schedule, and the plugin-specific parts of one step.
+
+Plugins (setting `plugin`):
+    "gemini"  GeminiPlugin: ZeRO-3 chunks, Adam states placed in CPU memory (gemini_offload_optim_frac), as the recipe
+    "zero2"   LowLevelZeroPlugin(stage=2), optional CPU offload of optimizer states (zero2_cpu_offload)
+    "ddp"     TorchDDPPlugin: plain data parallel; fp16 through torch AMP, bf16 through autocast
+On a machine without CUDA the ZeRO plugins and HybridAdam cannot run (they assert a GPU), so the engine falls back to
+"ddp" on gloo in fp32 with torch.optim.AdamW, and says so once.
+
+What the loop sees: `engine.model(...)` inside `engine.autocast()`, `engine.backward(loss, sync)`, and
+`engine.step(loss_is_finite) -> StepOutcome` which clips, steps or skips, and reports grad norm and loss scale.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import types
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Defaults ColossalAI's peers read at import time; set before the first import so they keep quiet.
+_QUIET_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # what colossalai.initialize sets for overlapped communication
+    "BITSANDBYTES_NOWELCOME": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+}
+
+
+def import_colossalai():
+    """Import the ColossalAI pieces the engine needs, keeping their optional-kernel warnings off the console.
+
+    `import colossalai` warns about apex, TensorNVMe and bitsandbytes kernels that this recipe does not use. Those are
+    warnings and log records below ERROR; errors still surface (an ImportError propagates unchanged).
+    """
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in ("bitsandbytes", "colossalai", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        from colossalai.booster import Booster
+        from colossalai.booster.mixed_precision import FP16TorchMixedPrecision
+        from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin, TorchDDPPlugin
+        from colossalai.nn.lr_scheduler import CosineAnnealingWarmupLR
+        from colossalai.nn.optimizer import HybridAdam
+    # ColossalAI's dist logger attaches its own handlers; route it to ERROR so only failures reach the console.
+    from colossalai.logging import get_dist_logger
+
+    get_dist_logger().set_level("ERROR")
+    # ColossalAI's warmup scheduler calls its inner scheduler's get_lr() outside step(), which torch warns about
+    # on every step; the values are right (checked by the resume test's lr trajectory).
+    warnings.filterwarnings("ignore", message="To get the last learning rate computed by the scheduler")
+    return types.SimpleNamespace(Booster=Booster, FP16TorchMixedPrecision=FP16TorchMixedPrecision,
+                                 GeminiPlugin=GeminiPlugin, LowLevelZeroPlugin=LowLevelZeroPlugin,
+                                 TorchDDPPlugin=TorchDDPPlugin, CosineAnnealingWarmupLR=CosineAnnealingWarmupLR,
+                                 HybridAdam=HybridAdam)
+
+
+@dataclass
+class EngineChoice:
+    """What will actually run, decided before the model is built (the dtype to load the weights in depends on it)."""
+    plugin: str  # "gemini", "zero2" or "ddp"
+    precision: str  # "fp16", "bf16" or "fp32"
+    device: torch.device
+    fallback_reason: str = ""  # non-empty when the settings asked for something this machine cannot run
+
+    @property
+    def zero(self) -> bool:
+        return self.plugin in ("gemini", "zero2")
+
+    @property
+    def load_dtype(self) -> torch.dtype:
+        """ZeRO plugins keep fp32 master weights themselves, so the weights load in half precision (7B: 14 GB per
+        process instead of 28); ddp keeps fp32 parameters and casts in autocast."""
+        if self.zero and self.precision == "fp16":
+            return torch.float16
+        if self.zero and self.precision == "bf16":
+            return torch.bfloat16
+        return torch.float32
+
+
+def choose_engine(settings) -> EngineChoice:
+    if not torch.cuda.is_available():
+        reason = ""
+        if settings.plugin != "ddp" or settings.precision != "fp32":
+            reason = (f"no CUDA device: plugin={settings.plugin!r} precision={settings.precision!r} cannot run here, "
+                      f"falling back to plugin='ddp' on gloo, fp32, torch.optim.AdamW")
+        return EngineChoice("ddp", "fp32", torch.device("cpu"), reason)
+    return EngineChoice(settings.plugin, settings.precision, torch.device("cuda", torch.cuda.current_device()))
+
+
+@dataclass
+class StepOutcome:
+    skipped: bool  # the optimizer did not update (non-finite loss or gradients)
+    grad_norm: float | None  # global L2 norm before clipping, unscaled; None when not computed
+    loss_scale: float | None  # fp16 dynamic loss scale after this step; None without one
+    lr: float = float("nan")  # the learning rate this step used
+
+
+class Engine:
+    """Booster-wrapped model, optimizer and scheduler, plus the plugin-specific halves of a training step."""
+
+    def __init__(self, settings, choice: EngineChoice, model: torch.nn.Module):
+        cai = import_colossalai()
+        self.choice = choice
+        self.max_grad_norm = float(settings.max_grad_norm)
+        self.accumulation = int(settings.gradient_accumulation_steps)
+        plugin, mixed_precision = self._plugin(cai, settings)
+        params = [p for p in model.parameters() if p.requires_grad]
+        betas = (settings.adam_beta1, settings.adam_beta2)
+        if choice.device.type == "cuda":
+            optimizer = cai.HybridAdam(params, lr=settings.lr, betas=betas, weight_decay=settings.weight_decay,
+                                       adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=betas, weight_decay=settings.weight_decay)
+        scheduler = cai.CosineAnnealingWarmupLR(optimizer, total_steps=settings.max_steps,
+                                                warmup_steps=settings.warmup_steps, eta_min=settings.min_lr)
+        self.booster = cai.Booster(plugin=plugin, mixed_precision=mixed_precision)
+        self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer, lr_scheduler=scheduler)
+        # The fp16 scaler that ZeRO plugins keep inside their optimizer (None for bf16/fp32 and for ddp).
+        self._zero_mixin = getattr(self.optimizer, "mix_precision_mixin", None) or getattr(
+            self.optimizer, "mixed_precision_mixin", None)
+        self._amp_scaler = getattr(self.optimizer, "scaler", None)  # torch GradScaler on ddp + fp16
+
+    def _plugin(self, cai, settings):
+        c = self.choice
+        if c.plugin == "gemini":
+            return cai.GeminiPlugin(
+                precision=c.precision, placement_policy=settings.gemini_placement_policy,
+                offload_optim_frac=settings.gemini_offload_optim_frac if settings.gemini_placement_policy == "static"
+                else 0.0,
+                initial_scale=settings.initial_loss_scale, max_norm=settings.max_grad_norm,
+                enable_gradient_accumulation=settings.gradient_accumulation_steps > 1, pin_memory=True,
+            ), None
+        if c.plugin == "zero2":
+            return cai.LowLevelZeroPlugin(stage=2, precision=c.precision, initial_scale=settings.initial_loss_scale,
+                                          max_norm=settings.max_grad_norm, cpu_offload=settings.zero2_cpu_offload), None
+        mixed = None
+        if c.precision == "fp16":
+            mixed = cai.FP16TorchMixedPrecision(init_scale=settings.initial_loss_scale)
+        return cai.TorchDDPPlugin(), mixed
+
+    @property
+    def checkpoint_optimizer_sharded(self) -> bool:
+        """ColossalAI's sharded optimizer files on GPU plugins; one file on the CPU fallback, whose sharded load fails."""
+        return self.choice.device.type == "cuda"
+
+    def autocast(self):
+        """bf16 autocast for ddp on GPU (fp16 ddp autocasts inside ColossalAI's AMP wrapper; ZeRO casts itself)."""
+        if self.choice.plugin == "ddp" and self.choice.precision == "bf16":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def no_sync(self, last_micro_batch: bool):
+        """Skip ddp's gradient all-reduce on all but the last micro-batch of an accumulation."""
+        if last_micro_batch or self.choice.plugin != "ddp":
+            return contextlib.nullcontext()
+        return self.booster.no_sync(self.model, self.optimizer)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.booster.backward(loss / self.accumulation, self.optimizer)
+
+    def step(self, loss_is_finite: bool) -> StepOutcome:
+        """Clip and update, or skip when the loss (agreed across ranks) or the gradients are not finite."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.choice.zero:
+            outcome = self._zero_step(loss_is_finite)
+        else:
+            outcome = self._ddp_step(loss_is_finite)
+        self.optimizer.zero_grad()
+        self.scheduler.step()
+        outcome.lr = lr
+        return outcome
+
+    def _zero_step(self, loss_is_finite: bool) -> StepOutcome:
+        mixin = self._zero_mixin
+        scale = mixin.loss_scale if hasattr(mixin, "loss_scale") else 1.0
+        if not loss_is_finite and not hasattr(mixin, "found_overflow"):
+            # bf16/fp32 have no overflow check of their own: take ColossalAI's skip path, which also restores
+            # Gemini's reused fp16 chunks, by making this one step see an overflow.
+            mixin.should_skip_step = lambda: True
+            try:
+                self.optimizer.step()
+            finally:
+                del mixin.should_skip_step
+            return StepOutcome(True, None, None)
+        self.optimizer.step()
+        skipped = bool(getattr(mixin, "found_overflow", torch.zeros(1)).item() > 0)
+        norm = self.optimizer.get_grad_norm() if not skipped else None
+        grad_norm = float(norm) / scale if norm is not None else None
+        return StepOutcome(skipped, grad_norm, mixin.loss_scale if hasattr(mixin, "loss_scale") else None)
+
+    def _ddp_step(self, loss_is_finite: bool) -> StepOutcome:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self._amp_scaler is not None:
+            # GradScaler: unscale, clip, then scaler.step skips by itself on inf/nan and backs the scale off.
+            self.optimizer.unscale_grad()
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
+            self.optimizer.step()
+            skipped = not torch.isfinite(norm).item()
+            return StepOutcome(skipped, None if skipped else norm.item(), float(self._amp_scaler.get_scale()))
+        if not loss_is_finite:
+            return StepOutcome(True, None, None)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
+        if not torch.isfinite(norm).item():
+            return StepOutcome(True, None, None)
+        self.optimizer.step()
+        return StepOutcome(False, norm.item(), None)
+
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.model.unwrap() if hasattr(self.model, "unwrap") else self.model

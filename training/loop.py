@@ -1,0 +1,171 @@
+"""The training loop shared by the three stages: `train(settings, DataProcessor)`.
+
+Read top to bottom: launch -> model inputs checked -> data built -> model -> engine -> resume -> steps -> final/.
+Each stage's *_main.py only brings its DataProcessor (how records become batches) and its args file.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from training.checkpoint import (CheckpointError, TrainerState, find_latest, load_checkpoint, resolve_resume,
+                                 save_checkpoint, save_final)
+from training.engine import Engine, choose_engine
+from training.launch import StopRequest, launch, shutdown
+from training.metrics import Metrics, flops_per_token, peak_tflops_per_gpu, setup_logging
+from training.model_loading import ModelInputError, check_model_inputs, load_model
+from training.corpus import DataError
+from training.settings import SettingsError
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. max_bad_steps non-finite steps in a row); the message says what to do."""
+
+
+def train(settings, data_processor_cls) -> None:
+    try:
+        _train(settings, data_processor_cls)
+    except (SettingsError, ModelInputError, CheckpointError, TrainingError, DataError) as e:
+        # Expected failures: one clear line per failing rank instead of a traceback.
+        if logging.getLogger().handlers:  # set up by setup_logging: rank 0's console, every rank's log file
+            logger.error("error: %s: %s", type(e).__name__, e)
+        else:
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        shutdown()
+
+
+def _train(settings, data_processor_cls) -> None:
+    # ---- launch: torchrun environment, process group, per-rank seeds, logging
+    run = launch(settings.seed)
+    log_file = setup_logging(settings.logdir, run.rank)
+    if run.rank == 0:
+        logger.info(settings.format())
+    logger.info("rank %d of %d (local rank %d) on %s; log file %s", run.rank, run.world_size, run.local_rank,
+                run.device, log_file)
+    choice = choose_engine(settings)
+    if choice.fallback_reason and run.rank == 0:
+        logger.warning(choice.fallback_reason)
+
+    # ---- model inputs: path, config, tokenizer, lengths -- before any data or model memory
+    inputs = check_model_inputs(settings)
+
+    # ---- data: built and validated before the model, so a bad corpus fails in seconds
+    data = data_processor_cls(settings, inputs.tokenizer, run.rank, run.world_size)
+    try:
+        # ---- model and engine (booster, plugin, optimizer, lr schedule)
+        model = load_model(settings, inputs, choice.load_dtype, choice.plugin)
+        fpt = flops_per_token(model, inputs.config.num_hidden_layers, inputs.config.hidden_size,
+                              settings.max_seq_length)
+        engine = Engine(settings, choice, model)
+        logger.info("engine: plugin=%s precision=%s device=%s optimizer=%s", choice.plugin, choice.precision,
+                    choice.device, type(engine.optimizer.unwrap() if hasattr(engine.optimizer, "unwrap")
+                                        else engine.optimizer).__name__)
+
+        # ---- resume: model, optimizer, scheduler, this rank's data position and RNG
+        state = TrainerState(world_size=run.world_size, settings=settings.to_dict())
+        resume_from = _agree_on_resume(settings, run.rank)
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, engine, data, settings)
+            state.settings = settings.to_dict()
+            logger.info("resumed from %s at step %d (%s tokens seen)", resume_from, state.step,
+                        f"{state.tokens_seen:,}")
+
+        # ---- the loop
+        completed = _run_steps(settings, run, engine, data, inputs, state, fpt)
+        if completed:
+            final = save_final(engine, inputs.config, inputs.tokenizer_path, settings.output_dir)
+            logger.info("finished %d steps; model saved to %s", state.step, final)
+    finally:
+        data.close()
+
+
+def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState, fpt: float) -> bool:
+    """Train until max_steps (True) or a stop signal (False, after a checkpoint)."""
+    stop = StopRequest()
+    metrics = Metrics(settings, run.rank, run.world_size, fpt,
+                      peak_tflops_per_gpu(settings.peak_tflops_per_gpu, run.device, engine.choice.precision),
+                      start_step=state.step)
+    metrics.skipped_total = state.skipped_steps
+    batches = iter(data)
+    engine.model.train()
+    accumulation = settings.gradient_accumulation_steps
+    try:
+        while state.step < settings.max_steps:
+            # ---- forward and backward over the micro-batches of one optimizer step
+            loss_sum = torch.zeros((), device=run.device)  # finite micro-batch losses, summed
+            bad = torch.zeros((), device=run.device)  # micro-batches whose loss is not finite
+            tokens = 0
+            for micro in range(accumulation):
+                batch = next(batches)
+                doc_ids = batch.get("doc_ids")
+                with engine.no_sync(last_micro_batch=micro == accumulation - 1):
+                    with engine.autocast():
+                        loss, _ = engine.model(batch["input_ids"].to(run.device, non_blocking=True),
+                                               loss_mask=batch["loss_mask"].to(run.device, non_blocking=True),
+                                               doc_ids=None if doc_ids is None else doc_ids.to(run.device))
+                    engine.backward(loss)
+                finite = torch.isfinite(loss.detach())
+                loss_sum += torch.where(finite, loss.detach().float(), torch.zeros_like(loss_sum))
+                bad += (~finite).float()
+                tokens += int(batch["num_tokens"])
+
+            # ---- one all-reduce: the mean loss, whether any rank saw a non-finite loss, tokens, stop requests
+            stats = torch.stack([loss_sum, bad, torch.tensor(float(tokens), device=run.device),
+                                 torch.tensor(float(stop.requested), device=run.device)])
+            dist.all_reduce(stats)
+            loss_total, bad_total, global_tokens, stops = stats.tolist()
+            outcome = engine.step(loss_is_finite=bad_total == 0)
+            state.step += 1
+            state.tokens_seen += int(global_tokens)
+            mean_loss = loss_total / (run.world_size * accumulation)
+            metrics.record(mean_loss, outcome.skipped, outcome.grad_norm, outcome.loss_scale, outcome.lr,
+                           int(global_tokens))
+            state.skipped_steps = metrics.skipped_total
+
+            if metrics.consecutive_bad >= settings.max_bad_steps:
+                latest = find_latest(settings.output_dir)
+                raise TrainingError(
+                    f"{metrics.consecutive_bad} consecutive steps with a non-finite loss or gradients "
+                    f"(max_bad_steps={settings.max_bad_steps}), up to step {state.step}; stopping without saving. "
+                    f"Last good checkpoint: {latest or 'none'}. Lower lr or check the data, then resume with "
+                    f"recover_training_from_checkpoint=latest")
+            if state.step % settings.logging_steps == 0 or state.step == settings.max_steps:
+                state.loss = metrics.log(state.step)["loss"]
+            stopping = stops > 0
+            if state.step % settings.saving_steps == 0 or stopping:
+                state.loss = metrics.recent_loss()
+                path = save_checkpoint(engine, data, state, inputs.config, inputs.tokenizer_path,
+                                       settings.output_dir, settings.keep_checkpoints)
+                logger.info("saved checkpoint %s", path)
+            if stopping:
+                logger.info("stop requested (%s): checkpoint saved at step %d, exiting cleanly",
+                            stop.signal_name or "on another rank", state.step)
+                return False
+        return True
+    finally:
+        metrics.close()
+        stop.restore()
+
+
+def _agree_on_resume(settings, rank: int):
+    """Rank 0 resolves recover_training_from_checkpoint ("latest" or a path) and every rank uses its answer."""
+    chosen = [None, None]
+    if rank == 0:
+        try:
+            path = resolve_resume(settings.recover_training_from_checkpoint, settings.output_dir)
+            chosen = [str(path) if path else None, None]
+        except CheckpointError as e:
+            chosen = [None, str(e)]
+    dist.broadcast_object_list(chosen, src=0)
+    if chosen[1]:
+        raise CheckpointError(chosen[1])
+    return Path(chosen[0]) if chosen[0] else None
+

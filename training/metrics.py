@@ -1,0 +1,201 @@
+"""Training metrics: window-mean loss, lr, grad norm, real tokens/s, TFLOPS and MFU per GPU, loss scale, skipped steps.
+
+Where they go: the rank-0 console (log lines above a tqdm bar), logdir/log.txt.<rank> on every rank, and TensorBoard
+event files under logdir (rank 0).
+
+Model FLOPs per token (PaLM, appendix B; what README states):
+    flops_per_token = 6 * N + 12 * n_layers * hidden_size * max_seq_length
+N is the parameter count without the input embedding (a lookup, not a matmul); the output projection is counted.
+6 = 2 (multiply-add) x 3 (forward + backward); the second term is attention's QK^T and AV at full sequence length.
+Recomputation under gradient checkpointing is not counted (model FLOPs, not hardware FLOPs), and padding tokens are
+not counted either: tokens are real tokens only, so padding lowers MFU, as it should.
+    TFLOPS per GPU = real tokens/s per GPU * flops_per_token / 1e12;  MFU = TFLOPS per GPU / peak TFLOPS per GPU.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Dense tensor-core peak TFLOPS per GPU for fp16/bf16, and plain fp32, by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {  # name: (half, fp32)
+    "H200": (989.0, 67.0),
+    "H100": (989.0, 67.0),
+    "H800": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "A800": (312.0, 19.5),
+    "A10G": (125.0, 31.2),
+    "L40S": (362.0, 91.6),
+    "4090": (165.2, 82.6),
+    "V100": (125.0, 15.7),
+}
+
+
+def flops_per_token(model: torch.nn.Module, n_layers: int, hidden_size: int, seq_len: int) -> float:
+    embedding = getattr(model, "tok_embeddings", None)
+    n_embedding = embedding.weight.numel() if embedding is not None else 0
+    n_params = sum(p.numel() for p in model.parameters()) - n_embedding
+    return 6.0 * n_params + 12.0 * n_layers * hidden_size * seq_len
+
+
+def peak_tflops_per_gpu(setting: float, device: torch.device, precision: str) -> float | None:
+    """The MFU denominator: the peak_tflops_per_gpu setting, else the GPU looked up by name, else None (no MFU)."""
+    if setting > 0:
+        return setting
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, fp32) in PEAK_TFLOPS.items():
+        if key in name:
+            return fp32 if precision == "fp32" else half
+    logger.warning("unknown GPU %r: set peak_tflops_per_gpu to see MFU", name)
+    return None
+
+
+class _TqdmHandler(logging.Handler):
+    """Console handler that prints above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # noqa: BLE001 - a logging handler must not raise
+            self.handleError(record)
+
+
+def _not_library_chatter(record: logging.LogRecord) -> bool:
+    """Console filter: libraries that log INFO through the root logger (ColossalAI's "The model is going to be
+    split to checkpoint shards...") go to the log file only."""
+    return record.name != "root" or record.levelno >= logging.WARNING
+
+
+def setup_logging(logdir: str | Path, rank: int) -> Path:
+    """Root logger: logdir/log.txt.<rank> on every rank (INFO); the console on rank 0 (INFO) and on others only
+    errors, so N processes do not print N copies."""
+    logdir = Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    path = logdir / f"log.txt.{rank}"
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.INFO)
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(file_handler)
+    console = _TqdmHandler()
+    console.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    console.addFilter(_not_library_chatter)
+    console.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s"))
+    root.addHandler(console)
+    return path
+
+
+class Metrics:
+    """Accumulates per-step figures over a logging window and reports their means every `logging_steps`."""
+
+    def __init__(self, settings, rank: int, world_size: int, flops_per_token: float, peak_tflops: float | None,
+                 start_step: int):
+        self.rank, self.world_size = rank, world_size
+        self.logging_steps = settings.logging_steps
+        self.max_steps = settings.max_steps
+        self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops
+        self.skipped_total = 0
+        self.consecutive_bad = 0
+        self._last_window_loss = float("nan")
+        self._reset_window(time.perf_counter())
+        self._writer = None
+        self._bar = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm import tqdm
+
+            self._writer = SummaryWriter(log_dir=str(settings.logdir))
+            # disable=None: a bar in a terminal, nothing when output goes to a file (CI, tests).
+            self._bar = tqdm(total=self.max_steps, initial=start_step, desc="train", unit="step", disable=None,
+                             dynamic_ncols=True, leave=False)
+
+    def _reset_window(self, now: float) -> None:
+        self._t0 = now
+        self._losses: list[float] = []
+        self._norms: list[float] = []
+        self._tokens = 0
+        self._skipped = 0
+        self._loss_scale = None
+        self._lr = float("nan")
+
+    def record(self, loss: float, skipped: bool, grad_norm: float | None, loss_scale: float | None, lr: float,
+               global_tokens: int) -> None:
+        """One optimizer step. `loss` is the mean over ranks; `global_tokens` the real tokens of all ranks."""
+        if skipped:
+            self._skipped += 1
+            self.skipped_total += 1
+            self.consecutive_bad += 1
+        else:
+            self.consecutive_bad = 0
+            self._losses.append(loss)
+            if grad_norm is not None and math.isfinite(grad_norm):
+                self._norms.append(grad_norm)
+        self._tokens += global_tokens
+        self._loss_scale = loss_scale
+        self._lr = lr
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def window_loss(self) -> float:
+        return sum(self._losses) / len(self._losses) if self._losses else float("nan")
+
+    def recent_loss(self) -> float:
+        """The current window's mean loss, or the last logged one if nothing is recorded since (checkpoint names)."""
+        return self.window_loss() if self._losses else self._last_window_loss
+
+    def log(self, step: int) -> dict[str, float]:
+        """Report the window ending at `step` (called every logging_steps and at the end), then start a new one."""
+        now = time.perf_counter()
+        elapsed = max(now - self._t0, 1e-9)
+        tokens_per_s = self._tokens / elapsed
+        per_gpu = tokens_per_s / self.world_size
+        tflops = per_gpu * self.flops_per_token / 1e12
+        mfu = tflops / self.peak_tflops if self.peak_tflops else None
+        grad_norm = sum(self._norms) / len(self._norms) if self._norms else float("nan")
+        figures = {"loss": self.window_loss(), "lr": self._lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                   "tokens_per_s_per_gpu": per_gpu, "tflops_per_gpu": tflops, "skipped_steps": self._skipped,
+                   "skipped_steps_total": self.skipped_total}
+        if mfu is not None:
+            figures["mfu"] = mfu
+        if self._loss_scale is not None:
+            figures["loss_scale"] = self._loss_scale
+        logger.info(
+            "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tokens/s %s (%s/GPU) | TFLOPS/GPU %.3f | MFU %s"
+            "%s | skipped %d (total %d)",
+            step, self.max_steps, figures["loss"], self._lr, grad_norm, f"{tokens_per_s:,.0f}", f"{per_gpu:,.0f}",
+            tflops, f"{mfu:.1%}" if mfu is not None else "n/a",
+            f" | loss_scale {self._loss_scale:g}" if self._loss_scale is not None else "", self._skipped,
+            self.skipped_total)
+        if self._writer is not None:
+            for name, value in figures.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(f"train/{name}", value, step)
+            self._writer.flush()
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{figures['loss']:.4f}", lr=f"{self._lr:.2e}")
+        self._last_window_loss = figures["loss"]
+        self._reset_window(now)
+        return figures
+
+    def pending(self) -> bool:
+        """Steps recorded since the last log line."""
+        return bool(self._losses) or self._skipped > 0
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,47 @@
+"""Stage 1: continued LM pretraining on zh/en text plus translation pairs.
+
+    torchrun --standalone --nproc_per_node=8 pretrain_main.py [key=value ...]
+
+Samples (bos/eos: the tokenizer's; "masked": out of the loss):
+  zh, en (and any other set)  {"text"}                bos + text + eos, a random prefix of it masked
+  translate                   {"en_text", "zh_text"}  bos + source + "\\n" + prompt (masked), target + eos (counted)
+The direction (en->zh or zh->en) and a prompt line of translate/<direction>.prompt are drawn at random.
+"""
+import random
+import sys
+
+import pretrain_args
+from training.corpus import load_translate_prompts, text_field
+from training.data_processor import BaseDataProcessor
+from training.loop import train
+from training.samples import LM, Cut, Prompted
+from training.settings import load_settings
+
+
+class DataProcessor(BaseDataProcessor):
+    def prepare(self) -> None:
+        if "translate" in self.split:
+            self.translate_prompts = load_translate_prompts(self.root)
+
+    def build(self, set_name: str, record: dict, rng: random.Random):
+        if set_name == "translate":
+            return self.translation(record, rng)
+        text = text_field(record, "text")
+        return LM(text) if text.strip() else None
+
+    def translation(self, record: dict, rng: random.Random):
+        texts = {"en": text_field(record, "en_text"), "zh": text_field(record, "zh_text")}
+        direction = rng.choice(("en-zh", "zh-en"))
+        source, target = (texts[lang] for lang in direction.split("-"))
+        prompt = rng.choice(self.translate_prompts[direction])
+        if not source.strip() or not target.strip():
+            return None
+        return Prompted((Cut(source), "\n" + prompt), target)
+
+
+def main() -> None:
+    train(load_settings(pretrain_args, sys.argv[1:]), DataProcessor)
+
+
+if __name__ == "__main__":
+    main()

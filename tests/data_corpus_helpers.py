@@ -1,0 +1,79 @@
+"""Tiny corpora and settings for the data tests (not a test module)."""
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+WORDS = ("the quick brown fox jumps over the lazy dog language models learn from text apples oranges weather "
+         "sunny question answer summarise article sentence").split()
+ZH = "我们今天去公园散步天气非常好大型语言模型可以理解中文和英文北京是中国的首都"
+
+
+def words(i: int, n: int) -> str:
+    """n deterministic words, varied by i."""
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
+
+
+def zh_text(i: int, n: int) -> str:
+    return "".join(ZH[(i * 5 + j * 3) % len(ZH)] for j in range(n))
+
+
+def write_set(root: Path, name: str, records: list, n_files: int = 2, first: int = 10001) -> list[Path]:
+    """Spread records round-robin over n_files files <first>.jsonl, <first+1>.jsonl, ...; records may be dicts
+    (dumped as JSON) or raw bytes lines (written as they are)."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{first + i:05d}.jsonl" for i in range(n_files)]
+    chunks: list[list[bytes]] = [[] for _ in paths]
+    for i, record in enumerate(records):
+        line = record if isinstance(record, bytes) else json.dumps(record, ensure_ascii=False).encode() + b"\n"
+        chunks[i % n_files].append(line)
+    for path, lines in zip(paths, chunks):
+        path.write_bytes(b"".join(lines))
+    return paths
+
+
+def lm_records(n: int, lang: str = "en", length: int = 12) -> list[dict]:
+    return [{"text": (words(i, length) if lang == "en" else zh_text(i, length)) + f" #{i}"} for i in range(n)]
+
+
+def translate_records(n: int) -> list[dict]:
+    return [{"en_text": words(i, 6) + f" {i}", "zh_text": zh_text(i, 6) + f"{i}"} for i in range(n)]
+
+
+def write_translate_prompts(root: Path, en_zh=("Translate into Chinese:",), zh_en=("请翻译成英文：",)) -> None:
+    (root / "translate").mkdir(parents=True, exist_ok=True)
+    (root / "translate" / "en-zh.prompt").write_text("\n".join(en_zh) + "\n", encoding="utf-8")
+    (root / "translate" / "zh-en.prompt").write_text("\n".join(zh_en) + "\n", encoding="utf-8")
+
+
+def task_records(n: int, task_type: str) -> list[dict]:
+    return [{"input": words(i, 8) + f" q{i}", "output": words(i + 1, 4) + f" a{i}", "type": task_type}
+            for i in range(n)]
+
+
+def sft_records(n: int) -> list[dict]:
+    return [{"instruction": words(i, 5) + f" i{i}", "input": (words(i, 3) if i % 2 else ""),
+             "output": words(i + 2, 4) + f" o{i}"} for i in range(n)]
+
+
+def settings(root: Path, split: dict, **overrides) -> types.SimpleNamespace:
+    values = dict(pretrain_data_root_dir=str(root), pretrain_data_split=split, max_seq_length=64, batch_size=4,
+                  long_text="split", packing=False, skip_bad_records=False, seed=7)
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def stage1_corpus(root: Path, n: int = 40, n_files: int = 2) -> dict:
+    write_set(root, "zh", lm_records(n, "zh"), n_files)
+    write_set(root, "en", lm_records(n, "en"), n_files)
+    write_set(root, "translate", translate_records(n), n_files)
+    write_translate_prompts(root)
+    return {"zh": 4, "en": 4, "translate": 2}
+
+
+def sample_rows(batch: dict) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss_mask) of each row without its padding (rows end at their last non-pad token via num_tokens
+    being per batch; with batch_size 1 there is no padding at all)."""
+    return [(row.tolist(), mask.tolist()) for row, mask in zip(batch["input_ids"], batch["loss_mask"])]

@@ -1,0 +1,275 @@
+"""The corpus on disk: sets of JSONL files, this rank's share of them, line streaming, weighted cycling.
+
+Layout: <root>/<set>/<NNNNN>.jsonl, one JSON object per line, files read in number order and wrapped around.
+Everything here is exact and restartable: a SetReader's position is a handful of ints (file index, byte offset,
+line number), so a resumed run seeks straight back to where it was instead of re-reading what came before.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+logger = logging.getLogger(__name__)
+
+SPLIT_SETTING = "pretrain_data_split"
+
+
+class DataError(ValueError):
+    """Bad corpus, bad record or bad data setting; the message names the set, file and line (or the setting)."""
+
+
+class RecordError(ValueError):
+    """A record that cannot become a sample (missing or wrongly typed field, ...); the caller adds set/file/line."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a record came from, for error messages."""
+
+    set_name: str
+    path: Path
+    line: int  # 1-based
+
+    def __str__(self) -> str:
+        return f"set '{self.set_name}', file {self.path}, line {self.line}"
+
+
+# ---------------------------------------------------------------- settings: the mix
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    weight: int
+    file_start: int
+
+
+def parse_split(split: object) -> dict[str, SetSpec]:
+    """`pretrain_data_split` -> {set: SetSpec}; a plain int is a weight (stage 1's form). Weight-0 sets are dropped."""
+    if not isinstance(split, dict) or not split:
+        raise DataError(f"{SPLIT_SETTING} must be a non-empty dict {{set: weight}} or "
+                        f"{{set: {{'weight': int, 'file_start': int}}}}, got {split!r}")
+    specs: dict[str, SetSpec] = {}
+    for name, value in split.items():
+        where = f"{SPLIT_SETTING}[{name!r}]"
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise DataError(f"{where}: a set name must be a plain folder name")
+        if isinstance(value, dict):
+            unknown = set(value) - {"weight", "file_start"}
+            if unknown:
+                raise DataError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: 'weight', 'file_start'")
+            if "weight" not in value:
+                raise DataError(f"{where}: missing 'weight'")
+            weight, file_start = value["weight"], value.get("file_start", 0)
+        else:
+            weight, file_start = value, 0
+        for key, number in (("weight", weight), ("file_start", file_start)):
+            if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+                raise DataError(f"{where}: {key} must be an integer >= 0, got {number!r}")
+        if weight == 0:
+            logger.info("%s has weight 0: set not used", where)
+            continue
+        specs[name] = SetSpec(weight, file_start)
+    if not specs:
+        raise DataError(f"{SPLIT_SETTING}: every weight is 0, nothing to read")
+    return specs
+
+
+def weighted_cycle(weights: dict[str, int]) -> list[str]:
+    """One period of the mix: each set appears exactly weight/gcd times, spread out as evenly as possible.
+
+    Smooth weighted round-robin: deterministic, so any window of one period holds the exact proportions
+    (4/4/2 -> every 10 consecutive samples hold 4, 4 and 2), and no set comes in long runs.
+    """
+    divisor = math.gcd(*weights.values())
+    reduced = {name: w // divisor for name, w in weights.items()}
+    total = sum(reduced.values())
+    credit = dict.fromkeys(reduced, 0)
+    order = []
+    for _ in range(total):
+        for name, w in reduced.items():
+            credit[name] += w
+        pick = max(credit, key=credit.__getitem__)  # ties go to the earlier set in the split
+        credit[pick] -= total
+        order.append(pick)
+    return order
+
+
+# ---------------------------------------------------------------- files
+
+
+def list_set_files(root: Path, set_name: str, file_start: int) -> list[Path]:
+    """The set's <NNNNN>.jsonl files numbered >= file_start, in number order."""
+    folder = root / set_name
+    if not folder.is_dir():
+        raise DataError(f"set '{set_name}': folder {folder} does not exist ({SPLIT_SETTING} names it)")
+    numbered = []
+    for path in folder.glob("*.jsonl"):
+        if not path.stem.isdigit():
+            raise DataError(f"set '{set_name}': file {path} is not named <NNNNN>.jsonl (a number)")
+        numbered.append((int(path.stem), path.name, path))
+    if not numbered:
+        raise DataError(f"set '{set_name}': folder {folder} holds no <NNNNN>.jsonl file")
+    numbered.sort()
+    kept = [path for number, _, path in numbered if number >= file_start]
+    if not kept:
+        raise DataError(f"set '{set_name}': file_start={file_start} leaves no file in {folder} "
+                        f"(files are numbered {numbered[0][0]}..{numbered[-1][0]})")
+    return kept
+
+
+def read_first_lines(path: Path, count: int, set_name: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) for the first `count` lines of a file, streamed."""
+    try:
+        with open(path, "rb") as f:
+            for number in range(1, count + 1):
+                raw = f.readline()
+                if not raw:
+                    return
+                yield number, raw
+    except OSError as e:
+        raise DataError(f"set '{set_name}', file {path}: cannot read: {e}") from e
+
+
+def parse_record(raw: bytes) -> dict:
+    """One JSONL line -> dict; RecordError says what is wrong (the caller knows where)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"invalid UTF-8 at byte {e.start}: {raw[max(0, e.start - 10):e.start + 10]!r}") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def text_field(record: dict, name: str) -> str:
+    """record[name], which must be a string (empty is allowed; callers decide what empty means)."""
+    if name not in record:
+        raise RecordError(f"missing field '{name}' (fields: {sorted(record)})")
+    value = record[name]
+    if not isinstance(value, str):
+        raise RecordError(f"field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def read_prompt_lines(path: Path, strip: Callable[[str], str] = str.strip) -> list[str]:
+    """A prompt file's lines, each passed through `strip`; lines empty after it are left out. The file must
+    exist and hold at least one prompt. Prompt files are small, so they are read whole."""
+    try:
+        raw_lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"prompt file {path} does not exist") from None
+    except OSError as e:
+        raise DataError(f"prompt file {path}: cannot read: {e}") from e
+    prompts = []
+    for number, raw in enumerate(raw_lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"prompt file {path}, line {number}: invalid UTF-8 at byte {e.start}") from None
+        if strip(line).strip():
+            prompts.append(strip(line))
+    if not prompts:
+        raise DataError(f"prompt file {path} holds no prompt (every line is empty)")
+    return prompts
+
+
+def load_translate_prompts(root: Path) -> dict[str, list[str]]:
+    """{"en-zh": [...], "zh-en": [...]} from <root>/translate/<direction>.prompt, lines stripped."""
+    return {direction: read_prompt_lines(root / "translate" / f"{direction}.prompt")
+            for direction in ("en-zh", "zh-en")}
+
+
+# ---------------------------------------------------------------- this rank's lines of one set
+
+
+class SetReader:
+    """This rank's lines of one set, in file order, wrapping around after the last file.
+
+    Files >= ranks: the rank reads files[rank::world_size]. Fewer files than ranks: every rank reads every file
+    and keeps lines rank, rank + W, ... of each pass (counted across the set's files).
+    The position is plain ints (see position()), restored by seeking to a byte offset.
+    """
+
+    def __init__(self, set_name: str, files: list[Path], rank: int, world_size: int):
+        self.set_name = set_name
+        if len(files) >= world_size:
+            self.files = files[rank::world_size]
+            self.line_stride, self.line_phase = 1, 0
+        else:
+            self.files = files
+            self.line_stride, self.line_phase = world_size, rank
+            logger.info("set '%s' has %d file(s) for %d ranks: sharding it by line (rank %d reads lines %d, %d, ...)",
+                        set_name, len(files), world_size, rank, rank, rank + world_size)
+        self.file_index = 0
+        self.byte_offset = 0
+        self.line = 0  # lines read from the current file
+        self.pass_line = 0  # lines read in this pass over all files (for sharding by line)
+        self.passes = 0  # completed passes over the files
+        self.pass_returned = 0  # lines handed out in this pass
+        self._file = None
+
+    @property
+    def path(self) -> Path:
+        return self.files[self.file_index]
+
+    def next_line(self) -> tuple[bytes, Location]:
+        while True:
+            if self._file is None:
+                self._open()
+            raw = self._file.readline()
+            if not raw:
+                self._next_file()
+                continue
+            self.byte_offset += len(raw)
+            self.line += 1
+            self.pass_line += 1
+            if (self.pass_line - 1) % self.line_stride == self.line_phase:
+                self.pass_returned += 1
+                return raw, Location(self.set_name, self.path, self.line)
+
+    def _open(self) -> None:
+        try:
+            self._file = open(self.path, "rb")
+            self._file.seek(self.byte_offset)
+        except OSError as e:
+            raise DataError(f"set '{self.set_name}', file {self.path}: cannot read: {e}") from e
+
+    def _next_file(self) -> None:
+        self.close()
+        self.file_index += 1
+        self.byte_offset = self.line = 0
+        if self.file_index == len(self.files):
+            if self.pass_returned == 0:
+                raise DataError(f"set '{self.set_name}': a whole pass over its {len(self.files)} file(s) "
+                                f"({self.files[0]} ...) gave this rank no line")
+            self.file_index = self.pass_line = self.pass_returned = 0
+            self.passes += 1
+
+    def position(self) -> dict:
+        return {"file": self.path.name, "file_index": self.file_index, "byte_offset": self.byte_offset,
+                "line": self.line, "pass_line": self.pass_line, "passes": self.passes,
+                "pass_returned": self.pass_returned}
+
+    def seek(self, position: dict) -> None:
+        index = position["file_index"]
+        if not 0 <= index < len(self.files) or self.files[index].name != position["file"]:
+            raise DataError(f"set '{self.set_name}': the saved data state is at file {position['file']} "
+                            f"(index {index}), which is not this rank's file list any more "
+                            f"({[p.name for p in self.files[:5]]} ...)")
+        self.close()
+        self.file_index = index
+        for key in ("byte_offset", "line", "pass_line", "passes", "pass_returned"):
+            setattr(self, key, int(position[key]))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,289 @@
+"""The shared base of the three stages' DataProcessor: everything but turning one record into a sample spec.
+
+A stage subclass overrides build() (record -> LM / Prompted spec, or None for an empty text) and, where it needs
+prompt files, prepare(). This class does the rest: settings, corpus checks at start-up, this rank's share of every
+set, the exact weighted cycle, batched tokenization, padding or packing, the prefetch thread, and the state.
+
+State (state_dict(), JSON): per set the reader position (file, byte offset, line) and the samples already built
+from read records but not yet handed out; the cycle cursor; the RNG state; the skip/discard counters; the
+packing pool. It is the position right after the last batch handed out: every produced batch carries a snapshot,
+and a resumed run seeks to it and continues with the exact next batch, without re-reading earlier data.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter, deque
+from pathlib import Path
+from typing import Iterator, Optional
+
+from training.batching import Prefetcher, first_fit, pack_rows, pad_batch
+from training.corpus import (DataError, Location, RecordError, SetReader, list_set_files, parse_record, parse_split,
+                             read_first_lines, weighted_cycle)
+from training.samples import Sample, SampleBuilder, Spec
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+CHECK_LINES = 16  # lines checked at start-up at the head of every file
+LOG_FIRST_SKIPS = 5  # skipped records logged with file:line; later ones only counted
+PREFETCH_DEPTH = 4  # batches built ahead of the training loop
+COUNTERS = ("records", "samples", "bad_records", "empty_texts", "blank_lines", "too_long", "discarded_tokens",
+            "cut_input_tokens")
+_REQUIRED = object()
+
+
+def _setting(settings, name: str, default=_REQUIRED):
+    if hasattr(settings, name):
+        return getattr(settings, name)
+    if default is _REQUIRED:
+        raise DataError(f"setting '{name}' is missing")
+    return default
+
+
+class BaseDataProcessor:
+    """Infinite, deterministic, resumable stream of batches for one rank. See the module docstring."""
+
+    # ---------------------------------------------------------------- stage hooks
+
+    def prepare(self) -> None:
+        """Load what records will need (prompt files), raising DataError; runs before the records are checked."""
+
+    def build(self, set_name: str, record: dict, rng: random.Random) -> Optional[Spec]:
+        """One record -> LM(text) or Prompted(prefix, answer); None for a text empty after stripping.
+        Raise RecordError for a bad record (the caller adds set, file and line)."""
+        raise NotImplementedError
+
+    def check_record(self, set_name: str, record: dict) -> None:
+        """Start-up check of one record: builds it with a throwaway RNG. Stages extend it (prompt files)."""
+        self.build(set_name, record, random.Random(0))
+
+    # ---------------------------------------------------------------- construction
+
+    def __init__(self, settings, tokenizer, rank: int, world_size: int):
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise DataError(f"rank {rank!r} / world size {world_size!r}: need 0 <= rank < world_size")
+        self.tokenizer, self.rank, self.world_size = tokenizer, rank, world_size
+        self.root = Path(_setting(settings, "pretrain_data_root_dir"))
+        self.split = parse_split(_setting(settings, "pretrain_data_split"))
+        self.max_seq_length = _setting(settings, "max_seq_length")
+        self.batch_size = _setting(settings, "batch_size")
+        self.long_text = _setting(settings, "long_text", "split")
+        self.packing = bool(_setting(settings, "packing", False))
+        self.skip_bad_records = bool(_setting(settings, "skip_bad_records", False))
+        seed = _setting(settings, "seed", 42)
+        for name, value, low in (("max_seq_length", self.max_seq_length, 2), ("batch_size", self.batch_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DataError(f"setting '{name}' must be an integer >= {low}, got {value!r}")
+        if self.long_text not in ("split", "truncate"):
+            raise DataError(f"setting 'long_text' must be 'split' or 'truncate', got {self.long_text!r}")
+        if not self.root.is_dir():
+            raise DataError(f"setting 'pretrain_data_root_dir': folder {self.root.resolve()} does not exist")
+
+        files = {name: list_set_files(self.root, name, spec.file_start) for name, spec in self.split.items()}
+        self.prepare()
+        for name, set_files in files.items():
+            self._check_first_lines(name, set_files)
+        self.readers = {name: SetReader(name, set_files, rank, world_size) for name, set_files in files.items()}
+        self.cycle = weighted_cycle({name: spec.weight for name, spec in self.split.items()})
+        self.builder = SampleBuilder(tokenizer, self.max_seq_length, self.long_text)
+        logger.info("data: %s", ", ".join(f"{name} x{spec.weight} ({len(self.readers[name].files)} of "
+                                           f"{len(files[name])} files)" for name, spec in self.split.items()))
+
+        # The stream's mutable state: touched only by the producer thread once iteration starts.
+        self._pending: dict[str, deque[Sample]] = {name: deque() for name in self.split}
+        self._cursor = 0
+        self._rng = random.Random(f"data seed={seed} rank={rank}")  # each rank its own stream
+        self._counters = dict.fromkeys(COUNTERS, 0)
+        self._last_sample_pass = dict.fromkeys(self.split, -1)
+        self._pool: list[Sample] = []
+        self._where = "start"
+        self._prefetcher: Optional[Prefetcher] = None
+        self._handed = self._snapshot()
+
+    def _check_first_lines(self, set_name: str, files: list[Path]) -> None:
+        lines = 0
+        for path in files:
+            file_lines = 0
+            for number, raw in read_first_lines(path, CHECK_LINES, set_name):
+                file_lines += 1
+                if not raw.strip():
+                    continue
+                try:
+                    self.check_record(set_name, parse_record(raw))
+                except RecordError as e:
+                    if not self.skip_bad_records:
+                        raise DataError(f"{Location(set_name, path, number)}: {e}") from None
+                    logger.warning("bad record at %s: %s (skip_bad_records=True: it will be skipped)",
+                                   Location(set_name, path, number), e)
+            if file_lines == 0:
+                logger.warning("set '%s': file %s is empty", set_name, path)
+            lines += file_lines
+        if lines == 0:
+            raise DataError(f"set '{set_name}': every file is empty ({files[0].parent})")
+
+    # ---------------------------------------------------------------- public API
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher(self._produce, PREFETCH_DEPTH, name=f"data-prefetch-rank{self.rank}")
+        batch, self._handed = self._prefetcher.get()
+        return batch
+
+    @property
+    def counters(self) -> dict:
+        """Records, samples, skips and discarded tokens up to the last batch handed out."""
+        return dict(self._handed["counters"])
+
+    def state_dict(self) -> dict:
+        snap = self._handed
+        return {
+            "version": STATE_VERSION,
+            "stage": type(self).__name__,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "max_seq_length": self.max_seq_length,
+            "long_text": self.long_text,
+            "packing": self.packing,
+            "mix": {name: spec.weight for name, spec in self.split.items()},
+            "sets": {name: {**snap["readers"][name],
+                            "last_sample_pass": snap["last_sample_pass"][name],
+                            "pending": [[list(s.ids), s.n_masked] for s in snap["pending"][name]]}
+                     for name in self.split},
+            "cycle_cursor": snap["cursor"],
+            "rng": [snap["rng"][0], list(snap["rng"][1]), snap["rng"][2]],
+            "counters": dict(snap["counters"]),
+            "packing_pool": [[list(s.ids), s.n_masked] for s in snap["pool"]],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict(): same corpus, ranks, mix, max_seq_length, long_text and packing."""
+        expected = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                    "max_seq_length": self.max_seq_length, "long_text": self.long_text, "packing": self.packing,
+                    "mix": {name: spec.weight for name, spec in self.split.items()}}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise DataError(f"cannot resume the data stream: the saved state has {key}={state.get(key)!r}, "
+                                f"this run has {value!r}")
+        self._stop_prefetch()
+        for name, reader in self.readers.items():
+            saved = state["sets"][name]
+            reader.seek(saved)
+            self._last_sample_pass[name] = int(saved["last_sample_pass"])
+            self._pending[name] = deque(Sample(list(ids), int(k)) for ids, k in saved["pending"])
+        self._cursor = int(state["cycle_cursor"])
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._counters = {key: int(state["counters"].get(key, 0)) for key in COUNTERS}
+        self._pool = [Sample(list(ids), int(k)) for ids, k in state["packing_pool"]]
+        self._handed = self._snapshot()
+
+    def close(self) -> None:
+        self._stop_prefetch()
+        for reader in self.readers.values():
+            reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _stop_prefetch(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    # ---------------------------------------------------------------- the stream (producer thread)
+
+    def _snapshot(self) -> dict:
+        """The stream's position, cheaply: small dicts, tuples of (immutable-by-use) samples, the RNG tuple."""
+        return {"readers": {name: reader.position() for name, reader in self.readers.items()},
+                "pending": {name: tuple(pending) for name, pending in self._pending.items()},
+                "cursor": self._cursor, "rng": self._rng.getstate(), "counters": dict(self._counters),
+                "last_sample_pass": dict(self._last_sample_pass), "pool": tuple(self._pool)}
+
+    def _produce(self) -> tuple[dict, dict]:
+        try:
+            batch = self._packed_batch() if self.packing else pad_batch(self._next_samples(self.batch_size),
+                                                                         self.tokenizer.pad_id)
+        except DataError:
+            raise
+        except Exception as e:  # a bug or a tokenizer failure: say which records were being processed
+            raise DataError(f"data worker failed at {self._where}: {type(e).__name__}: {e}") from e
+        return batch, self._snapshot()
+
+    def _packed_batch(self) -> dict:
+        # Keep a pool of a few rows' worth beyond the batch so that late small samples can fill holes.
+        target = (self.batch_size + max(2, self.batch_size // 2)) * self.max_seq_length
+        pool_tokens = sum(len(s.ids) for s in self._pool)
+        while pool_tokens < target:
+            more = self._next_samples(max(self.batch_size, len(self.cycle)))
+            self._pool += more
+            pool_tokens += sum(len(s.ids) for s in more)
+        rows, self._pool = first_fit(self._pool, self.batch_size, self.max_seq_length)
+        return pack_rows(rows, self.max_seq_length, self.tokenizer.pad_id)
+
+    def _next_samples(self, count: int) -> list[Sample]:
+        """The next `count` samples in cycle order (exact mix)."""
+        slots = [self.cycle[(self._cursor + i) % len(self.cycle)] for i in range(count)]
+        self._fill(Counter(slots))
+        self._cursor = (self._cursor + count) % len(self.cycle)
+        self._counters["samples"] += count
+        return [self._pending[name].popleft() for name in slots]
+
+    def _fill(self, need: Counter) -> None:
+        """Read and tokenize (one batch call per round) until every set has `need` samples pending."""
+        while True:
+            short = {name: need[name] - len(self._pending[name]) for name in self.split
+                     if need[name] > len(self._pending[name])}
+            if not short:
+                return
+            for name in short:
+                if self.readers[name].passes - self._last_sample_pass[name] >= 2:
+                    raise DataError(f"set '{name}': no record gave a sample over a whole pass of this rank's files "
+                                    f"(too long for max_seq_length={self.max_seq_length}: "
+                                    f"{self._counters['too_long']} so far)")
+            read = [(name, *self._read_spec(name)) for name in short for _ in range(short[name])]
+            self._where = (f"records {read[0][2]} ... {read[-1][2]}" if len(read) > 1 else str(read[0][2]))
+            built = self.builder.build([spec for _, spec, _, _ in read], self._rng, self._counters)
+            for (name, _, _, pass_number), samples in zip(read, built):
+                self._pending[name].extend(samples)
+                if samples:
+                    self._last_sample_pass[name] = pass_number
+
+    def _read_spec(self, set_name: str) -> tuple[Spec, Location, int]:
+        """The set's next usable record as a spec, with where it came from and its pass over the files."""
+        reader = self.readers[set_name]
+        first_pass = reader.passes
+        while True:
+            if reader.passes - first_pass >= 2:
+                raise DataError(f"set '{set_name}': a whole pass over this rank's {len(reader.files)} file(s) gave "
+                                f"no usable record (skipped so far: {self._counters['bad_records']} bad, "
+                                f"{self._counters['empty_texts']} empty)")
+            raw, where = reader.next_line()
+            self._where = str(where)
+            if not raw.strip():
+                self._counters["blank_lines"] += 1
+                continue
+            try:
+                spec = self.build(set_name, parse_record(raw), self._rng)
+            except RecordError as e:
+                if not self.skip_bad_records:
+                    raise DataError(f"{where}: {e} (skip_bad_records=True skips such records)") from None
+                self._skip("bad_records", where, str(e))
+                continue
+            if spec is None:
+                self._skip("empty_texts", where, "text empty after stripping")
+                continue
+            self._counters["records"] += 1
+            return spec, where, reader.passes
+
+    def _skip(self, counter: str, where: Location, why: str) -> None:
+        self._counters[counter] += 1
+        if self._counters[counter] <= LOG_FIRST_SKIPS:
+            logger.warning("skipped record (%s) at %s: %s%s", counter, where, why,
+                           "; further ones are only counted" if self._counters[counter] == LOG_FIRST_SKIPS else "")

@@ -28,7 +28,8 @@ class LM:
 @dataclass(frozen=True)
 class Prompted:
     """bos + "".join(prefix) masked, then answer + eos counted. Cut parts absorb a too-long sample, the last
-    one first, so that the answer survives where it fits."""
+    one first, so that the answer survives where it fits; an answer that cannot fit whole keeps its start after
+    a prefix cut to at most half the row."""
 
     prefix: tuple[Union[str, Cut], ...]
     answer: str
@@ -100,7 +101,7 @@ class SampleBuilder:
         answer = [*answer_ids, self.eos]
         prefix = [self.bos, *prefix_ids]
         if len(prefix) + len(answer) > self.max_seq_length:
-            shortened = self._cut_inputs(spec, len(answer))
+            shortened = self._cut_inputs(spec, self._prefix_budget(spec, len(answer)))
             counters["cut_input_tokens"] += len(prefix) - len(shortened)
             prefix = shortened
         ids = prefix + answer
@@ -108,16 +109,24 @@ class SampleBuilder:
             counters["too_long"] += 1
             counters["discarded_tokens"] += len(ids)
             return []
-        if len(ids) > self.max_seq_length:  # even without any input the answer does not fit: keep its start
+        if len(ids) > self.max_seq_length:  # the answer does not fit whole: keep its start
             counters["discarded_tokens"] += len(ids) - self.max_seq_length
             ids = ids[:self.max_seq_length]
         return [Sample(ids, len(prefix))]
 
-    def _cut_inputs(self, spec: Prompted, answer_length: int) -> list[int]:
-        """bos + prefix ids with the Cut parts shortened from their ends (last part first) until the answer fits,
-        or emptied. Rare, so it re-tokenizes: a prefix must be tokenized whole to match an uncut one."""
+    def _prefix_budget(self, spec: Prompted, answer_length: int) -> int:
+        """Tokens the prefix (bos included) may keep: all that the whole answer leaves, if the answer fits once
+        the inputs are gone; otherwise half the row, so that the question keeps context and the answer its start."""
+        bare = tuple(Cut("") if isinstance(part, Cut) else part for part in spec.prefix)
+        if 1 + len(self.tokenizer.encode(prefix_text(bare))) + answer_length <= self.max_seq_length:
+            return self.max_seq_length - answer_length
+        return self.max_seq_length // 2
+
+    def _cut_inputs(self, spec: Prompted, budget: int) -> list[int]:
+        """bos + prefix ids with the Cut parts shortened from their ends (last part first) until the prefix takes
+        at most `budget` tokens, or emptied. Rare, so it re-tokenizes: a prefix is tokenized whole, like an uncut
+        one, so the ids are what the text would give."""
         parts = list(spec.prefix)
-        budget = self.max_seq_length - answer_length  # tokens the prefix (bos included) may take
         prefix = [self.bos, *self.tokenizer.encode(prefix_text(tuple(parts)))]
         for index in reversed([i for i, part in enumerate(parts) if isinstance(part, Cut)]):
             cut_ids = self.tokenizer.encode(parts[index].text)

@@ -1,0 +1,325 @@
+"""The shared DataProcessor machinery through the stages' classes: batch format, exact mix, determinism, exact
+resume, prefetch errors, bad input up front, skip_bad_records."""
+import json
+import time
+import traceback
+from collections import Counter
+
+import pytest
+import torch
+
+import alignment_sft_main
+import pretrain_main
+import task_instruct_tuning_main
+from data_corpus_helpers import (lm_records, settings, sft_records, stage1_corpus, task_records, translate_records,
+                                 write_set, write_translate_prompts)
+from llama.tokenization_llama import Tokenizer
+from training.corpus import DataError
+
+SFT_MIX = {"code-alpaca-en": 1, "cot-en": 2, "leet-code-zh": 1, "mwp-en": 1, "mwp-zh": 1, "others": 6}
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_path):
+    return Tokenizer(tokenizer_path)
+
+
+class RecordingTokenizer:
+    """The real tokenizer, remembering what it was asked to encode in batch (and failing on call `fail_on`)."""
+
+    def __init__(self, tok, fail_on=None):
+        self.tok, self.fail_on, self.texts, self.calls = tok, fail_on, [], 0
+        self.bos_id, self.eos_id, self.pad_id = tok.bos_id, tok.eos_id, tok.pad_id
+        self.encode, self.decode = tok.encode, tok.decode
+
+    def encode_batch(self, texts):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("tokenizer exploded")
+        self.texts += texts
+        return self.tok.encode_batch(texts)
+
+
+def batches(processor, n):
+    return [next(processor) for _ in range(n)]
+
+
+def same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
+
+
+def sft_corpus(root, n=30):
+    for name in SFT_MIX:
+        write_set(root, name, [dict(r, instruction=f"[{name}] " + r["instruction"]) for r in sft_records(n)])
+    return {name: {"weight": w, "file_start": 0} for name, w in SFT_MIX.items()}
+
+
+def test_batch_format_padding_and_counts(tmp_path, tok):
+    split = stage1_corpus(tmp_path)
+    with pretrain_main.DataProcessor(settings(tmp_path, split, batch_size=6, max_seq_length=512), tok, 0, 1) as dp:
+        batch = next(dp)
+    assert set(batch) == {"input_ids", "loss_mask", "num_tokens", "num_target_tokens"}
+    assert batch["input_ids"].dtype == batch["loss_mask"].dtype == torch.long
+    lengths = [int((row != tok.pad_id).sum()) for row in batch["input_ids"]]  # no unk in these texts
+    assert batch["input_ids"].shape == (6, max(lengths))
+    assert batch["num_tokens"] == sum(lengths)
+    assert batch["num_target_tokens"] == int(batch["loss_mask"].sum())
+    for row, mask, n in zip(batch["input_ids"], batch["loss_mask"], lengths):
+        assert row[0] == tok.bos_id and row[n - 1] == tok.eos_id
+        assert (row[n:] == tok.pad_id).all() and (mask[n:] == 0).all() and mask[0] == 0
+
+
+def classify_stage1(tok, row):
+    text = tok.decode(row.tolist())
+    if "Translate into Chinese:" in text or "请翻译成英文：" in text:
+        return "translate"
+    return "zh" if any("\u4e00" <= c <= "\u9fff" for c in text) else "en"
+
+
+def test_exact_mix_counts_in_every_batch(tmp_path, tok):
+    split = stage1_corpus(tmp_path)
+    with pretrain_main.DataProcessor(settings(tmp_path, split, batch_size=10, max_seq_length=512), tok, 0, 1) as dp:
+        for batch in batches(dp, 6):
+            assert Counter(classify_stage1(tok, row) for row in batch["input_ids"]) == {"zh": 4, "en": 4,
+                                                                                       "translate": 2}
+    root = tmp_path / "sft"
+    split = sft_corpus(root)
+    with alignment_sft_main.DataProcessor(settings(root, split, batch_size=5, max_seq_length=512), tok, 0, 1) as dp:
+        rows = [tok.decode(row.tolist()) for batch in batches(dp, 12) for row in batch["input_ids"]]
+    names = [next(name for name in SFT_MIX if f"[{name}]" in text) for text in rows]
+    for start in range(0, len(names) - 12):  # any 12 consecutive samples: the exact weights
+        assert Counter(names[start:start + 12]) == SFT_MIX
+
+
+def test_deterministic_per_seed_and_rank(tmp_path, tok):
+    split = stage1_corpus(tmp_path, n=60, n_files=4)
+
+    def first(seed, rank, world=2):
+        with pretrain_main.DataProcessor(settings(tmp_path, split, seed=seed), tok, rank, world) as dp:
+            return batches(dp, 5)
+
+    for a, b in zip(first(1, 0), first(1, 0)):
+        same(a, b)
+    assert not all(torch.equal(a["loss_mask"], b["loss_mask"]) for a, b in zip(first(1, 0), first(2, 0)))
+    assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first(1, 0), first(1, 1)))
+
+
+@pytest.mark.parametrize("stage", ["pretrain_split", "task_packed", "sft_packed"])
+def test_resume_continues_with_exactly_the_next_batches(tmp_path, tok, stage):
+    if stage == "pretrain_split":  # long documents: split chunks pending across batches
+        split = stage1_corpus(tmp_path, n=80)
+        write_set(tmp_path, "en", lm_records(80, "en", length=40))  # ~7 chunks per document
+        module, kwargs = pretrain_main, dict(max_seq_length=24, batch_size=3)
+    elif stage == "task_packed":
+        split = {"zh": 1, "translate": 1, "qa": 2}
+        write_set(tmp_path, "zh", lm_records(50, "zh", length=30))
+        write_set(tmp_path, "translate", translate_records(50))
+        write_translate_prompts(tmp_path)
+        write_set(tmp_path, "qa", task_records(50, "qa"), n_files=3)
+        (tmp_path / "prompts").mkdir()
+        (tmp_path / "prompts" / "qa.pre.prompt").write_text("Answer:\n", encoding="utf-8")
+        module, kwargs = task_instruct_tuning_main, dict(max_seq_length=64, batch_size=3, packing=True)
+    else:
+        split = sft_corpus(tmp_path)
+        module, kwargs = alignment_sft_main, dict(max_seq_length=128, batch_size=2, packing=True)
+    K, M = 7, 6
+
+    def make(tokenizer=tok, rank=1):
+        return module.DataProcessor(settings(tmp_path, split, **kwargs), tokenizer, rank, 2)
+
+    with make() as dp:
+        reference = batches(dp, K + M)
+    with make() as dp:
+        batches(dp, K)
+        time.sleep(0.3)  # let the prefetch thread run ahead: the state must still be that of batch K
+        state = json.loads(json.dumps(dp.state_dict()))
+    recorder = RecordingTokenizer(tok)
+    with make(recorder) as dp:
+        dp.load_state_dict(state)
+        assert dp.state_dict() == state
+        for expected, got in zip(reference[K:], batches(dp, M)):
+            same(expected, got)
+    if stage == "pretrain_split":
+        assert any(s["pending"] for s in state["sets"].values())  # a half-used document was carried
+    else:
+        assert state["packing_pool"]
+    with make(rank=0) as other:
+        with pytest.raises(DataError, match="rank"):
+            other.load_state_dict(state)
+
+
+def test_resume_does_not_reread_or_retokenize(tmp_path, tok):
+    write_set(tmp_path, "en", lm_records(200), n_files=1)
+    make = lambda t: pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=512), t, 0, 1)  # noqa: E731
+    with make(tok) as dp:
+        batches(dp, 5)
+        state = dp.state_dict()
+    assert state["counters"]["records"] == 20 and state["sets"]["en"]["line"] == 20
+    recorder = RecordingTokenizer(tok)
+    with make(recorder) as dp:
+        dp.load_state_dict(state)
+        next(dp)
+    assert recorder.texts[0].endswith("#20")  # the first record after the saved position, nothing before it
+
+
+def test_worker_error_reaches_caller_fast_with_location(tmp_path, tok):
+    records = lm_records(60)
+    records[40] = b'{"text": "broken\n'  # line 41 of the single file: past the start-up check
+    write_set(tmp_path, "en", records, n_files=1)
+    dp = pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=2), tok, 0, 1)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"set 'en', file .*10001\.jsonl, line 41: malformed JSON"):
+        for _ in range(100):
+            next(dp)
+    assert time.monotonic() - start < 5
+    dp.close()
+
+    write_set(tmp_path, "zh", lm_records(60, "zh"), n_files=1)
+    dp = pretrain_main.DataProcessor(settings(tmp_path, {"zh": 1}, batch_size=2), RecordingTokenizer(tok, 3), 0, 1)
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"data worker failed at records set 'zh', file .*, line 5 \.\.\. .*line 6: "
+                                        r"RuntimeError: tokenizer exploded") as info:
+        for _ in range(10):
+            next(dp)
+    assert time.monotonic() - start < 5
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "encode_batch" in "".join(traceback.format_exception(info.value))  # the worker's own frames
+    dp.close()
+
+
+def write_stage1(root, bad_line=None, bad_at=2):
+    stage1_corpus(root)
+    if bad_line is not None:
+        path = root / "en" / "10001.jsonl"
+        lines = path.read_bytes().splitlines(keepends=True)
+        lines[bad_at - 1] = bad_line
+        path.write_bytes(b"".join(lines))
+
+
+BAD_RECORDS = [
+    (b'{"text": "unclosed\n', "malformed JSON"),
+    (b'{"txt": "x"}\n', "missing field 'text'"),
+    (b'{"text": 5}\n', "field 'text' must be a string"),
+    (b'{"text": "caf\xe9"}\n', "invalid UTF-8"),
+    (b'["text"]\n', "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD_RECORDS)
+def test_bad_record_in_first_lines_fails_at_construction_naming_set_file_line(tmp_path, tok, line, message):
+    write_stage1(tmp_path, line, bad_at=3)
+    with pytest.raises(DataError, match=rf"set 'en', file .*en/10001\.jsonl, line 3: {message}"):
+        pretrain_main.DataProcessor(settings(tmp_path, {"zh": 4, "en": 4, "translate": 2}), tok, 0, 1)
+
+
+def corrupt(root, case):
+    """Break the stage-1 corpus at root one way; returns (split, needle)."""
+    split = {"zh": 4, "en": 4, "translate": 2}
+    if case == "missing set folder":
+        return dict(split, code=1), r"set 'code': folder .*code does not exist"
+    if case == "empty set folder":
+        (root / "code").mkdir()
+        return dict(split, code=1), r"set 'code': folder .*code holds no <NNNNN>\.jsonl"
+    if case == "file_start past every file":
+        return dict(split, en={"weight": 4, "file_start": 20000}), r"set 'en': file_start=20000 leaves no file"
+    if case == "every file empty":
+        for path in (root / "en").glob("*.jsonl"):
+            path.write_bytes(b"")
+        return split, r"set 'en': every file is empty"
+    if case == "missing translation prompt":
+        (root / "translate" / "zh-en.prompt").unlink()
+        return split, r"prompt file .*translate/zh-en\.prompt does not exist"
+    if case == "empty translation prompt":
+        (root / "translate" / "en-zh.prompt").write_text("\n  \n")
+        return split, r"prompt file .*en-zh\.prompt holds no prompt"
+    if case == "missing translation field":
+        path = root / "translate" / "10002.jsonl"
+        lines = path.read_bytes().splitlines(keepends=True)
+        path.write_bytes(b"".join(lines[:1] + [b'{"en_text": "hello"}\n'] + lines[2:]))
+        return split, r"set 'translate', file .*10002\.jsonl, line 2: missing field 'zh_text'"
+    if case == "missing root":
+        return split, "pretrain_data_root_dir"
+    raise AssertionError(case)
+
+
+CORPUS_CASES = ["missing set folder", "empty set folder", "file_start past every file", "every file empty",
+                "missing translation prompt", "empty translation prompt", "missing translation field", "missing root"]
+
+
+@pytest.mark.parametrize("case", CORPUS_CASES)
+@pytest.mark.parametrize("module", [pretrain_main, task_instruct_tuning_main], ids=["stage1", "stage2"])
+def test_bad_corpus_fails_at_construction(tmp_path, tok, case, module):
+    write_stage1(tmp_path)
+    split, needle = corrupt(tmp_path, case)
+    root = tmp_path / "nowhere" if case == "missing root" else tmp_path
+    with pytest.raises(DataError, match=needle):
+        module.DataProcessor(settings(root, split), tok, 0, 1)
+
+
+def test_stage2_task_record_and_prompt_file_errors(tmp_path, tok):
+    write_set(tmp_path, "qa", task_records(10, "qa"), n_files=1)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "qa.post.prompt").write_bytes(b"fine\n\xff\xfe broken\n")
+    split = {"qa": {"weight": 1, "file_start": 0}}
+    with pytest.raises(DataError, match=r"prompt file .*qa\.post\.prompt, line 2: invalid UTF-8"):
+        task_instruct_tuning_main.DataProcessor(settings(tmp_path, split), tok, 0, 1)
+    (tmp_path / "prompts" / "qa.post.prompt").write_text("fine\n")
+    write_set(tmp_path, "qa", [{"input": "x", "output": "y"}] + task_records(5, "qa"), n_files=1)
+    with pytest.raises(DataError, match=r"set 'qa', file .*10001\.jsonl, line 1: missing field 'type'"):
+        task_instruct_tuning_main.DataProcessor(settings(tmp_path, split), tok, 0, 1)
+
+
+def test_stage3_record_without_instruction_or_input_is_bad(tmp_path, tok):
+    write_set(tmp_path, "others", sft_records(3) + [{"instruction": " ", "input": "", "output": "x"}], n_files=1)
+    with pytest.raises(DataError, match=r"set 'others', file .*10001\.jsonl, line 4: neither 'instruction' nor"):
+        alignment_sft_main.DataProcessor(settings(tmp_path, {"others": 1}), tok, 0, 1)
+
+
+@pytest.mark.parametrize("override,needle", [(dict(long_text="cut"), "long_text"),
+                                             (dict(max_seq_length=1), "max_seq_length"),
+                                             (dict(batch_size=0), "batch_size"),
+                                             (dict(pretrain_data_split={"zh": -2}), "pretrain_data_split")])
+def test_bad_settings_name_the_setting(tmp_path, tok, override, needle):
+    split = stage1_corpus(tmp_path)
+    with pytest.raises(DataError, match=needle):
+        pretrain_main.DataProcessor(settings(tmp_path, split, **{"pretrain_data_split": split, **override}), tok, 0, 1)
+
+
+def test_skip_bad_records_counts_logs_and_carries_skips(tmp_path, tok, caplog):
+    records = lm_records(30)
+    records[1] = b'{"text": \n'
+    records[4] = {"text": "   "}
+    records[6] = b"\n"
+    records[19] = {"text": 3}
+    records[24] = b'{"text": "\xff"}\n'
+    write_set(tmp_path, "en", records, n_files=1)
+    make = lambda: pretrain_main.DataProcessor(  # noqa: E731
+        settings(tmp_path, {"en": 1}, batch_size=5, max_seq_length=512, skip_bad_records=True), tok, 0, 1)
+    with pytest.raises(DataError, match="line 2: malformed JSON"):
+        pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}), tok, 0, 1)
+    with caplog.at_level("WARNING"):
+        dp = make()
+        got = batches(dp, 5)  # 25 usable records: exactly one pass
+        state = dp.state_dict()
+        dp.close()
+    assert state["counters"] == dict(state["counters"], bad_records=3, empty_texts=1, blank_lines=1, records=25)
+    assert "10001.jsonl, line 20" in caplog.text and "line 25" in caplog.text and "line 2:" in caplog.text
+    assert len(got) == 5
+    with make() as dp:
+        dp.load_state_dict(state)
+        assert dp.counters["bad_records"] == 3
+        batches(dp, 5)  # second pass: the same skips counted again
+        assert dp.counters["bad_records"] == 6
+
+
+def test_set_with_no_usable_record_raises_instead_of_spinning(tmp_path, tok):
+    write_set(tmp_path, "en", lm_records(4), n_files=1)
+    write_set(tmp_path, "zh", [{"text": " "}] * 3 + [b"{bad\n"] * 20, n_files=1)
+    dp = pretrain_main.DataProcessor(settings(tmp_path, {"en": 1, "zh": 1}, skip_bad_records=True), tok, 0, 1)
+    start = time.monotonic()
+    with pytest.raises(DataError, match="set 'zh': a whole pass .* gave no usable record"):
+        next(dp)
+    assert time.monotonic() - start < 5
+    dp.close()

@@ -15,6 +15,7 @@ from data_corpus_helpers import (lm_records, settings, sft_records, stage1_corpu
                                  write_set, write_translate_prompts)
 from llama.tokenization_llama import Tokenizer
 from training.corpus import DataError
+from training.data_processor import READ_AHEAD
 
 SFT_MIX = {"code-alpaca-en": 1, "cot-en": 2, "leet-code-zh": 1, "mwp-en": 1, "mwp-zh": 1, "others": 6}
 
@@ -156,12 +157,13 @@ def test_resume_does_not_reread_or_retokenize(tmp_path, tok):
     with make(tok) as dp:
         batches(dp, 5)
         state = dp.state_dict()
-    assert state["counters"]["records"] == 20 and state["sets"]["en"]["line"] == 20
+    read = state["counters"]["records"]  # batches handed out + samples already built ahead (pending)
+    assert read >= 20 and state["sets"]["en"]["line"] == read and len(state["sets"]["en"]["pending"]) == read - 20
     recorder = RecordingTokenizer(tok)
     with make(recorder) as dp:
         dp.load_state_dict(state)
-        next(dp)
-    assert recorder.texts[0].endswith("#20")  # the first record after the saved position, nothing before it
+        batches(dp, 10)
+    assert recorder.texts[0].endswith(f"#{read}")  # the first record after the saved position, nothing before it
 
 
 def test_worker_error_reaches_caller_fast_with_location(tmp_path, tok):
@@ -179,7 +181,7 @@ def test_worker_error_reaches_caller_fast_with_location(tmp_path, tok):
     write_set(tmp_path, "zh", lm_records(60, "zh"), n_files=1)
     dp = pretrain_main.DataProcessor(settings(tmp_path, {"zh": 1}, batch_size=2), RecordingTokenizer(tok, 3), 0, 1)
     start = time.monotonic()
-    with pytest.raises(DataError, match=r"data worker failed at records set 'zh', file .*, line 5 \.\.\. .*line 6: "
+    with pytest.raises(DataError, match=r"data worker failed at records set 'zh', file .*, line \d+ \.\.\. .*line \d+: "
                                         r"RuntimeError: tokenizer exploded") as info:
         for _ in range(10):
             next(dp)
@@ -296,22 +298,23 @@ def test_skip_bad_records_counts_logs_and_carries_skips(tmp_path, tok, caplog):
     records[24] = b'{"text": "\xff"}\n'
     write_set(tmp_path, "en", records, n_files=1)
     make = lambda: pretrain_main.DataProcessor(  # noqa: E731
-        settings(tmp_path, {"en": 1}, batch_size=5, max_seq_length=512, skip_bad_records=True), tok, 0, 1)
+        settings(tmp_path, {"en": 1}, batch_size=25, max_seq_length=512, skip_bad_records=True), tok, 0, 1)
     with pytest.raises(DataError, match="line 2: malformed JSON"):
         pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}), tok, 0, 1)
     with caplog.at_level("WARNING"):
         dp = make()
-        got = batches(dp, 5)  # 25 usable records: exactly one pass
+        next(dp)  # 25 usable records = one pass; the refill reads READ_AHEAD passes
         state = dp.state_dict()
         dp.close()
-    assert state["counters"] == dict(state["counters"], bad_records=3, empty_texts=1, blank_lines=1, records=25)
+    passes = READ_AHEAD
+    assert state["counters"] == dict(state["counters"], bad_records=3 * passes, empty_texts=passes,
+                                     blank_lines=passes, records=25 * passes)
     assert "10001.jsonl, line 20" in caplog.text and "line 25" in caplog.text and "line 2:" in caplog.text
-    assert len(got) == 5
     with make() as dp:
         dp.load_state_dict(state)
-        assert dp.counters["bad_records"] == 3
-        batches(dp, 5)  # second pass: the same skips counted again
-        assert dp.counters["bad_records"] == 6
+        assert dp.counters["bad_records"] == 3 * passes
+        batches(dp, READ_AHEAD)  # the last of these refills: as many passes again
+        assert dp.counters["bad_records"] == 6 * passes
 
 
 def test_set_with_no_usable_record_raises_instead_of_spinning(tmp_path, tok):

@@ -28,6 +28,7 @@ STATE_VERSION = 1
 CHECK_LINES = 16  # lines checked at start-up at the head of every file
 LOG_FIRST_SKIPS = 5  # skipped records logged with file:line; later ones only counted
 PREFETCH_DEPTH = 4  # batches built ahead of the training loop
+READ_AHEAD = 4  # a set that runs short is refilled for this many calls' worth: bigger tokenizer batch calls
 COUNTERS = ("records", "samples", "bad_records", "empty_texts", "blank_lines", "too_long", "discarded_tokens",
             "cut_input_tokens")
 _REQUIRED = object()
@@ -229,8 +230,10 @@ class BaseDataProcessor:
 
     def _next_samples(self, count: int) -> list[Sample]:
         """The next `count` samples in cycle order (exact mix)."""
-        slots = [self.cycle[(self._cursor + i) % len(self.cycle)] for i in range(count)]
-        self._fill(Counter(slots))
+        slots = [self.cycle[(self._cursor + i) % len(self.cycle)] for i in range(count * READ_AHEAD)]
+        if any(len(self._pending[name]) < n for name, n in Counter(slots[:count]).items()):
+            self._fill(Counter(slots))
+        slots = slots[:count]
         self._cursor = (self._cursor + count) % len(self.cycle)
         self._counters["samples"] += count
         return [self._pending[name].popleft() for name in slots]

@@ -153,7 +153,10 @@ def test_resume_continues_with_exactly_the_next_batches(tmp_path, tok, stage):
 
 def test_resume_does_not_reread_or_retokenize(tmp_path, tok):
     write_set(tmp_path, "en", lm_records(200), n_files=1)
-    make = lambda t: pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=512), t, 0, 1)  # noqa: E731
+    def make(tokenizer):
+        return pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=512),
+                                           tokenizer, 0, 1)
+
     with make(tok) as dp:
         batches(dp, 5)
         state = dp.state_dict()

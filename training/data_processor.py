@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from collections import Counter, deque
 from pathlib import Path
 from typing import Iterator, Optional
@@ -117,6 +118,10 @@ class BaseDataProcessor:
                         raise DataError(f"{Location(set_name, path, number)}: {e}") from None
                     logger.warning("bad record at %s: %s (skip_bad_records=True: it will be skipped)",
                                    Location(set_name, path, number), e)
+                except DataError:
+                    raise
+                except Exception as e:  # a stage bug: still say which record triggered it
+                    raise DataError(f"{Location(set_name, path, number)}: {type(e).__name__}: {e}") from e
             if file_lines == 0:
                 logger.warning("set '%s': file %s is empty", set_name, path)
             lines += file_lines
@@ -143,7 +148,7 @@ class BaseDataProcessor:
         snap = self._handed
         return {
             "version": STATE_VERSION,
-            "stage": type(self).__name__,
+            "stage": Path(sys.modules[type(self).__module__].__file__).stem,  # e.g. "pretrain_main"
             "rank": self.rank,
             "world_size": self.world_size,
             "max_seq_length": self.max_seq_length,

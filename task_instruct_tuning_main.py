@@ -11,6 +11,7 @@ Samples (bos/eos: the tokenizer's; "masked": out of the loss):
                  post:      bos + input.rstrip() + "\\n" + prompt + "\\n"      (masked)
                  no prompt: bos + input + " "                                (masked)
                then output.rstrip() + eos (counted).
+A record whose text, input or output is empty after stripping is skipped and counted.
 """
 import random
 import sys

@@ -329,3 +329,20 @@ def test_set_with_no_usable_record_raises_instead_of_spinning(tmp_path, tok):
         next(dp)
     assert time.monotonic() - start < 5
     dp.close()
+
+
+def test_memory_stays_flat_on_a_large_file(tmp_path, tok):
+    import tracemalloc
+
+    path = tmp_path / "en" / "10001.jsonl"
+    path.parent.mkdir()
+    line = json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 4}).encode() + b"\n"
+    path.write_bytes(line * 100_000)  # ~18 MB
+    tracemalloc.start()
+    try:
+        with pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=8), tok, 0, 1) as dp:
+            batches(dp, 5)
+            _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert path.stat().st_size > 15e6 and peak < 3e6  # streamed: never near the file's size

@@ -8,7 +8,7 @@ The mix comes from the stage's args file, the files from --corpus; one rank of o
                                                          prefetch thread's start included)
   real_fraction      real tokens / batch slots (1 - padding share)
   discarded_tokens   tokens lost: long_text="truncate" cut-offs, prompt inputs cut to fit, answers that did not fit
-  sp_tokens_per_s    SentencePiece's multi-threaded list encode, timed on the very texts the pipeline encoded
+  sp_tokens_per_s    SentencePiece's multi-threaded list encode (best of 3), on the very texts the pipeline encoded
 Targets: real_tokens_per_s >= 0.5 x sp_tokens_per_s; real_fraction >= 0.97 with --packing; discarded_tokens == 0
 with long_text="split" (LM documents; prompted samples longer than a row still lose input).
 """
@@ -81,9 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     texts = list(tokenizer.texts)  # includes what the prefetch thread read ahead: same kind of text
     sp = SentencePieceProcessor(model_file=str(args.tokenizer))
-    sp_start = time.perf_counter()
-    sp_tokens = sum(map(len, sp.encode(texts, num_threads=os.cpu_count() or 1)))
-    sp_elapsed = time.perf_counter() - sp_start
+    sp_elapsed = float("inf")
+    for _ in range(3):  # best of 3: the reference is SentencePiece at its fastest
+        sp_start = time.perf_counter()
+        sp_tokens = sum(map(len, sp.encode(texts, num_threads=os.cpu_count() or 1)))
+        sp_elapsed = min(sp_elapsed, time.perf_counter() - sp_start)
 
     result = {
         "batches_per_s": round(args.batches / elapsed, 2),

@@ -90,9 +90,9 @@ def resolve_resume(setting: str, output_dir: str | Path) -> Path | None:
     path = Path(setting)
     if not path.is_dir():
         raise CheckpointError(f"recover_training_from_checkpoint={setting!r}: no such checkpoint directory")
-    if not (path / TRAINER_STATE).is_file():
-        raise CheckpointError(f"recover_training_from_checkpoint={setting!r} is incomplete: no {TRAINER_STATE} "
-                              f"(a save that did not finish?); use 'latest' or an earlier checkpoint")
+    if path.name.endswith(TMP_SUFFIX) or not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(f"recover_training_from_checkpoint={setting!r} is incomplete (a save that did not "
+                              f"finish: a .tmp name or no {TRAINER_STATE}); use 'latest' or an earlier checkpoint")
     return path
 
 

@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 import types
 import warnings
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ _QUIET_ENV = {
     "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # what colossalai.initialize sets for overlapped communication
     "BITSANDBYTES_NOWELCOME": "1",
     "TF_CPP_MIN_LOG_LEVEL": "3",
+    # ColossalAI's import pulls in torch._inductor (via peft/bitsandbytes), which starts a pool of compile workers;
+    # this loop never calls torch.compile, and shutting the pool down costs seconds at every process exit.
+    "TORCHINDUCTOR_COMPILE_THREADS": "1",
 }
 
 
@@ -40,6 +44,8 @@ def import_colossalai():
     """
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    if "torch._inductor.config" in sys.modules:  # torch read the environment already: set the value itself
+        sys.modules["torch._inductor.config"].compile_threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
     for name in ("bitsandbytes", "colossalai", "torch.distributed.elastic"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

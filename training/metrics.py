@@ -1,7 +1,7 @@
 """Training metrics: window-mean loss, lr, grad norm, real tokens/s, TFLOPS and MFU per GPU, loss scale, skipped steps.
 
-Where they go: the rank-0 console (log lines above a tqdm bar), logdir/log.txt.<rank> on every rank, and TensorBoard
-event files under logdir (rank 0).
+Where they go: the rank-0 console (log lines above a tqdm bar), logdir/log.txt.<rank> on every rank, TensorBoard
+event files under logdir and logdir/metrics.jsonl (one JSON object per log line, full precision; rank 0).
 
 Model FLOPs per token (PaLM, appendix B; what README states):
     flops_per_token = 6 * N + 12 * n_layers * hidden_size * max_seq_length
@@ -13,6 +13,7 @@ not counted either: tokens are real tokens only, so padding lowers MFU, as it sh
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -113,7 +114,9 @@ class Metrics:
         self._reset_window(time.perf_counter())
         self._writer = None
         self._bar = None
+        self._jsonl = None
         if rank == 0:
+            self._jsonl = open(Path(settings.logdir) / "metrics.jsonl", "a", encoding="utf-8")
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
 
@@ -184,6 +187,9 @@ class Metrics:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._writer.add_scalar(f"train/{name}", value, step)
             self._writer.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, **figures}) + "\n")
+            self._jsonl.flush()
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{figures['loss']:.4f}", lr=f"{self._lr:.2e}")
         self._last_window_loss = figures["loss"]
@@ -195,6 +201,8 @@ class Metrics:
         return bool(self._losses) or self._skipped > 0
 
     def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._bar is not None:
             self._bar.close()
         if self._writer is not None:

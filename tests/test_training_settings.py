@@ -1,0 +1,116 @@
+"""Settings: typed key=value overrides, errors that name the setting, validation, and the model-input checks
+that run before any data or model memory."""
+import subprocess
+import sys
+import types
+
+import pytest
+
+import alignment_sft_args
+import pretrain_args
+import task_instruct_tuning_args
+from training.settings import Settings, SettingsError, load_settings
+from training_runs import REPO, tiny_model  # noqa: F401 (fixture)
+
+
+def test_overrides_keep_the_args_type():
+    s = load_settings(pretrain_args, ["lr=1e-5", "max_steps=100_000", "min_lr=0", "packing=true",
+                                      "gradient_checkpointing=False", "plugin=zero2", "output_dir=out/x y",
+                                      "tokenizer_path='  spaced  '", "pretrain_data_split={'zh': 1, 'en': 2}"])
+    assert s.lr == 1e-5 and isinstance(s.lr, float)
+    assert s.max_steps == 100_000 and isinstance(s.max_steps, int)
+    assert s.min_lr == 0.0 and isinstance(s.min_lr, float)  # an int is fine for a float setting
+    assert s.packing is True and s.gradient_checkpointing is False
+    assert s.plugin == "zero2" and s.output_dir == "out/x y"  # str settings take any text, unquoted
+    assert s.tokenizer_path == "  spaced  "  # quotes keep the spaces
+    assert s.pretrain_data_split == {"zh": 1, "en": 2}
+    assert s.overridden >= {"lr", "plugin", "packing"}
+    assert s.batch_size == pretrain_args.batch_size  # untouched values come from the args file
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lrr=1e-5"], "unknown setting 'lrr'.*did you mean lr"),
+    (["batch_size=1.5"], "'batch_size' expects an int"),
+    (["batch_size=True"], "'batch_size' expects an int"),
+    (["lr=fast"], "'lr' expects a number"),
+    (["packing=yes"], "'packing' expects True or False"),
+    (["pretrain_data_split=zh"], "'pretrain_data_split' expects a dict"),
+    (["max_steps"], "'max_steps' is not key=value"),
+    (["plugin=zero3"], "'plugin' = 'zero3' is invalid.*gemini"),
+    (["precision=fp8"], "'precision' = 'fp8' is invalid"),
+    (["batch_size=0"], "'batch_size' = 0 is invalid"),
+    (["warmup_steps=10", "max_steps=10"], "'warmup_steps' = 10 must be below 'max_steps' = 10"),
+    (["min_lr=1e-3"], "'min_lr' = 0.001 is above 'lr'"),
+])
+def test_bad_overrides_name_the_setting(argv, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(pretrain_args, argv)
+
+
+@pytest.mark.parametrize("module", [pretrain_args, task_instruct_tuning_args, alignment_sft_args])
+def test_each_args_file_is_valid_as_shipped(module):
+    s = load_settings(module, [])
+    assert s.min_lr == pytest.approx(0.1 * s.lr)  # the recipe's cosine floor
+    assert (s.adam_beta1, s.adam_beta2, s.weight_decay, s.max_grad_norm) == (0.9, 0.95, 0.1, 2.0)
+    assert s.initial_loss_scale == 2 ** 14
+
+
+def test_settings_are_read_only_and_dict_is_a_copy():
+    s = load_settings(pretrain_args, ["plugin=ddp"])
+    with pytest.raises(AttributeError):
+        s.lr = 1.0
+    d = s.to_dict()
+    d["pretrain_data_split"]["zh"] = 99
+    assert s.pretrain_data_split["zh"] == pretrain_args.pretrain_data_split["zh"]
+    with pytest.raises(AttributeError, match="no setting named 'nope'"):
+        s.nope
+    assert "* plugin" in s.format()
+
+
+def test_cli_error_is_one_clear_line():
+    result = subprocess.run([sys.executable, "pretrain_main.py", "batch_sise=4"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert "unknown setting 'batch_sise'" in result.stderr and "did you mean batch_size" in result.stderr
+
+
+def test_missing_model_path_fails_before_data_and_model(tmp_path):
+    # The data root does not exist either: the model check runs first, so its message is the one reported.
+    result = subprocess.run([sys.executable, "pretrain_main.py", f"init_model_path={tmp_path / 'no-model'}",
+                             f"pretrain_data_root_dir={tmp_path / 'no-data'}", f"output_dir={tmp_path / 'out'}",
+                             f"logdir={tmp_path / 'logs'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "init_model_path=" in result.stdout + result.stderr
+    assert "no such model directory" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _inputs_settings(model_dir, **overrides):
+    values = dict(init_model_path=str(model_dir), tokenizer_path="", max_seq_length=64, dropout_prob=0.05)
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def test_model_inputs_checked_without_loading_weights(tiny_model, tmp_path):
+    from llama.tiny import train_tokenizer
+    from training.model_loading import ModelInputError, check_model_inputs
+
+    inputs = check_model_inputs(_inputs_settings(tiny_model))
+    assert inputs.config.dropout_prob == 0.05 and inputs.tokenizer.vocab_size == inputs.config.vocab_size
+
+    with pytest.raises(ModelInputError, match="max_seq_length=4096 is above the model's max_sequence_length=128"):
+        check_model_inputs(_inputs_settings(tiny_model, max_seq_length=4096))
+
+    other = train_tokenizer(["a different tokenizer, 另一个分词器"] * 50 + [f"word{i}" for i in range(300)],
+                            tmp_path / "other.model", vocab_size=700)
+    with pytest.raises(ModelInputError, match="pieces but the model's embedding"):
+        check_model_inputs(_inputs_settings(tiny_model, tokenizer_path=str(other)))
+
+    with pytest.raises(ModelInputError, match="tokenizer_path: tokenizer not found"):
+        check_model_inputs(_inputs_settings(tiny_model, tokenizer_path=str(tmp_path / "missing.model")))
+
+
+def test_settings_object_is_what_data_processors_receive():
+    s = Settings({"a": 1}, "x.py")
+    assert s.a == 1 and "a" in s and s.to_dict() == {"a": 1}

@@ -1,0 +1,66 @@
+"""Helpers for the training tests: a tiny model dir, torchrun launches of tests/training_harness.py, metrics."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HARNESS = REPO / "tests" / "training_harness.py"
+CORPUS = Path(os.environ.get("TRAINING_TEST_CORPUS", REPO / "pretraining_corpora"))
+
+# Small and fast on 2 CPU cores; every run uses these unless a test overrides them.
+TINY_RUN = ["max_seq_length=64", "batch_size=2", "warmup_steps=2", "lr=2e-3", "min_lr=2e-4", "logging_steps=1",
+            "dropout_prob=0.05", f"pretrain_data_root_dir={CORPUS}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_path) -> Path:
+    """A random LLaMA dir (dim 32, 2 layers) with the session's tiny tokenizer."""
+    from llama.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer_path, dim=32, n_layers=2, n_heads=4,
+                           max_seq_len=128)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(settings: list[str], stage: str = "pretrain", nproc: int = 2, env: dict | None = None,
+             timeout: float = 240, script: Path = HARNESS, launcher: list[str] | None = None,
+             wait: bool = True):
+    """Launch `script` under torchrun (standalone unless `launcher` gives other flags) from the repo root."""
+    full_env = dict(os.environ, HARNESS_STAGE=stage, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    launcher = launcher or ["--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(script), *settings]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(logdir: Path) -> dict[int, dict]:
+    """step -> the last metrics.jsonl record of that step (a resumed run appends after the killed one)."""
+    records = {}
+    for line in (Path(logdir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+def read_batches(logdir: Path, rank: int) -> list[str]:
+    path = Path(logdir) / f"batches.rank{rank}.jsonl"
+    return [json.loads(line)["sha1"] for line in path.read_text().splitlines()]
+
+
+def explain(result) -> str:
+    return f"exit {result.returncode}\n--- output ---\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"

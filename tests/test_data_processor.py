@@ -276,6 +276,20 @@ def test_stage2_task_record_and_prompt_file_errors(tmp_path, tok):
         task_instruct_tuning_main.DataProcessor(settings(tmp_path, split), tok, 0, 1)
 
 
+def test_prompt_file_first_needed_mid_stream_names_record_and_file(tmp_path, tok):
+    records = task_records(40, "qa")
+    records[30] = dict(records[30], type="late")  # past the start-up check of the first lines
+    write_set(tmp_path, "qa", records, n_files=1)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "late.pre.prompt").write_bytes(b"\xff\n")
+    (tmp_path / "prompts" / "late.post.prompt").write_bytes(b"\xff\n")
+    dp = task_instruct_tuning_main.DataProcessor(settings(tmp_path, {"qa": 1}, batch_size=4), tok, 0, 1)
+    with pytest.raises(DataError, match=r"set 'qa', file .*10001\.jsonl, line 31: prompt file .*late\.p.*\.prompt, "
+                                        r"line 1: invalid UTF-8"):
+        batches(dp, 20)
+    dp.close()
+
+
 def test_stage3_record_without_instruction_or_input_is_bad(tmp_path, tok):
     write_set(tmp_path, "others", sft_records(3) + [{"instruction": " ", "input": "", "output": "x"}], n_files=1)
     with pytest.raises(DataError, match=r"set 'others', file .*10001\.jsonl, line 4: neither 'instruction' nor"):

@@ -284,6 +284,8 @@ class BaseDataProcessor:
                     raise DataError(f"{where}: {e} (skip_bad_records=True skips such records)") from None
                 self._skip("bad_records", where, str(e))
                 continue
+            except DataError as e:  # e.g. a prompt file first needed by this record
+                raise DataError(f"{where}: {e}") from None
             if spec is None:
                 self._skip("empty_texts", where, "text empty after stripping")
                 continue

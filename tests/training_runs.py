@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "tests" / "training_harness.py"
-CORPUS = Path(os.environ.get("TRAINING_TEST_CORPUS", REPO / "pretraining_corpora"))
+CORPUS = REPO / "pretraining_corpora"
 
 # Small and fast on 2 CPU cores; every run uses these unless a test overrides them.
 TINY_RUN = ["max_seq_length=64", "batch_size=2", "warmup_steps=2", "lr=2e-3", "min_lr=2e-4", "logging_steps=1",

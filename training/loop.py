@@ -97,6 +97,7 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
     batches = iter(data)
     engine.model.train()
     accumulation = settings.gradient_accumulation_steps
+    save_due = False
     try:
         while state.step < settings.max_steps:
             # ---- forward and backward over the micro-batches of one optimizer step
@@ -140,7 +141,11 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
             if state.step % settings.logging_steps == 0 or state.step == settings.max_steps:
                 state.loss = metrics.log(state.step)["loss"]
             stopping = stops > 0
-            if state.step % settings.saving_steps == 0 or stopping:
+            save_due = save_due or state.step % settings.saving_steps == 0
+            # A save that falls inside a run of skipped steps waits for the next good step, so that
+            # keep_checkpoints never prunes the last good checkpoint in favour of one from a bad stretch.
+            if (save_due and metrics.consecutive_bad == 0) or stopping:
+                save_due = False
                 state.loss = metrics.recent_loss()
                 path = save_checkpoint(engine, data, state, inputs.config, inputs.tokenizer_path,
                                        settings.output_dir, settings.keep_checkpoints)

@@ -1,0 +1,40 @@
+"""The three stages end to end on the bundled corpus, 2 processes each: stage 1 starts from a tiny random model,
+stage 2 from stage 1's final/, stage 3 from stage 2's final/; the last model generates."""
+import json
+
+from training_runs import CORPUS, TINY_RUN, explain, read_metrics, tiny_model, torchrun  # noqa: F401
+
+
+def test_stage_1_then_2_then_3(tiny_model, tmp_path):
+    init = tiny_model
+    for stage, extra in (("pretrain", []),
+                         ("task_instruct_tuning", ["gradient_accumulation_steps=2"]),
+                         ("alignment_sft", ["packing=True"])):
+        out = tmp_path / stage
+        result = torchrun(TINY_RUN + extra + [f"init_model_path={init}", "max_steps=4", "saving_steps=4",
+                                              f"output_dir={out}", f"logdir={out}/logs"], stage=stage)
+        assert result.returncode == 0, f"{stage}: {explain(result)}"
+        metrics = read_metrics(out / "logs")
+        assert sorted(metrics) == [1, 2, 3, 4]
+        assert all(m["skipped_steps"] == 0 and m["tokens_per_s"] > 0 for m in metrics.values())
+        final = out / "final"
+        assert {"config.json", "tokenizer.model", "model.safetensors.index.json"} <= {p.name for p in final.iterdir()}
+        # Checkpoints carry the settings they ran with, the stage's data mix included.
+        checkpoint = next(out.glob("ckpt_step-4_*"))
+        settings = json.loads((checkpoint / "trainer_state.json").read_text())["settings"]
+        assert settings["init_model_path"] == str(init) and settings["pretrain_data_root_dir"] == str(CORPUS)
+        init = final
+
+    import torch
+
+    from llama.generation import generate
+    from llama.llama_model import Llama
+    from llama.tokenization_llama import Tokenizer
+
+    model = Llama.from_pretrained(init).eval()
+    assert model.config.dropout_prob == 0.05  # the config as trained
+    tokenizer = Tokenizer(init / "tokenizer.model")
+    prompt = tokenizer.encode("Human: 你好\nAssistant: ", bos=True)
+    with torch.no_grad():
+        new = generate(model, prompt, max_new_tokens=8, eos_id=tokenizer.eos_id)
+    assert len(new) <= 8 and all(0 <= t < tokenizer.vocab_size for t in new)

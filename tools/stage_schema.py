@@ -1,0 +1,95 @@
+"""The stages' record schemas, as the stages themselves check them: the one place tools reach into *_main.py.
+
+The schema of a record (which fields, which types, what counts as empty, which prompt files a task type needs)
+lives only in each stage script's DataProcessor.build() / check_record(); training/ holds the shared field
+readers (parse_record, text_field) but not the per-stage rules. So the tools load the stage's DataProcessor
+class through importlib, by stage name, here and nowhere else, and run its own checks on a record -- a record
+prepare_corpus accepts is one the stage accepts.
+
+A RecordChecker is the stage's DataProcessor without its corpus streams: it holds what the base class sets
+before calling the stage's prepare() (root, split) and then runs that prepare(), which loads the prompt files the
+checks need. It never reads set files or builds batches.
+"""
+from __future__ import annotations
+
+import importlib
+import random
+import types
+from pathlib import Path
+from typing import Optional
+
+from training.corpus import DataError, RecordError, SetSpec, parse_record
+
+STAGES = ("pretrain", "task_instruct_tuning", "alignment_sft")
+
+# --kind -> (stage whose DataProcessor defines that schema, a set name that stage reads with it). The stage, not
+# this table, decides what a set name means; the names below are ones every stage reads the way the kind says.
+KINDS = {
+    "lm": ("pretrain", "zh"),  # {"text"}
+    "translate": ("pretrain", "translate"),  # {"en_text", "zh_text"} + translate/<direction>.prompt
+    "task": ("task_instruct_tuning", "task"),  # {"input", "output", "type"} + prompts/<type>.<pre|post>.prompt
+    "sft": ("alignment_sft", "sft"),  # {"instruction", "input", "output"}
+}
+
+
+def args_module(stage: str) -> types.ModuleType:
+    """<stage>_args.py (recipe constants)."""
+    _check_stage(stage)
+    return importlib.import_module(f"{stage}_args")
+
+
+def data_processor_class(stage: str) -> type:
+    """The DataProcessor class of <stage>_main.py."""
+    _check_stage(stage)
+    return importlib.import_module(f"{stage}_main").DataProcessor
+
+
+def stage_for_set(set_name: str) -> Optional[str]:
+    """The first stage (in recipe order) whose args file mixes `set_name`, or None."""
+    for stage in STAGES:
+        split = getattr(args_module(stage), "pretrain_data_split", {})
+        if set_name in split:
+            return stage
+    return None
+
+
+class RecordChecker:
+    """Check records of one set the way `stage`'s DataProcessor checks them at start-up.
+
+    check(raw) -> "ok" | "empty" (the stage would skip it: a text empty after stripping) and raises RecordError
+    (bad record: the stage stops, or skips it with skip_bad_records). Prompt files come from `root` (the
+    corpus root dir); a stage that needs one that is missing raises DataError at construction.
+    """
+
+    def __init__(self, stage: str, set_name: str, root: str | Path):
+        cls = data_processor_class(stage)
+        self.stage, self.set_name = stage, set_name
+        self.processor = cls.__new__(cls)  # the stage's methods without its streams (see module docstring)
+        self.processor.root = Path(root)
+        self.processor.split = {set_name: SetSpec(1, 0)}
+        self.processor.prepare()
+        self._rng = random.Random(0)
+
+    def check_record(self, record: dict) -> str:
+        self.processor.check_record(self.set_name, record)
+        return "empty" if self.processor.build(self.set_name, record, self._rng) is None else "ok"
+
+    def check(self, raw: bytes) -> str:
+        """One raw JSONL line (blank lines are the caller's business)."""
+        return self.check_record(parse_record(raw))
+
+    def prompt_types_missing(self, task_type: str) -> list[str]:
+        """For a stage-2 task record's type: the positions ("pre", "post") whose prompt file does not exist.
+        Empty for stages/sets without typed prompts."""
+        prompts_for = getattr(self.processor, "prompts_for", None)
+        if prompts_for is None or not isinstance(task_type, str):
+            return []
+        try:
+            return [position for position in ("pre", "post") if not prompts_for(task_type, position)]
+        except (RecordError, DataError):
+            return []  # a bad type name is reported by check() itself
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")

@@ -100,7 +100,8 @@ def existing_numbered(out: Path) -> list[Path]:
         raise PrepareError(str(e)) from None
 
 
-def run(args: argparse.Namespace, out=sys.stdout) -> dict:
+def run(args: argparse.Namespace, out=None) -> dict:
+    out = out or sys.stdout
     stage, check_as = resolve_schema(args)
     root = args.root or args.out.resolve().parent
     existing = existing_numbered(args.out)

@@ -1,0 +1,81 @@
+"""tools.eval_ppl: perplexity is exp of the mean token loss computed directly from the logits of a tiny model."""
+import json
+import math
+
+import pytest
+import torch
+
+from llama import Llama, Tokenizer
+from llama.tiny import make_tiny_model
+from tools.eval_ppl import main, parse_args, run
+
+TEXTS = [
+    {"text": "The quick brown fox jumps over the lazy dog."},
+    {"text": "北京是中国的首都，有着悠久的历史。"},
+    {"text": "Large language models learn from text in many languages, and more text helps them."},
+    {"text": "春天来了，花儿都开了。"},
+    {"text": "def add(a, b):\n    return a + b", "lang": "code"},
+    {"text": "Question: who wrote the book? Answer: the author did."},
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_path):
+    return make_tiny_model(tmp_path_factory.mktemp("m") / "tiny", tokenizer_path, dim=32, max_seq_len=64, seed=1)
+
+
+@pytest.fixture()
+def data(tmp_path):
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in TEXTS) + "\n", encoding="utf-8")
+    return path
+
+
+def direct_losses(model_dir, conditional: bool, max_len: int) -> dict[str, list[float]]:
+    """Per language, the token losses computed from full logits, text by text."""
+    model = Llama.from_pretrained(model_dir)
+    tok = Tokenizer(model_dir)
+    losses: dict[str, list[float]] = {}
+    for item in TEXTS:
+        ids = [tok.bos_id, *tok.encode(item["text"])][:max_len]
+        n = len(ids) - 1
+        first = 1 + n // 2 if conditional else 1  # first counted position
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[1][0]  # (L, vocab)
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        lang = item.get("lang") or ("zh" if any("\u4e00" <= c <= "\u9fff" for c in item["text"]) else "en")
+        losses.setdefault(lang, []).extend(-float(logp[t - 1, ids[t]]) for t in range(first, len(ids)))
+    return losses
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_equals_exp_of_mean_token_loss(model_dir, data, conditional, batch_size):
+    max_len = 20  # cuts the longest texts: the cut applies to both
+    argv = ["--model", str(model_dir), "--data", str(data), "--batch-size", str(batch_size), "--device", "cpu",
+            "--max-seq-length", str(max_len), "--quiet"] + (["--conditional"] if conditional else [])
+    figures = run(parse_args(argv), out=open("/dev/null", "w"))
+    expected = direct_losses(model_dir, conditional, max_len)
+    every = [x for values in expected.values() for x in values]
+    assert figures["all"].tokens == len(every)
+    assert figures["all"].ppl == pytest.approx(math.exp(sum(every) / len(every)), rel=1e-5)
+    assert set(figures) == {"en", "zh", "code", "all"}
+    for lang, values in expected.items():
+        assert figures[lang].tokens == len(values)
+        assert figures[lang].ppl == pytest.approx(math.exp(sum(values) / len(values)), rel=1e-5)
+
+
+def test_cli_prints_table_and_json(model_dir, data, tmp_path, capsys):
+    out_json = tmp_path / "ppl.json"
+    assert main(["--model", str(model_dir), "--data", str(data), "--quiet", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "all" in printed and "zh" in printed
+    figures = json.loads(out_json.read_text())
+    assert figures["all"]["texts"] == len(TEXTS) and figures["all"]["ppl"] > 1
+
+
+def test_bad_line_is_named(model_dir, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"txt": "oops"}\n', encoding="utf-8")
+    assert main(["--model", str(model_dir), "--data", str(path), "--quiet"]) == 1
+    assert f"{path}:2: missing field 'text'" in capsys.readouterr().err

@@ -5,8 +5,9 @@
 Prints one JSON line: {"ours_tok_s", "hf_tok_s", "ratio", "ours_peak_mb", "hf_peak_mb", ...config}.
 - Both models get the same weights (ours converted to transformers' layout) and a loss over every position (full
   loss mask / labels = input_ids), so both do the same work.
-- Throughput: both models live in this process and are timed in alternating rounds, so drift (thermal, other
-  load) hits both alike. tok/s counts bs * seq input tokens per step.
+- Throughput: both models live in this process and are timed step by step in alternating rounds (A B B A ...).
+  tok/s = bs * seq input tokens / the fastest step (other load on a shared machine only slows steps down);
+  *_tok_s_median are given too.
 - Peak memory is the step's peak above the loaded model (activations, logits, loss, gradients), in MB (2^20).
   CUDA: torch.cuda.max_memory_allocated. CPU: each model runs in fresh subprocesses: after one warmup step the
   kernel's RSS high-water mark is reset (/proc/self/clear_refs), and the peak (VmHWM) of the measured step minus
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -43,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--bs", type=int, default=4)
     p.add_argument("--steps", type=int, default=1, help="timed steps per model per round")
-    p.add_argument("--rounds", type=int, default=2, help="alternating timing rounds")
+    p.add_argument("--rounds", type=int, default=4, help="alternating timing rounds")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     p.add_argument("--mem-repeats", type=int, default=2, help="fresh subprocesses per model for CPU peak memory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -170,17 +172,20 @@ def main(argv=None) -> None:
     for kind, model in models.items():
         for _ in range(args.warmup):
             step(kind, model, ids, mask)
-    seconds = {"ours": 0.0, "hf": 0.0}
+    # Steps alternate A B B A A B ...; each step is timed alone and the fastest counts (tok/s), the median is
+    # reported too: on a shared machine, other load only ever slows a step down.
+    times: dict[str, list[float]] = {"ours": [], "hf": []}
     for r in range(args.rounds):
         for kind in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
-            sync(args.device)
-            t0 = time.perf_counter()
             for _ in range(args.steps):
+                sync(args.device)
+                t0 = time.perf_counter()
                 step(kind, models[kind], ids, mask)
-            sync(args.device)
-            seconds[kind] += time.perf_counter() - t0
-    tokens = args.bs * args.seq * args.steps * args.rounds
-    tok_s = {k: tokens / s for k, s in seconds.items()}
+                sync(args.device)
+                times[kind].append(time.perf_counter() - t0)
+    tokens = args.bs * args.seq
+    tok_s = {k: tokens / min(v) for k, v in times.items()}
+    median_tok_s = {k: tokens / statistics.median(v) for k, v in times.items()}
     if args.device.startswith("cuda"):
         peaks = {k: cuda_peak(k, m, ids, mask, args.device) for k, m in models.items()}
     else:
@@ -189,9 +194,10 @@ def main(argv=None) -> None:
     print(json.dumps({
         "ours_tok_s": round(tok_s["ours"], 1), "hf_tok_s": round(tok_s["hf"], 1),
         "ratio": round(tok_s["ours"] / tok_s["hf"], 3),
+        "ours_tok_s_median": round(median_tok_s["ours"], 1), "hf_tok_s_median": round(median_tok_s["hf"], 1),
         "ours_peak_mb": round(peaks["ours"], 1), "hf_peak_mb": round(peaks["hf"], 1),
         "dim": args.dim, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads or args.heads,
-        "vocab": args.vocab, "seq": args.seq, "bs": args.bs, "steps": args.steps * args.rounds,
+        "vocab": args.vocab, "seq": args.seq, "bs": args.bs, "timed_steps_per_model": args.steps * args.rounds,
         "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
     }))
 

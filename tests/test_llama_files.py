@@ -194,3 +194,19 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("lots")
+
+
+def test_from_pretrained_allocates_no_random_init_copy(tmp_path, monkeypatch):
+    """The model is built on the meta device; only the loaded tensors (already in dtype) become parameters."""
+    small_model().save_pretrained(tmp_path)
+    devices = []
+    original = Llama.init_weights
+
+    def spy(self, *a, **k):
+        devices.append({p.device.type for p in self.parameters()})
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Llama, "init_weights", spy)
+    model = Llama.from_pretrained(tmp_path, dtype=torch.float16)
+    assert devices == [{"meta"}]
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", torch.float16)}

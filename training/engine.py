@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from training.settings import SettingsError
+
 logger = logging.getLogger(__name__)
 
 # Defaults ColossalAI's peers read at import time; set before the first import so they keep quiet.
@@ -98,6 +100,11 @@ def choose_engine(settings) -> EngineChoice:
             reason = (f"no CUDA device: plugin={settings.plugin!r} precision={settings.precision!r} cannot run here, "
                       f"falling back to plugin='ddp' on gloo, fp32, torch.optim.AdamW")
         return EngineChoice("ddp", "fp32", torch.device("cpu"), reason)
+    if settings.plugin == "gemini" and settings.precision == "fp32":
+        raise SettingsError("setting 'precision' = 'fp32' is not supported by plugin 'gemini' (fp16 or bf16; "
+                            "or plugin='zero2' / 'ddp' for fp32)")
+    if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise SettingsError(f"setting 'precision' = 'bf16': {torch.cuda.get_device_name()} has no bf16; use fp16")
     return EngineChoice(settings.plugin, settings.precision, torch.device("cuda", torch.cuda.current_device()))
 
 
@@ -165,7 +172,9 @@ class Engine:
 
     def no_sync(self, last_micro_batch: bool):
         """Skip ddp's gradient all-reduce on all but the last micro-batch of an accumulation."""
-        if last_micro_batch or self.choice.plugin != "ddp":
+        # Only a bare TorchDDPModel supports it: under fp16 AMP the booster wraps the model once more, and the
+        # plugin's no_sync refuses the wrapper (accumulation then all-reduces every micro-batch, still correct).
+        if last_micro_batch or type(self.model).__name__ != "TorchDDPModel":
             return contextlib.nullcontext()
         return self.booster.no_sync(self.model, self.optimizer)
 

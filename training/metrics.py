@@ -175,12 +175,15 @@ class Metrics:
             figures["mfu"] = mfu
         if self._loss_scale is not None:
             figures["loss_scale"] = self._loss_scale
+        if torch.cuda.is_available():
+            figures["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         logger.info(
             "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tokens/s %s (%s/GPU) | TFLOPS/GPU %.3f | MFU %s"
-            "%s | skipped %d (total %d)",
+            "%s%s | skipped %d (total %d)",
             step, self.max_steps, figures["loss"], self._lr, grad_norm, f"{tokens_per_s:,.0f}", f"{per_gpu:,.0f}",
             tflops, f"{mfu:.1%}" if mfu is not None else "n/a",
-            f" | loss_scale {self._loss_scale:g}" if self._loss_scale is not None else "", self._skipped,
+            f" | loss_scale {self._loss_scale:g}" if self._loss_scale is not None else "",
+            f" | GPU mem {figures['max_memory_gb']:.1f} GB" if "max_memory_gb" in figures else "", self._skipped,
             self.skipped_total)
         if self._writer is not None:
             for name, value in figures.items():

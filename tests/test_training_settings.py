@@ -114,3 +114,12 @@ def test_model_inputs_checked_without_loading_weights(tiny_model, tmp_path):
 def test_settings_object_is_what_data_processors_receive():
     s = Settings({"a": 1}, "x.py")
     assert s.a == 1 and "a" in s and s.to_dict() == {"a": 1}
+
+
+def test_help_lists_every_setting_with_its_comment(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings(pretrain_args, ["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "warmup_steps" in text and "linear warmup: 2,000 of 100,000 steps = 2%" in text
+    assert "Override any of them on the command line" in text  # the args file's docstring

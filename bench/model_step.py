@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from llama import Llama, LlamaConfig  # noqa: E402
-from llama.convert import hf_config_dict, llama_to_hf_state_dict  # noqa: E402
+from llama.weight_layouts import hf_config_dict, llama_to_hf_state_dict  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -4,166 +4,21 @@
     python -m llama.convert to_hf     --input OUR_DIR  --output HF_DIR
     python -m llama.convert from_meta --input META_DIR --output OUR_DIR   (consolidated.*.pth + params.json)
 
-Our parameters keep Meta's names and Meta's q/k layout (rotary pairs interleaved: dims 2i, 2i+1 of a head rotate
-together). transformers' convert_llama_weights_to_hf.py permutes wq/wk so that its rotate_half form (dims i and
-i + head_dim/2 rotate together) computes the same thing; `permute_to_hf` is that exact function and
-`permute_from_hf` its inverse, so a round trip is bit for bit.
+The layouts and the wq/wk permutation live in llama/weight_layouts.py; this is the command line.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 from llama.configuration_llama import LlamaConfig
-from llama.model_files import DEFAULT_MAX_SHARD_SIZE, iter_tensors, save_tensors
-
-TOKENIZER_NAME = "tokenizer.model"
-
-# transformers name -> our (Meta's) name; "{}" is the layer number.
-_HF_TO_OURS = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
-}
-_OURS_TO_HF = {ours: hf for hf, ours in _HF_TO_OURS.items()}
-_LAYER = re.compile(r"(?<=layers\.)(\d+)(?=\.)")
-
-
-def _rename(name: str, table: dict[str, str], source: str) -> str:
-    m = _LAYER.search(name)
-    template = _LAYER.sub("{}", name, count=1) if m else name
-    if template not in table:
-        raise KeyError(f"{source}: unexpected weight {name!r}")
-    return table[template].format(m.group(1)) if m else table[template]
-
-
-def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved q/k rows -> transformers' rotate_half rows (transformers' `permute`)."""
-    dim1, dim2 = w.shape
-    # (n_heads, head_dim/2, 2, dim2) -> (n_heads, 2, head_dim/2, dim2)
-    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
-
-
-def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Inverse of permute_to_hf."""
-    dim1, dim2 = w.shape
-    # (n_heads, 2, head_dim/2, dim2) -> (n_heads, head_dim/2, 2, dim2)
-    return w.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)
-
-
-def hf_to_llama_state_dict(tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
-                           config: LlamaConfig, source: str = "transformers checkpoint") -> dict[str, torch.Tensor]:
-    """transformers LlamaForCausalLM weights -> ours. Accepts a dict or a lazy (name, tensor) stream."""
-    items = tensors.items() if isinstance(tensors, dict) else tensors
-    out = {}
-    for name, t in items:
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # older transformers saved this buffer; it is recomputed from rope_theta
-        ours = _rename(name, _HF_TO_OURS, source)
-        if ours.endswith("attention.wq.weight"):
-            t = permute_from_hf(t, config.num_attention_heads)
-        elif ours.endswith("attention.wk.weight"):
-            t = permute_from_hf(t, config.num_key_value_heads)
-        out[ours] = t
-    return out
-
-
-def llama_to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Our weights -> transformers LlamaForCausalLM weights."""
-    out = {}
-    for name, t in state_dict.items():
-        if name.endswith("attention.wq.weight"):
-            t = permute_to_hf(t, config.num_attention_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = permute_to_hf(t, config.num_key_value_heads)
-        out[_rename(name, _OURS_TO_HF, "model")] = t
-    return out
-
-
-def hf_config_dict(config: LlamaConfig, dtype: torch.dtype) -> dict:
-    """A transformers config.json for `config` (dropout_prob is a training setting and is not carried)."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.max_sequence_length,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "tie_word_embeddings": False,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-# Meta's params.json keys -> ours; the rest of its keys are listed in _META_IGNORED.
-_META_PARAMS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-                "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
-                "max_seq_len": "max_sequence_length", "multiple_of": "multiple_of",
-                "ffn_dim_multiplier": "ffn_dim_multiplier"}
-_META_IGNORED = {"vocab_size", "max_batch_size"}  # vocab_size is -1 in LLaMA-1; read from the embedding instead
-# Model-parallel shards split these along this dim; norms are replicated.
-_META_CONCAT_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
-
-
-def load_meta_checkpoint(directory: str | Path, dtype: torch.dtype | None = None
-                         ) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Meta's consolidated.*.pth (model-parallel shards merged) + params.json -> (config, our state dict)."""
-    directory = Path(directory)
-    params_path = directory / "params.json"
-    if not params_path.is_file():
-        raise FileNotFoundError(f"Meta checkpoint: {params_path} not found")
-    params = json.loads(params_path.read_text(encoding="utf-8"))
-    shards = sorted(directory.glob("consolidated.*.pth"))
-    if not shards:
-        raise FileNotFoundError(f"Meta checkpoint: no consolidated.*.pth in {directory}")
-    kwargs = {}
-    for key, value in params.items():
-        if key in _META_PARAMS:
-            if value is not None:
-                kwargs[_META_PARAMS[key]] = value
-        elif key not in _META_IGNORED:
-            raise ValueError(f"{params_path}: unsupported params.json key {key!r}")
-
-    parts = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in shards]
-    state = {}
-    for name in parts[0]:
-        if name == "rope.freqs":
-            continue  # a buffer, recomputed from rope_theta
-        kind = name.split(".")[-2]
-        if len(parts) == 1 or kind not in _META_CONCAT_DIM:
-            t = parts[0][name]
-        else:
-            t = torch.cat([p[name] for p in parts], dim=_META_CONCAT_DIM[kind])
-        state[name] = t if dtype is None else t.to(dtype)
-    # Sizes Meta derives at run time (vocab from the tokenizer, FFN width from multiple_of) are read off the weights.
-    kwargs["vocab_size"] = state["tok_embeddings.weight"].shape[0]
-    kwargs["intermediate_size"] = state["layers.0.feed_forward.w1.weight"].shape[0]
-    config = LlamaConfig.from_dict(kwargs, source=str(params_path))
-    return config, state
+from llama.model_files import DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, iter_tensors, save_tensors
+from llama.weight_layouts import hf_config_dict, hf_to_llama_state_dict, llama_to_hf_state_dict, load_meta_checkpoint
 
 
 def _find_tokenizer(candidates: list[Path]) -> Path:

@@ -19,9 +19,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llama.configuration_llama import CONFIG_NAME, LlamaConfig
-from llama.convert import TOKENIZER_NAME, hf_to_llama_state_dict
 from llama.loss import linear_cross_entropy_sum, plain_linear_cross_entropy_sum
-from llama.model_files import DEFAULT_MAX_SHARD_SIZE, is_transformers_dir, iter_tensors, save_tensors
+from llama.model_files import (DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, is_transformers_dir, iter_tensors,
+                               save_tensors)
+from llama.weight_layouts import hf_to_llama_state_dict
 
 
 class RMSNorm(nn.Module):

@@ -23,6 +23,7 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 BIN_WEIGHTS_NAME = "pytorch_model.bin"
 BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+TOKENIZER_NAME = "tokenizer.model"
 
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from llama import Llama, LlamaConfig, Tokenizer, check_tokenizer_matches
-from llama.convert import load_meta_checkpoint, main as convert_main
+from llama.convert import main as convert_main
+from llama.weight_layouts import load_meta_checkpoint
 from llama.model_files import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, parse_size
 from llama.tiny import main as tiny_main, make_tiny_model
 

@@ -5,7 +5,8 @@ from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
 from llama import Llama, LlamaConfig
-from llama.convert import hf_to_llama_state_dict, llama_to_hf_state_dict, main as convert_main
+from llama.convert import main as convert_main
+from llama.weight_layouts import hf_to_llama_state_dict, llama_to_hf_state_dict
 
 VOCAB = 120
 

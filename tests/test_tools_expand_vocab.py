@@ -1,0 +1,94 @@
+"""tools.expand_vocab: old ids, rows and logits are untouched; new rows start as the mean of their old split."""
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from sentencepiece import SentencePieceProcessor
+
+from llama import Llama, Tokenizer
+from llama.tiny import make_tiny_model, train_tokenizer
+from tools.expand_vocab import main, parse_args, run
+from tools.text_sources import read_texts
+from tools.vocab_merge import load_proto, old_ids_of, piece_splitter
+
+CORPUS = Path(__file__).resolve().parents[1] / "pretraining_corpora"
+SAME_TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
+              "There are 12 apples and 7 oranges."]
+
+
+@pytest.fixture(scope="module")
+def expanded(tmp_path_factory, tokenizer_path):
+    tmp = tmp_path_factory.mktemp("expand")
+    base = make_tiny_model(tmp / "base", tokenizer_path, dim=32, seed=3)
+    zh_model = train_tokenizer(read_texts(CORPUS / "zh" / "10001.jsonl"), tmp / "zh.model", vocab_size=1500)
+    report = run(parse_args(["--model", str(base), "--zh-model", str(zh_model), "--output", str(tmp / "out"),
+                             "--quiet"]), out=io.StringIO())
+    return base, tmp / "out", report
+
+
+def test_old_pieces_keep_their_ids_and_rows(expanded):
+    base, out, report = expanded
+    old, new = Tokenizer(base), Tokenizer(out)
+    assert report["vocab_before"] == old.vocab_size and report["vocab_after"] == new.vocab_size > old.vocab_size
+    for i in range(old.vocab_size):
+        assert new.sp.id_to_piece(i) == old.sp.id_to_piece(i)
+    a, b = Llama.from_pretrained(base), Llama.from_pretrained(out)
+    assert b.config.vocab_size == new.vocab_size
+    sa, sb = a.state_dict(), b.state_dict()
+    for name, tensor in sa.items():
+        if name in ("tok_embeddings.weight", "output.weight"):
+            assert torch.equal(sb[name][:old.vocab_size], tensor)
+        else:
+            assert torch.equal(sb[name], tensor), name
+
+
+def test_new_rows_are_the_mean_of_the_old_split(expanded):
+    base, out, _ = expanded
+    old_n = Tokenizer(base).vocab_size
+    new = Tokenizer(out)
+    splitter = piece_splitter(load_proto(Tokenizer(base).model_path))
+    a, b = Llama.from_pretrained(base), Llama.from_pretrained(out)
+    checked = 0
+    for new_id in range(old_n, new.vocab_size, 97):
+        piece = new.sp.id_to_piece(new_id)
+        ids = old_ids_of(splitter, piece)
+        assert Tokenizer(base).decode(ids) == piece.replace("\u2581", " ")  # the split spells the piece
+        for name in ("tok_embeddings", "output"):
+            expected = getattr(a, name).weight[ids].mean(0)
+            assert torch.allclose(getattr(b, name).weight[new_id], expected, atol=1e-7)
+        checked += 1
+    assert checked >= 3
+
+
+def test_logits_over_the_old_vocabulary_are_unchanged(expanded):
+    base, out, _ = expanded
+    old, new = Tokenizer(base), Tokenizer(out)
+    a, b = Llama.from_pretrained(base), Llama.from_pretrained(out)
+    for text in SAME_TEXTS:
+        ids = [old.bos_id, *old.encode(text)]
+        assert [new.bos_id, *new.encode(text)] == ids  # text that tokenizes the same under both
+        with torch.no_grad():
+            la, lb = a(torch.tensor([ids]))[1], b(torch.tensor([ids]))[1]
+        assert lb.shape[-1] == new.vocab_size
+        torch.testing.assert_close(lb[..., :old.vocab_size], la, rtol=0, atol=1e-5)
+
+
+def test_chinese_text_takes_fewer_tokens(expanded):
+    _, _, report = expanded
+    zh_before, zh_after = report["tokens_per_char_zh"]
+    en_before, en_after = report["tokens_per_char_en"]
+    assert zh_after < 0.8 * zh_before
+    assert en_after <= en_before * 1.05
+
+
+def test_cli_trains_the_chinese_model_and_refuses_to_overwrite(tmp_path, tokenizer_path, capsys):
+    base = make_tiny_model(tmp_path / "base", tokenizer_path, dim=32)
+    argv = ["--model", str(base), "--zh-corpus", str(CORPUS / "zh"), "--zh-vocab-size", "1200",
+            "--output", str(tmp_path / "out"), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "vocabulary:" in printed and "tokens per character, zh" in printed
+    assert SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model")).vocab_size() == \
+        Llama.from_pretrained(tmp_path / "out").config.vocab_size
+    assert main(argv) == 1 and "--overwrite" in capsys.readouterr().err

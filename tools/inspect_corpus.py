@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--root", type=Path, help="corpus root (overrides pretrain_data_root_dir)")
     p.add_argument("--world-size", type=int, default=1, help="GPUs the stage will run on (default 1)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model or model dir: token counts and the "
-                   "DataProcessor start-up check")
+                   "DataProcessor start-up check (default: the stage's own, if it exists)")
     p.add_argument("--exact-mb", type=float, default=64, help="count every line of files up to this size")
     p.add_argument("--sample-mb", type=float, default=8, help="bytes read from a bigger file to estimate it")
     p.add_argument("--token-sample-chars", type=int, default=2_000_000,
@@ -82,7 +82,7 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
         print(f"problem: {problem}", file=out)
         return [], [problem]
     split = parse_split(settings.pretrain_data_split)
-    tokenizer = _tokenizer(args.tokenizer)
+    tokenizer = _tokenizer(args.tokenizer or _stage_tokenizer(settings))
     reports = []
     for name, spec in split.items():
         report = SetReport(name, spec.weight)
@@ -104,6 +104,13 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
             global_problems.append(f"DataProcessor start-up check: {e}")
     _print(reports, global_problems, settings, args, tokenizer, out)
     return reports, global_problems
+
+
+def _stage_tokenizer(settings) -> Path | None:
+    """The tokenizer the stage itself would load (tokenizer_path, else <init_model_path>/tokenizer.model), if it
+    exists here."""
+    path = Path(settings.tokenizer_path or Path(settings.init_model_path) / "tokenizer.model")
+    return path if path.is_file() else None
 
 
 def _tokenizer(path: Path | None):

@@ -129,6 +129,7 @@ def run(args: argparse.Namespace, out=None) -> dict:
     stats = {"input_files": len(files), "input_bytes": input_bytes, "records": 0, "bytes": 0, "blank_lines": 0,
              "empty_records": 0, "bad_records": 0, "bad": [], "tokens": None, "files": [], "stage": stage,
              "checked_as": check_as}
+    shuffler = None
     try:
         shuffler = ExternalShuffler(work / "buckets", memory_bytes, input_bytes, args.seed)
         token_count, pending_texts = 0, []
@@ -164,6 +165,8 @@ def run(args: argparse.Namespace, out=None) -> dict:
         _install(staged, existing if args.overwrite else [], args.out)
         stats["files"] = [args.out / p.name for p in staged]
     finally:
+        if shuffler is not None:
+            shuffler.close()
         shutil.rmtree(work, ignore_errors=True)
     _print_summary(stats, args, out)
     return stats

@@ -1,7 +1,10 @@
 """Failures: a non-finite loss skips the step and is counted; max_bad_steps in a row stops the run with the last good
 checkpoint intact; SIGTERM saves a checkpoint and exits cleanly."""
+import os
 import signal
 import time
+
+import pytest
 
 from training.checkpoint import find_latest
 from training_runs import TINY_RUN, explain, read_metrics, tiny_model, torchrun  # noqa: F401
@@ -32,7 +35,8 @@ def test_nan_steps_are_skipped_then_too_many_stop_the_run(tiny_model, tmp_path):
     assert not (out / "final").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model, tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "Ctrl-C to the process group"])
+def test_stop_signal_saves_a_checkpoint_and_exits_cleanly(tiny_model, tmp_path, how):
     out = tmp_path / "out"
     run = TINY_RUN + [f"init_model_path={tiny_model}", "max_steps=100000", "saving_steps=100000",
                       f"output_dir={out}", f"logdir={out}/logs"]
@@ -42,12 +46,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_model, tmp_path):
         while time.time() < deadline and not (out / "logs" / "metrics.jsonl").exists():
             time.sleep(0.5)
         assert (out / "logs" / "metrics.jsonl").exists(), "training never started"
-        proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+        if how.startswith("SIGTERM"):
+            proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: launcher and workers all get it
         output, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
+    name = "SIGTERM" if how.startswith("SIGTERM") else "SIGINT"
     log = (out / "logs" / "log.txt.0").read_text()
-    assert "stop requested (SIGTERM)" in log and "exiting cleanly" in log, output[-4000:]
+    assert f"stop requested ({name})" in log and "exiting cleanly" in log, output[-4000:]
     assert "exiting cleanly" in (out / "logs" / "log.txt.1").read_text()
     latest = find_latest(out)
     assert latest is not None, output[-4000:]

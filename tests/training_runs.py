@@ -43,8 +43,9 @@ def torchrun(settings: list[str], stage: str = "pretrain", nproc: int = 2, env: 
     launcher = launcher or ["--standalone", f"--nproc_per_node={nproc}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(script), *settings]
     if not wait:
+        # Its own process group, so a test can send a terminal's Ctrl-C to the launcher and its workers.
         return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, start_new_session=True)
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -57,20 +58,29 @@ def shutdown() -> None:
 class StopRequest:
     """SIGTERM / SIGINT set a flag; the loop reads it at the end of a step, saves a checkpoint and exits cleanly.
 
-    A second signal restores the default behaviour (a second Ctrl-C interrupts at once).
+    Ctrl-C under torchrun reaches a worker twice at once (from the terminal, then forwarded by torchrun, which
+    SIGKILLs workers still alive 30 s later), so a repeat within ECHO_SECONDS is the same request. A later repeat
+    means the user insists: the default handlers come back and the run is interrupted at once.
     """
+
+    ECHO_SECONDS = 3.0
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._first_at = 0.0
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.signal_name is not None:
+        now = time.monotonic()
+        if self.signal_name is None:
+            self.signal_name, self._first_at = signal.Signals(signum).name, now
+            logger.warning("%s received: saving a checkpoint after this step, then exiting",
+                           self.signal_name)
+        elif now - self._first_at > self.ECHO_SECONDS:
             self.restore()
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
 
     @property
     def requested(self) -> bool:

@@ -196,6 +196,8 @@ class Engine:
     def _zero_step(self, loss_is_finite: bool) -> StepOutcome:
         mixin = self._zero_mixin
         scale = mixin.loss_scale if hasattr(mixin, "loss_scale") else 1.0
+        if not loss_is_finite and mixin is None:  # zero2 in fp32: no mixin; step()'s zero_grad drops the grads
+            return StepOutcome(True, None, None)
         if not loss_is_finite and not hasattr(mixin, "found_overflow"):
             # bf16/fp32 have no overflow check of their own: take ColossalAI's skip path, which also restores
             # Gemini's reused fp16 chunks, by making this one step see an overflow.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from training.checkpoint import (CheckpointError, capture_rng_state, checkpoint_name, find_latest, resolve_resume,
-                                 restore_rng_state)
+                                 restore_rng_state, set_aside_newer)
 from training_runs import TINY_RUN, explain, read_metrics, tiny_model, torchrun  # noqa: F401
 
 
@@ -28,13 +28,27 @@ def test_latest_ignores_tmp_and_incomplete_and_sorts_by_number(tmp_path):
     (tmp_path / "final").mkdir()
     assert find_latest(tmp_path) == ten  # 10 > 9 numerically, not as text
     assert resolve_resume("latest", tmp_path) == ten
-    assert resolve_resume("", tmp_path) is None
+    assert resolve_resume("", tmp_path / "empty") is None
     assert resolve_resume("latest", tmp_path / "empty") is None  # "latest" with nothing yet: a fresh start
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         resolve_resume(str(tmp_path / "missing"), tmp_path)
     with pytest.raises(CheckpointError, match="incomplete"):
         resolve_resume(str(tmp_path / (checkpoint_name(11, 1.5) + ".tmp")), tmp_path)
     assert checkpoint_name(3, float("nan")) == "ckpt_step-3_loss-nan"
+
+
+def test_fresh_start_into_a_used_output_dir_is_refused(tmp_path):
+    _fake_checkpoint(tmp_path, 5000)
+    with pytest.raises(CheckpointError, match="already holds checkpoints.*recover_training_from_checkpoint=latest"):
+        resolve_resume("", tmp_path)
+
+
+def test_resuming_an_earlier_checkpoint_sets_later_ones_aside(tmp_path):
+    two, _, _ = (_fake_checkpoint(tmp_path, step) for step in (2, 4, 6))
+    moved = set_aside_newer(tmp_path, 2)
+    assert sorted(p.name.split(".abandoned-")[0] for p in moved) == [checkpoint_name(4, 1.5), checkpoint_name(6, 1.5)]
+    assert all(p.exists() for p in moved)  # renamed, not deleted
+    assert find_latest(tmp_path) == two
 
 
 def test_rng_state_round_trips_through_json():

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"^ckpt_step-(\d+)_loss-([^/]+)$")
+CHECKPOINT_RE = re.compile(r"^ckpt_step-(\d+)_loss-(nan|-?[0-9.]+)$")  # not <name>.tmp, not <name>.abandoned-*
 TMP_SUFFIX = ".tmp"
 TRAINER_STATE = "trainer_state.json"
 FINAL_DIR = "final"
@@ -78,9 +79,16 @@ def resolve_resume(setting: str, output_dir: str | Path) -> Path | None:
     """recover_training_from_checkpoint -> the checkpoint to load, or None for a fresh start.
 
     "latest" with no checkpoint yet starts fresh (so one command both starts and restarts a job); an explicit path
-    must be a complete checkpoint.
+    must be a complete checkpoint. A fresh start into an output_dir that holds checkpoints is refused: its saves
+    would mix with the old run's, and "latest" or keep_checkpoints could then pick or prune the wrong ones.
     """
     if not setting:
+        existing = list_checkpoints(output_dir)
+        if existing:
+            raise CheckpointError(
+                f"output_dir={str(output_dir)!r} already holds checkpoints (newest: {existing[-1][1].name}). To "
+                f"continue that run set recover_training_from_checkpoint=latest; to start over use another "
+                f"output_dir or remove them")
         return None
     if setting == "latest":
         latest = find_latest(output_dir)
@@ -94,6 +102,21 @@ def resolve_resume(setting: str, output_dir: str | Path) -> Path | None:
         raise CheckpointError(f"recover_training_from_checkpoint={setting!r} is incomplete (a save that did not "
                               f"finish: a .tmp name or no {TRAINER_STATE}); use 'latest' or an earlier checkpoint")
     return path
+
+
+def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
+    """Resuming from an earlier checkpoint (e.g. to step back over a loss spike): rename the checkpoints after it
+    to <name>.abandoned-<time>, so that "latest" and keep_checkpoints follow the resumed run. Nothing is deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for newer_step, path in list_checkpoints(output_dir):
+        if newer_step > step:
+            target = path.with_name(f"{path.name}.abandoned-{stamp}")
+            os.replace(path, target)
+            logger.warning("resuming from step %d: set aside the later checkpoint %s as %s", step, path.name,
+                           target.name)
+            moved.append(target)
+    return moved
 
 
 # ---------------------------------------------------------------------------------------------------- save
@@ -125,7 +148,7 @@ def save_checkpoint(engine, data_processor, state: TrainerState, model_config, t
         shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        _prune(output_dir, keep)
+        _prune(output_dir, keep, final)
     _barrier()
     return final
 
@@ -156,10 +179,11 @@ def _save_model_dir(engine, directory: Path, model_config, tokenizer_path: str |
         shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
 
 
-def _prune(output_dir: str | Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; also drop `.tmp` leftovers of saves that crashed."""
-    checkpoints = list_checkpoints(output_dir)
-    for _, path in checkpoints[:-keep]:
+def _prune(output_dir: str | Path, keep: int, just_saved: Path) -> None:
+    """Keep the newest `keep` complete checkpoints, the one just saved always among them; also drop `.tmp`
+    leftovers of saves that crashed."""
+    others = [path for _, path in list_checkpoints(output_dir) if path != just_saved]
+    for path in others[:max(0, len(others) - (keep - 1))]:
         shutil.rmtree(path, ignore_errors=True)
         logger.info("removed old checkpoint %s (keep_checkpoints=%d)", path, keep)
     for path in Path(output_dir).glob(f"ckpt_step-*{TMP_SUFFIX}"):
@@ -172,7 +196,7 @@ def _prune(output_dir: str | Path, keep: int) -> None:
 def load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerState:
     """Collective: restore model, optimizer, scheduler, this rank's data position and RNG; return the loop state."""
     rank, world_size = _rank(), _world_size()
-    state = TrainerState(**_read_json(path / TRAINER_STATE))
+    state = TrainerState(**read_trainer_state(path))
     if state.world_size != world_size:
         raise CheckpointError(f"{path} was written by {state.world_size} processes, this run has {world_size}: "
                               f"each rank resumes its own data position, so the world size must match")
@@ -197,6 +221,10 @@ def load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerStat
 _SETTINGS_THAT_CHANGE_THE_RUN = ("pretrain_data_split", "max_seq_length", "batch_size", "packing", "long_text", "seed",
                                  "lr", "min_lr", "warmup_steps", "max_steps", "gradient_accumulation_steps",
                                  "precision", "plugin", "dropout_prob")
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    return _read_json(Path(path) / TRAINER_STATE)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.checkpoint import (CheckpointError, TrainerState, find_latest, load_checkpoint, resolve_resume,
-                                 save_checkpoint, save_final)
+from training.checkpoint import (CheckpointError, TrainerState, find_latest, load_checkpoint, read_trainer_state,
+                                 resolve_resume, save_checkpoint, save_final, set_aside_newer)
 from training.engine import Engine, choose_engine
 from training.launch import StopRequest, launch, shutdown
 from training.metrics import Metrics, flops_per_token, peak_tflops_per_gpu, setup_logging
@@ -166,6 +166,8 @@ def _agree_on_resume(settings, rank: int):
     if rank == 0:
         try:
             path = resolve_resume(settings.recover_training_from_checkpoint, settings.output_dir)
+            if path is not None and Path(settings.output_dir).resolve() == path.parent.resolve():
+                set_aside_newer(settings.output_dir, TrainerState(**read_trainer_state(path)).step)
             chosen = [str(path) if path else None, None]
         except CheckpointError as e:
             chosen = [None, str(e)]

@@ -108,6 +108,7 @@ class Metrics:
         self.max_steps = settings.max_steps
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
+        self._per = "GPU" if torch.cuda.is_available() else "process"  # the unit of the per-device figures
         self.skipped_total = 0
         self.consecutive_bad = 0
         self._last_window_loss = float("nan")
@@ -178,10 +179,10 @@ class Metrics:
         if torch.cuda.is_available():
             figures["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         logger.info(
-            "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tokens/s %s (%s/GPU) | TFLOPS/GPU %.3f | MFU %s"
+            "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tokens/s %s (%s/%s) | TFLOPS/%s %.3f | MFU %s"
             "%s%s | skipped %d (total %d)",
             step, self.max_steps, figures["loss"], self._lr, grad_norm, f"{tokens_per_s:,.0f}", f"{per_gpu:,.0f}",
-            tflops, f"{mfu:.1%}" if mfu is not None else "n/a",
+            self._per, self._per, tflops, f"{mfu:.1%}" if mfu is not None else "n/a",
             f" | loss_scale {self._loss_scale:g}" if self._loss_scale is not None else "",
             f" | GPU mem {figures['max_memory_gb']:.1f} GB" if "max_memory_gb" in figures else "", self._skipped,
             self.skipped_total)

@@ -1,7 +1,6 @@
 """tools.chat: the SFT stage's exact prompt format, greedy determinism, streaming that never splits a character,
 and a history cut at turn boundaries to fit the context."""
 import io
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,11 +9,8 @@ from llama import Llama, Tokenizer, generate
 from llama.tiny import make_tiny_model
 from tools.chat import ChatSession, main
 from tools.chat_format import STOP_TEXT, MessageTooLong, fit_prompt, render, turn_prompt
-from tools.stage_schema import RecordChecker
 from tools.stream_decode import StreamDecoder
-from training.samples import prefix_text
 
-CORPUS = Path(__file__).resolve().parents[1] / "pretraining_corpora"
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +23,13 @@ def model(model_dir):
     return Llama.from_pretrained(model_dir)
 
 
-@pytest.mark.parametrize("message", ["What is the capital of France?", "  请介绍一下北京。\n", "a\nb"])
-def test_prompt_is_the_sft_stage_prefix(message):
-    sft = RecordChecker("alignment_sft", "others", CORPUS).processor
-    spec = sft.build("others", {"instruction": message, "input": "", "output": "x"}, None)
-    assert turn_prompt(message) == prefix_text(spec.prefix)
+@pytest.mark.parametrize("message, prompt", [
+    ("What is the capital of France?", "Human: What is the capital of France?\nAssistant: "),
+    ("  请介绍一下北京。\n", "Human: 请介绍一下北京。\nAssistant: "),
+    ("a\nb", "Human: a\nb\nAssistant: "),
+])
+def test_prompt_is_the_sft_stage_prefix(message, prompt):
+    assert turn_prompt(message) == prompt
 
 
 def test_greedy_reply_is_deterministic_and_is_plain_greedy_generation(model, tokenizer_path):

@@ -1,15 +1,18 @@
 """The conversation format the SFT stage trains on, and fitting a multi-turn history into the model's context.
 
-alignment_sft_main.py builds each sample's prefix as bos + "Human: " + instruction + "\\n" + "Assistant: " (the
-input part is empty in a chat) and the answer as output + eos, fields stripped. That format lives only inside
-its DataProcessor.build(), so it is mirrored here and tests/test_tools_chat.py asserts that the two agree.
-Earlier turns go before the new one in the same form, each answer followed by "\\n":
-    Human: q1\\nAssistant: a1\\nHuman: q2\\nAssistant: 
+One turn's prompt is built by alignment_sft_main.py's own DataProcessor.build() (an instruction, no input), so
+the chat prompt is the SFT prefix by construction: "Human: " + message + "\n" + "Assistant: ". The SFT stage
+trains single turns; earlier turns go before the new one in the same form, each answer followed by "\n":
+    Human: q1\nAssistant: a1\nHuman: q2\nAssistant: 
 """
 from __future__ import annotations
 
-HUMAN = "Human: "
-ASSISTANT = "Assistant: "
+import functools
+import random
+
+from tools.stage_schema import data_processor_class
+from training.samples import prefix_text
+
 STOP_TEXT = "\nHuman:"  # a model that goes on to write the next question itself has finished its answer
 
 
@@ -17,9 +20,15 @@ class MessageTooLong(ValueError):
     """The new message alone leaves no room in the context."""
 
 
+@functools.lru_cache(maxsize=1)
+def _sft_stage():
+    return data_processor_class("alignment_sft").for_checking(".", ["chat"])
+
+
 def turn_prompt(message: str) -> str:
     """The SFT prefix text for one question (what the stage masks before the answer)."""
-    return f"{HUMAN}{message.strip()}\n{ASSISTANT}"
+    spec = _sft_stage().build("chat", {"instruction": message, "input": "", "output": "-"}, random.Random(0))
+    return prefix_text(spec.prefix)
 
 
 def render(history: list[tuple[str, str]], message: str) -> str:

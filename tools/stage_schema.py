@@ -6,9 +6,8 @@ readers (parse_record, text_field) but not the per-stage rules. So the tools loa
 class through importlib, by stage name, here and nowhere else, and run its own checks on a record -- a record
 prepare_corpus accepts is one the stage accepts.
 
-A RecordChecker is the stage's DataProcessor without its corpus streams: it holds what the base class sets
-before calling the stage's prepare() (root, split) and then runs that prepare(), which loads the prompt files the
-checks need. It never reads set files or builds batches.
+A RecordChecker holds the stage's DataProcessor.for_checking(): its record rules and prompt files, without its
+corpus streams. It never reads set files or builds batches.
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ import types
 from pathlib import Path
 from typing import Optional
 
-from training.corpus import DataError, RecordError, SetSpec, parse_record
+from training.corpus import DataError, RecordError, parse_record
 
 STAGES = ("pretrain", "task_instruct_tuning", "alignment_sft")
 
@@ -62,12 +61,8 @@ class RecordChecker:
     """
 
     def __init__(self, stage: str, set_name: str, root: str | Path):
-        cls = data_processor_class(stage)
         self.stage, self.set_name = stage, set_name
-        self.processor = cls.__new__(cls)  # the stage's methods without its streams (see module docstring)
-        self.processor.root = Path(root)
-        self.processor.split = {set_name: SetSpec(1, 0)}
-        self.processor.prepare()
+        self.processor = data_processor_class(stage).for_checking(root, [set_name])
         self._rng = random.Random(0)
 
     def check_record(self, record: dict) -> str:

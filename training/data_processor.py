@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 from training.batching import Prefetcher, first_fit, pack_rows, pad_batch
 from training.corpus import (DataError, Location, RecordError, SetReader, list_set_files, parse_record, parse_split,
-                             read_first_lines, weighted_cycle)
+                             read_first_lines, SetSpec, weighted_cycle)
 from training.samples import Sample, SampleBuilder, Spec
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,16 @@ class BaseDataProcessor:
         self._where = "start"
         self._prefetcher: Optional[Prefetcher] = None
         self._handed = self._snapshot()
+
+    @classmethod
+    def for_checking(cls, root: str | Path, set_names) -> "BaseDataProcessor":
+        """The stage's record rules without its streams: root and split set, prepare() run (prompt files loaded),
+        nothing read from the sets. For tools that check or format records exactly as the stage does."""
+        processor = cls.__new__(cls)
+        processor.root = Path(root)
+        processor.split = {name: SetSpec(1, 0) for name in set_names}
+        processor.prepare()
+        return processor
 
     def _check_first_lines(self, set_name: str, files: list[Path]) -> None:
         lines = 0

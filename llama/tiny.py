@@ -36,6 +36,7 @@ def train_tokenizer(texts: Iterable[str], output_path: str | Path, vocab_size: i
         normalization_rule_name="identity",
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         hard_vocab_limit=False,
+        max_sentence_length=1 << 16,  # the default, 4,192 bytes, silently drops long documents
         num_threads=2,
         minloglevel=2,
     )

@@ -286,17 +286,18 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "Llama":
+                        device: str | torch.device = "cpu", config: LlamaConfig | None = None) -> "Llama":
         """Load a model dir of this repo, or a transformers LLaMA dir (converted on load), straight to dtype.
 
         The model is built on the meta device and takes the loaded tensors as its parameters, so no randomly
-        initialised or fp32 copy is ever allocated.
+        initialised or fp32 copy is ever allocated. `config` replaces the dir's config.json (a training run's
+        dropout, say); the weights must still fit its shapes.
         """
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"LLaMA config not found: {config_path}")
-        config = LlamaConfig.from_pretrained(config_path)
+        config = config or LlamaConfig.from_pretrained(config_path)
         tensors = iter_tensors(directory, dtype, device)
         if is_transformers_dir(json.loads(config_path.read_text(encoding="utf-8"))):
             state = hf_to_llama_state_dict(tensors, config, source=str(directory))

@@ -123,3 +123,15 @@ def test_help_lists_every_setting_with_its_comment(capsys):
     text = capsys.readouterr().out
     assert "warmup_steps" in text and "linear warmup: 2,000 of 100,000 steps = 2%" in text
     assert "Override any of them on the command line" in text  # the args file's docstring
+
+
+def test_loaded_model_trains_with_the_runs_dropout_not_the_checkpoints(tiny_model):
+    import torch
+
+    from training.model_loading import check_model_inputs, load_model
+
+    settings = types.SimpleNamespace(**vars(_inputs_settings(tiny_model)), gradient_checkpointing=True)
+    model = load_model(settings, check_model_inputs(settings), torch.float32, "ddp")
+    dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(p == 0.05 for p in dropouts)
+    assert model.config.dropout_prob == 0.05 and model.gradient_checkpointing

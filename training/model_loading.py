@@ -61,12 +61,8 @@ def check_model_inputs(settings) -> ModelInputs:
 
 def load_model(settings, inputs: ModelInputs, dtype: torch.dtype, plugin: str) -> Llama:
     """Weights straight into `dtype` on CPU (the booster moves them), with the run's dropout and checkpointing."""
-    model = Llama.from_pretrained(settings.init_model_path, dtype=dtype, device="cpu")
-    # The run's dropout, not the checkpoint's: stage settings decide it (BiLLa trains with 0.05).
-    model.config.dropout_prob = inputs.config.dropout_prob
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = inputs.config.dropout_prob
+    # inputs.config carries the run's dropout, not the checkpoint's: stage settings decide it (BiLLa trains with 0.05).
+    model = Llama.from_pretrained(settings.init_model_path, dtype=dtype, device="cpu", config=inputs.config)
     model.set_gradient_checkpointing(bool(settings.gradient_checkpointing))
     if plugin == "gemini":
         # Gemini gathers sharded parameters through hooks on ordinary ops; the fused loss reads output.weight

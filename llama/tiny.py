@@ -63,39 +63,46 @@ def make_tiny_model(output_dir: str | Path, tokenizer_path: str | Path, dim: int
     return model.save_pretrained(output_dir, tokenizer_path=tokenizer.model_path)
 
 
-def corpus_texts(corpus_dir: str | Path, max_chars: int = 20_000_000) -> list[str]:
-    """Every string field of every JSON line under corpus_dir (*.jsonl, recursively) plus *.prompt lines, up to
-    max_chars in total -- enough text for a tokenizer of a few thousand pieces."""
-    import json
-
-    corpus_dir = Path(corpus_dir)
-    if not corpus_dir.is_dir():
-        raise FileNotFoundError(f"corpus dir not found: {corpus_dir}")
+def corpus_texts(path: str | Path, max_chars: int = 20_000_000) -> list[str]:
+    """Texts to train or measure a tokenizer on, from a file or a folder (searched recursively), up to max_chars in
+    total: every string field of every JSON line of *.jsonl (except "type", which names a prompt file), and every
+    non-blank line of *.prompt and *.txt."""
+    path = Path(path)
+    if path.is_dir():
+        files = [f for f in sorted(path.rglob("*")) if f.suffix in (".jsonl", ".prompt", ".txt") and f.is_file()]
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"text source not found: {path}")
     texts: list[str] = []
     total = 0
-    for path in sorted(corpus_dir.rglob("*")):
-        if path.suffix not in (".jsonl", ".prompt") or not path.is_file():
-            continue
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                if path.suffix == ".prompt":
-                    values = [line.rstrip("\n")]
-                else:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                    values = [v for v in record.values() if isinstance(v, str)] if isinstance(record, dict) else []
-                for v in values:
-                    texts.append(v)
-                    total += len(v)
-                    if total >= max_chars:
-                        return texts
+    for file in files:
+        for text in _file_texts(file):
+            texts.append(text)
+            total += len(text)
+            if total >= max_chars:
+                return texts
     if not texts:
-        raise ValueError(f"{corpus_dir}: no text found in *.jsonl / *.prompt files")
+        raise ValueError(f"{path}: no text found in *.jsonl / *.prompt / *.txt files")
     return texts
+
+
+def _file_texts(path: Path):
+    import json
+
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            if path.suffix != ".jsonl":
+                yield line.rstrip("\r\n")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if isinstance(record, dict):
+                yield from (v for k, v in record.items() if isinstance(v, str) and k != "type")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m llama.tiny",
                                      description="Train a tokenizer on a corpus folder and write a tiny random model dir.")
-    parser.add_argument("--corpus", required=True, type=Path, help="folder of *.jsonl files (searched recursively)")
+    parser.add_argument("--corpus", required=True, type=Path, help="folder (searched recursively) or file of *.jsonl / *.prompt / *.txt text")
     parser.add_argument("--output", required=True, type=Path, help="model dir to write")
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")

@@ -7,9 +7,8 @@ import torch
 from sentencepiece import SentencePieceProcessor
 
 from llama import Llama, Tokenizer
-from llama.tiny import make_tiny_model, train_tokenizer
+from llama.tiny import corpus_texts, make_tiny_model, train_tokenizer
 from tools.expand_vocab import main, parse_args, run
-from tools.text_sources import read_texts
 from tools.vocab_merge import load_proto, old_ids_of, piece_splitter
 
 CORPUS = Path(__file__).resolve().parents[1] / "pretraining_corpora"
@@ -21,7 +20,7 @@ SAME_TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n 
 def expanded(tmp_path_factory, tokenizer_path):
     tmp = tmp_path_factory.mktemp("expand")
     base = make_tiny_model(tmp / "base", tokenizer_path, dim=32, seed=3)
-    zh_model = train_tokenizer(read_texts(CORPUS / "zh" / "10001.jsonl"), tmp / "zh.model", vocab_size=1500)
+    zh_model = train_tokenizer(corpus_texts(CORPUS / "zh" / "10001.jsonl"), tmp / "zh.model", vocab_size=1500)
     report = run(parse_args(["--model", str(base), "--zh-model", str(zh_model), "--output", str(tmp / "out"),
                              "--quiet"]), out=io.StringIO())
     return base, tmp / "out", report

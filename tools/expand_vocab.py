@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tools.text_sources import read_texts
+from llama.tiny import corpus_texts
 from tools.vocab_merge import load_proto, merge_pieces, old_ids_of, piece_splitter, processor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace, out=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         zh_model = args.zh_model
         if zh_model is None:
-            texts = read_texts(args.zh_corpus)
+            texts = corpus_texts(args.zh_corpus)
             print(f"training a {args.zh_model_type} Chinese tokenizer of {args.zh_vocab_size} pieces on "
                   f"{sum(map(len, texts)):,} characters of {args.zh_corpus}", file=out)
             zh_model = train_tokenizer(texts, Path(tmp) / "zh.model", args.zh_vocab_size, args.zh_model_type)
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace, out=None) -> dict:
     for lang, path in (("zh", args.sample_zh), ("en", args.sample_en)):
         if path is None or not path.exists():
             continue
-        texts = read_texts(path, SAMPLE_CHARS)
+        texts = corpus_texts(path, SAMPLE_CHARS)
         before, after = tokens_per_char(old_sp, texts), tokens_per_char(new_sp, texts)
         report[f"tokens_per_char_{lang}"] = (before, after)
         print(f"tokens per character, {lang} ({sum(map(len, texts)):,} chars of {path}): {before:.3f} -> {after:.3f}",

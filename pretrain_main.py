@@ -11,7 +11,7 @@ import random
 import sys
 
 import pretrain_args
-from training.corpus import load_translate_prompts, text_field
+from training.corpus import draw_translation, load_translate_prompts, text_field
 from training.data_processor import BaseDataProcessor
 from training.loop import train
 from training.samples import LM, Cut, Prompted
@@ -30,12 +30,10 @@ class DataProcessor(BaseDataProcessor):
         return LM(text) if text.strip() else None
 
     def translation(self, record: dict, rng: random.Random):
-        texts = {"en": text_field(record, "en_text"), "zh": text_field(record, "zh_text")}
-        direction = rng.choice(("en-zh", "zh-en"))
-        source, target = (texts[lang] for lang in direction.split("-"))
-        prompt = rng.choice(self.translate_prompts[direction])
-        if not source.strip() or not target.strip():
+        drawn = draw_translation(record, self.translate_prompts, rng)
+        if drawn is None:
             return None
+        source, prompt, target = drawn
         return Prompted((Cut(source), "\n" + prompt), target)
 
 

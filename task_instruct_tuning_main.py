@@ -17,7 +17,7 @@ import random
 import sys
 
 import task_instruct_tuning_args
-from training.corpus import RecordError, load_translate_prompts, read_prompt_lines, text_field
+from training.corpus import RecordError, draw_translation, load_translate_prompts, read_prompt_lines, text_field
 from training.data_processor import BaseDataProcessor
 from training.loop import train
 from training.samples import LM, Cut, Prompted
@@ -47,12 +47,10 @@ class DataProcessor(BaseDataProcessor):
         return self.task(record, rng)
 
     def translation(self, record: dict, rng: random.Random):
-        texts = {"en": text_field(record, "en_text"), "zh": text_field(record, "zh_text")}
-        direction = rng.choice(("en-zh", "zh-en"))
-        source, target = (texts[lang] for lang in direction.split("-"))
-        prompt = rng.choice(self.translate_prompts[direction])
-        if not source.strip() or not target.strip():
+        drawn = draw_translation(record, self.translate_prompts, rng)
+        if drawn is None:
             return None
+        source, prompt, target = drawn
         return Prompted((Cut(source.rstrip()), "\n" + prompt + "\n"), target)
 
     def task(self, record: dict, rng: random.Random):

@@ -11,7 +11,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +185,18 @@ def load_translate_prompts(root: Path) -> dict[str, list[str]]:
     """{"en-zh": [...], "zh-en": [...]} from <root>/translate/<direction>.prompt, lines stripped."""
     return {direction: read_prompt_lines(root / "translate" / f"{direction}.prompt")
             for direction in ("en-zh", "zh-en")}
+
+
+def draw_translation(record: dict, prompts: dict[str, list[str]], rng) -> Optional[tuple[str, str, str]]:
+    """(source, prompt, target) of a {"en_text", "zh_text"} record: a direction drawn at random, then one of its
+    prompt lines. None when either side is empty after stripping (the record is skipped and counted)."""
+    texts = {"en": text_field(record, "en_text"), "zh": text_field(record, "zh_text")}
+    direction = rng.choice(("en-zh", "zh-en"))
+    source, target = (texts[lang] for lang in direction.split("-"))
+    prompt = rng.choice(prompts[direction])
+    if not source.strip() or not target.strip():
+        return None
+    return source, prompt, target
 
 
 # ---------------------------------------------------------------- this rank's lines of one set

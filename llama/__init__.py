@@ -2,7 +2,7 @@
 training."""
 from llama.configuration_llama import LlamaConfig
 from llama.generation import generate, stream
-from llama.llama_model import Llama, check_tokenizer_matches
-from llama.tokenization_llama import Tokenizer
+from llama.llama_model import Llama
+from llama.tokenization_llama import Tokenizer, check_tokenizer_matches
 
 __all__ = ["LlamaConfig", "Llama", "Tokenizer", "generate", "stream", "check_tokenizer_matches"]

@@ -330,20 +330,3 @@ class Llama(nn.Module):
             shutil.copyfile(tokenizer_path, directory / TOKENIZER_NAME)
         return directory
 
-
-def check_tokenizer_matches(config: LlamaConfig, tokenizer, allow_padded_embedding: bool = False) -> None:
-    """Raise ValueError if the tokenizer and the model's embedding disagree.
-
-    Every token id must have an embedding row: tokenizer.vocab_size > config.vocab_size is always an error.
-    A larger embedding is an error too unless allow_padded_embedding (some checkpoints pad the vocabulary to a
-    multiple of 64); BiLLa's expanded vocabulary is resized to match exactly. bos/eos ids must agree.
-    """
-    where = getattr(tokenizer, "model_path", "tokenizer")
-    if tokenizer.vocab_size > config.vocab_size or (tokenizer.vocab_size != config.vocab_size
-                                                    and not allow_padded_embedding):
-        raise ValueError(f"tokenizer {where} has {tokenizer.vocab_size} pieces but the model's embedding "
-                         f"(config vocab_size) has {config.vocab_size} rows")
-    for name, tok_id, cfg_id in (("bos", tokenizer.bos_id, config.bos_token_id),
-                                 ("eos", tokenizer.eos_id, config.eos_token_id)):
-        if tok_id != cfg_id:
-            raise ValueError(f"tokenizer {where} has {name}_id {tok_id} but config {name}_token_id is {cfg_id}")

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from llama.configuration_llama import LlamaConfig
-from llama.llama_model import Llama, check_tokenizer_matches
+from llama.llama_model import Llama
 from llama.model_files import weight_files
-from llama.tokenization_llama import Tokenizer
+from llama.tokenization_llama import Tokenizer, check_tokenizer_matches
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,8 @@ import sys
 import alignment_sft_args
 from training.corpus import RecordError, text_field
 from training.data_processor import BaseDataProcessor
-from training.loop import train
+from training.loop import run_stage
 from training.samples import Cut, Prompted
-from training.settings import load_settings
 
 
 class DataProcessor(BaseDataProcessor):
@@ -38,7 +37,7 @@ class DataProcessor(BaseDataProcessor):
 
 
 def main() -> None:
-    train(load_settings(alignment_sft_args, sys.argv[1:]), DataProcessor)
+    run_stage(alignment_sft_args, DataProcessor, sys.argv[1:])
 
 
 if __name__ == "__main__":

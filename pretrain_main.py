@@ -13,9 +13,8 @@ import sys
 import pretrain_args
 from training.corpus import draw_translation, load_translate_prompts, text_field
 from training.data_processor import BaseDataProcessor
-from training.loop import train
+from training.loop import run_stage
 from training.samples import LM, Cut, Prompted
-from training.settings import load_settings
 
 
 class DataProcessor(BaseDataProcessor):
@@ -38,7 +37,7 @@ class DataProcessor(BaseDataProcessor):
 
 
 def main() -> None:
-    train(load_settings(pretrain_args, sys.argv[1:]), DataProcessor)
+    run_stage(pretrain_args, DataProcessor, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -19,9 +19,8 @@ import sys
 import task_instruct_tuning_args
 from training.corpus import RecordError, draw_translation, load_translate_prompts, read_prompt_lines, text_field
 from training.data_processor import BaseDataProcessor
-from training.loop import train
+from training.loop import run_stage
 from training.samples import LM, Cut, Prompted
-from training.settings import load_settings
 
 LM_SETS = ("zh", "en")
 
@@ -81,7 +80,7 @@ class DataProcessor(BaseDataProcessor):
 
 
 def main() -> None:
-    train(load_settings(task_instruct_tuning_args, sys.argv[1:]), DataProcessor)
+    run_stage(task_instruct_tuning_args, DataProcessor, sys.argv[1:])
 
 
 if __name__ == "__main__":

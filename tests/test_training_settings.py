@@ -67,11 +67,16 @@ def test_settings_are_read_only_and_dict_is_a_copy():
     assert "* plugin" in s.format()
 
 
-def test_cli_error_is_one_clear_line():
-    result = subprocess.run([sys.executable, "pretrain_main.py", "batch_sise=4"], cwd=REPO, capture_output=True,
+@pytest.mark.parametrize("override, message", [
+    ("batch_sise=4", "error: SettingsError: unknown setting 'batch_sise': pretrain_args.py has no such name; "
+                     "did you mean batch_size?"),
+    ("lr=abc", "error: SettingsError: setting 'lr' expects a number (args file value 3e-05), got 'abc'"),
+])
+def test_cli_error_is_one_clear_line(override, message):
+    result = subprocess.run([sys.executable, "pretrain_main.py", override], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode != 0
-    assert "unknown setting 'batch_sise'" in result.stderr and "did you mean batch_size" in result.stderr
+    assert result.returncode == 1
+    assert result.stderr.strip() == message
 
 
 def test_missing_model_path_fails_before_data_and_model(tmp_path):

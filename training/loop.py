@@ -1,10 +1,11 @@
-"""The training loop shared by the three stages: `train(settings, DataProcessor)`.
+"""The training loop shared by the three stages: `run_stage(args_module, DataProcessor, argv)`, then `train()`.
 
 Read top to bottom: launch -> model inputs checked -> data built -> model -> engine -> resume -> steps -> final/.
 Each stage's *_main.py only brings its DataProcessor (how records become batches) and its args file.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from training.launch import StopRequest, launch, shutdown
 from training.metrics import Metrics, flops_per_token, peak_tflops_per_gpu, setup_logging
 from training.model_loading import ModelInputError, check_model_inputs, load_model
 from training.corpus import DataError
-from training.settings import SettingsError
+from training.settings import SettingsError, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +29,33 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. max_bad_steps non-finite steps in a row); the message says what to do."""
 
 
+def run_stage(args_module, data_processor_cls, argv: list[str]) -> None:
+    """A stage script's command line: its args file with key=value overrides, then train()."""
+    with _expected_errors_as_one_line():
+        settings = load_settings(args_module, argv)
+    train(settings, data_processor_cls)
+
+
 def train(settings, data_processor_cls) -> None:
     try:
-        _train(settings, data_processor_cls)
+        with _expected_errors_as_one_line():
+            _train(settings, data_processor_cls)
+    finally:
+        shutdown()
+
+
+@contextlib.contextmanager
+def _expected_errors_as_one_line():
+    """Expected failures (bad settings, model inputs, data, checkpoints, a diverging run) end the process with one
+    clear line per failing rank and exit code 1, instead of a traceback."""
+    try:
+        yield
     except (SettingsError, ModelInputError, CheckpointError, TrainingError, DataError) as e:
-        # Expected failures: one clear line per failing rank instead of a traceback.
         if logging.getLogger().handlers:  # set up by setup_logging: rank 0's console, every rank's log file
             logger.error("error: %s: %s", type(e).__name__, e)
         else:
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    finally:
-        shutdown()
 
 
 def _train(settings, data_processor_cls) -> None:

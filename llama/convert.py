@@ -70,4 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one line, exit code 1
+        sys.exit(f"convert: {e}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -129,4 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one line, exit code 1
+        sys.exit(f"tiny: {e}")

@@ -1,5 +1,8 @@
 """Model dirs on disk: save/load round trips, sharding, ColossalAI-style shards, Meta checkpoints, tokenizer, errors."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,8 @@ from llama.convert import main as convert_main
 from llama.weight_layouts import load_meta_checkpoint
 from llama.model_files import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, parse_size
 from llama.tiny import main as tiny_main, make_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def small_model(n_kv_heads=2, vocab=50) -> Llama:
@@ -148,6 +153,18 @@ def test_missing_files_are_named(tmp_path, tokenizer_path):
     next((tmp_path / "sharded").glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(FileNotFoundError, match="model-00002-of-.*listed in"):
         Llama.from_pretrained(tmp_path / "sharded")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["llama.convert", "from_hf", "--input", "{tmp}/none", "--output", "{tmp}/out"],
+     "convert: LLaMA config not found: {tmp}/none"),
+    (["llama.tiny", "--corpus", "{tmp}/none", "--output", "{tmp}/out"], "tiny: text source not found: {tmp}/none"),
+])
+def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    result = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == message.format(tmp=tmp_path)
 
 
 def test_wrong_config_key_is_named_with_its_file(tmp_path):

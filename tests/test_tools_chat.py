@@ -103,3 +103,8 @@ def test_cli_prompt_and_interactive(model_dir, monkeypatch):
                 out=out) == 0
     printed = out.getvalue()
     assert printed.count(once) == 2 and "[conversation forgotten]" in printed  # reset: same answer again
+
+
+def test_cli_missing_model_is_one_line(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "none"), "--prompt", "hi"]) == 1
+    assert capsys.readouterr().err == f"chat: LLaMA config not found: {tmp_path / 'none' / 'config.json'}\n"

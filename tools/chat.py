@@ -112,7 +112,11 @@ def answer(session: ChatSession, message: str, out) -> None:
 def main(argv: list[str] | None = None, out=None) -> int:
     args = parse_args(argv)
     out = out or sys.stdout
-    session = load_session(args)
+    try:
+        session = load_session(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"chat: {e}", file=sys.stderr)
+        return 1
     if args.prompt is not None:
         answer(session, args.prompt, out)
         return 0

@@ -45,3 +45,30 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_model, tmp_path)
 
     a, b = weights(whole / "final"), weights(split / "final")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_resume_with_a_longer_max_steps_follows_the_new_schedule(tiny_model, tmp_path):
+    """Training on past the first run's max_steps: the lr continues on the new cosine, not the saved one's."""
+    import torch
+
+    from training.engine import import_colossalai
+
+    run = TINY_RUN + [f"init_model_path={tiny_model}", "saving_steps=2", f"output_dir={tmp_path}",
+                      f"logdir={tmp_path}/logs"]
+    first = torchrun(run + ["max_steps=4"], nproc=1)
+    assert first.returncode == 0, explain(first)
+    longer = torchrun(run + ["max_steps=8", "recover_training_from_checkpoint=latest"], nproc=1)
+    assert longer.returncode == 0, explain(longer)
+    assert "lr schedule rebuilt" in longer.stdout + longer.stderr
+
+    settings = dict(arg.split("=", 1) for arg in TINY_RUN)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(settings["lr"]))
+    schedule = import_colossalai().CosineAnnealingWarmupLR(
+        optimizer, total_steps=8, warmup_steps=int(settings["warmup_steps"]), eta_min=float(settings["min_lr"]))
+    expected = []
+    for _ in range(8):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    got = read_metrics(tmp_path / "logs")
+    assert [got[step]["lr"] for step in range(5, 9)] == expected[4:]

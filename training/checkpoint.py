@@ -206,14 +206,18 @@ def load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerStat
             engine.booster.load_optimizer(engine.optimizer, str(path / "optimizer"))
         else:
             engine.booster.load_optimizer(engine.optimizer, str(path / "optimizer.bin"))
-    engine.scheduler.load_state_dict(_read_json(path / "scheduler.json"))
-    data_processor.load_state_dict(_read_json(path / f"data_state.rank{rank}.json"))
-    restore_rng_state(_read_json(path / f"rng_state.rank{rank}.json"))
     changed = {k: (v, getattr(settings, k)) for k, v in state.settings.items()
                if k in settings and getattr(settings, k) != v and k in _SETTINGS_THAT_CHANGE_THE_RUN}
     for name, (old, new) in changed.items():
         logger.warning("resuming with %s=%r (the checkpoint ran with %r): the run will not match an uninterrupted one",
                        name, new, old)
+    if changed.keys() & _SCHEDULE_SETTINGS:
+        engine.restart_schedule(settings, state.step)
+        logger.warning("lr schedule rebuilt from this run's lr/min_lr/warmup_steps/max_steps at step %d", state.step)
+    else:
+        engine.scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+    data_processor.load_state_dict(_read_json(path / f"data_state.rank{rank}.json"))
+    restore_rng_state(_read_json(path / f"rng_state.rank{rank}.json"))
     return state
 
 
@@ -221,6 +225,7 @@ def load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerStat
 _SETTINGS_THAT_CHANGE_THE_RUN = ("pretrain_data_split", "max_seq_length", "batch_size", "packing", "long_text", "seed",
                                  "lr", "min_lr", "warmup_steps", "max_steps", "gradient_accumulation_steps",
                                  "precision", "plugin", "dropout_prob")
+_SCHEDULE_SETTINGS = {"lr", "min_lr", "warmup_steps", "max_steps"}
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

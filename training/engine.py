@@ -132,14 +132,31 @@ class Engine:
                                        adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=betas, weight_decay=settings.weight_decay)
-        scheduler = cai.CosineAnnealingWarmupLR(optimizer, total_steps=settings.max_steps,
-                                                warmup_steps=settings.warmup_steps, eta_min=settings.min_lr)
+        scheduler = self._schedule(cai, optimizer, settings)
         self.booster = cai.Booster(plugin=plugin, mixed_precision=mixed_precision)
         self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer, lr_scheduler=scheduler)
         # The fp16 scaler that ZeRO plugins keep inside their optimizer (None for bf16/fp32 and for ddp).
         self._zero_mixin = getattr(self.optimizer, "mix_precision_mixin", None) or getattr(
             self.optimizer, "mixed_precision_mixin", None)
         self._amp_scaler = getattr(self.optimizer, "scaler", None)  # torch GradScaler on ddp + fp16
+
+    @staticmethod
+    def _schedule(cai, optimizer, settings):
+        return cai.CosineAnnealingWarmupLR(optimizer, total_steps=settings.max_steps,
+                                           warmup_steps=settings.warmup_steps, eta_min=settings.min_lr)
+
+    def restart_schedule(self, settings, step: int) -> None:
+        """The lr schedule of `settings`, advanced to `step`: for a resume whose lr, min_lr, warmup_steps or
+        max_steps differ from the checkpoint's, where the saved schedule (say, a cosine that ends at the old
+        max_steps) would be wrong. The loaded optimizer state keeps the old lr until the new schedule sets it."""
+        optimizer = self.scheduler.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = settings.lr
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": deliberate here
+            warnings.simplefilter("ignore")
+            self.scheduler = self._schedule(import_colossalai(), optimizer, settings)
+            for _ in range(step):
+                self.scheduler.step()
 
     def _plugin(self, cai, settings):
         c = self.choice

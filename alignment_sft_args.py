@@ -49,7 +49,7 @@ gemini_offload_optim_frac = 1.0  # gemini static only: 1.0 = all Adam states in 
 
 # ---------------------------------------------------------------- logging and checkpoints
 output_dir = "outputs/alignment_sft"  # checkpoints: ckpt_step-<step>_loss-<loss>/, and final/ at the end
-logdir = "outputs/alignment_sft/logs"  # log.txt.<rank> and TensorBoard events
+logdir = ""  # log.txt.<rank>, metrics.jsonl and TensorBoard events; empty: <output_dir>/logs
 logging_steps = 10  # log every 10 optimizer steps
 peak_tflops_per_gpu = 0.0  # MFU denominator; 0: look the GPU up by name (V100 125, A100 312, H100 989 dense fp16/bf16)
 saving_steps = 1000  # checkpoint every 1,000 steps

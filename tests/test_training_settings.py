@@ -28,6 +28,11 @@ def test_overrides_keep_the_args_type():
     assert s.batch_size == pretrain_args.batch_size  # untouched values come from the args file
 
 
+def test_logdir_follows_output_dir_unless_set():
+    assert load_settings(pretrain_args, ["output_dir=runs/a"]).logdir == "runs/a/logs"
+    assert load_settings(pretrain_args, ["output_dir=runs/a", "logdir=tb/a"]).logdir == "tb/a"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["lrr=1e-5"], "unknown setting 'lrr'.*did you mean lr"),
     (["batch_size=1.5"], "'batch_size' expects an int"),

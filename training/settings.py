@@ -83,6 +83,8 @@ def load_settings(args_module: types.ModuleType, argv: list[str]) -> Settings:
         values[name] = parse_override(name, text, values[name])
         overridden.add(name)
     validate(values, source)
+    if values.get("logdir") == "" and "output_dir" in values:
+        values["logdir"] = str(Path(values["output_dir"]) / "logs")  # follows an overridden output_dir
     return Settings(values, source, overridden)
 
 
@@ -126,7 +128,6 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pretrain_data_root_dir": (lambda v: v.strip() != "", "a directory"),
     "pretrain_data_split": (lambda v: len(v) > 0, "a non-empty dict {set: weight}"),
     "output_dir": (lambda v: v.strip() != "", "a directory"),
-    "logdir": (lambda v: v.strip() != "", "a directory"),
     "max_seq_length": (lambda v: v >= 8, "an int >= 8"),
     "batch_size": (lambda v: v >= 1, "an int >= 1"),
     "max_steps": (lambda v: v >= 1, "an int >= 1"),

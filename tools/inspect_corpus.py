@@ -27,6 +27,7 @@ from tools.stage_schema import STAGES, RecordChecker, args_module, data_processo
 from tools.text_stats import estimate_tokens, text_fields
 from training.corpus import (DataError, RecordError, SetReader, list_set_files, parse_record, parse_split,
                              weighted_cycle)
+from training.model_loading import resolved_tokenizer_path
 from training.settings import SettingsError, load_settings
 
 SHOW_PER_SET = 5  # problems listed per set before "... and N more"
@@ -109,7 +110,7 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
 def _stage_tokenizer(settings) -> Path | None:
     """The tokenizer the stage itself would load (tokenizer_path, else <init_model_path>/tokenizer.model), if it
     exists here."""
-    path = Path(settings.tokenizer_path or Path(settings.init_model_path) / "tokenizer.model")
+    path = resolved_tokenizer_path(settings)
     return path if path.is_file() else None
 
 

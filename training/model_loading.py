@@ -31,6 +31,11 @@ class ModelInputs:
     tokenizer_path: Path
 
 
+def resolved_tokenizer_path(settings) -> Path:
+    """tokenizer_path, or <init_model_path>/tokenizer.model when it is empty."""
+    return Path(settings.tokenizer_path or Path(settings.init_model_path) / "tokenizer.model")
+
+
 def check_model_inputs(settings) -> ModelInputs:
     init = Path(settings.init_model_path)
     if not init.is_dir():
@@ -43,7 +48,7 @@ def check_model_inputs(settings) -> ModelInputs:
         weight_files(init)
     except (FileNotFoundError, ValueError) as e:
         raise ModelInputError(f"init_model_path={settings.init_model_path!r}: {e}") from None
-    tokenizer_path = Path(settings.tokenizer_path) if settings.tokenizer_path else init / "tokenizer.model"
+    tokenizer_path = resolved_tokenizer_path(settings)
     if not tokenizer_path.is_file():
         which = "tokenizer_path" if settings.tokenizer_path else "init_model_path (tokenizer_path is empty)"
         raise ModelInputError(f"{which}: tokenizer not found at {tokenizer_path}")

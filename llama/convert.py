@@ -14,10 +14,9 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from llama.configuration_llama import LlamaConfig
 from llama.model_files import DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, iter_tensors, save_tensors
+from llama.pretrained import DTYPES
 from llama.weight_layouts import hf_config_dict, hf_to_llama_state_dict, llama_to_hf_state_dict, load_meta_checkpoint
 
 
@@ -29,7 +28,7 @@ def _find_tokenizer(candidates: list[Path]) -> Path:
                             f"(pass --tokenizer PATH)")
 
 
-_DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"keep": None, **DTYPES}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,10 +17,10 @@ from typing import Callable, Optional
 import torch
 
 from llama.generation import stream
+from llama.pretrained import DTYPES, load_pretrained
 from tools.chat_format import STOP_TEXT, MessageTooLong, fit_prompt, prompt_budget
 from tools.stream_decode import StreamDecoder
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ChatSession:
@@ -83,11 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_session(args: argparse.Namespace) -> ChatSession:
-    from llama import Llama, Tokenizer, check_tokenizer_matches
-
-    model = Llama.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    tokenizer = Tokenizer(args.tokenizer or args.model)
-    check_tokenizer_matches(model.config, tokenizer)
+    model, tokenizer = load_pretrained(args.model, DTYPES[args.dtype], args.device, args.tokenizer)
     return ChatSession(model, tokenizer, args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
 

@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from llama.pretrained import DTYPES, load_pretrained
 from tools.text_stats import detect_language
+from training.batching import pad_batch
 from training.corpus import RecordError, parse_record, text_field
+from training.samples import Sample
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -105,14 +107,9 @@ def evaluate(model, texts: list[Text], batch_size: int, pad_id: int, device, sho
         fig = figures.setdefault(lang, Figures())
         for start in range(0, len(group), batch_size):
             batch = group[start:start + batch_size]
-            length = len(batch[0].ids)
-            input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)  # (bs, L)
-            loss_mask = torch.zeros((len(batch), length), dtype=torch.long)  # (bs, L), aligned with input_ids
-            for row, text in enumerate(batch):
-                input_ids[row, :len(text.ids)] = torch.tensor(text.ids)
-                loss_mask[row, text.n_context:len(text.ids)] = 1
-            loss, _ = model(input_ids.to(device), loss_mask=loss_mask.to(device))
-            counted = int(loss_mask.sum())
+            padded = pad_batch([Sample(text.ids, text.n_context) for text in batch], pad_id)  # as training pads
+            loss, _ = model(padded["input_ids"].to(device), loss_mask=padded["loss_mask"].to(device))
+            counted = padded["num_target_tokens"]
             fig.loss_sum += float(loss) * counted
             fig.tokens += counted
             fig.texts += len(batch)
@@ -143,12 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, out=None) -> dict[str, Figures]:
-    from llama import Llama, Tokenizer, check_tokenizer_matches
-
     out = out or sys.stdout
-    model = Llama.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    tokenizer = Tokenizer(args.tokenizer or args.model)
-    check_tokenizer_matches(model.config, tokenizer)
+    model, tokenizer = load_pretrained(args.model, DTYPES[args.dtype], args.device, args.tokenizer)
     max_len = args.max_seq_length or model.config.max_sequence_length
     if not 2 <= max_len <= model.config.max_sequence_length:
         raise ValueError(f"--max-seq-length {max_len}: must be in 2..{model.config.max_sequence_length} "

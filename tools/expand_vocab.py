@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from llama.pretrained import DTYPES, load_pretrained
 from llama.tiny import corpus_texts
 from tools.vocab_merge import load_proto, merge_pieces, old_ids_of, piece_splitter, processor
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BUNDLED = Path(__file__).resolve().parents[1] / "pretraining_corpora"
 SAMPLE_CHARS = 2_000_000  # characters of sample text measured per language
 
@@ -89,17 +89,13 @@ def tokens_per_char(sp, texts: list[str]) -> float:
 
 
 def run(args: argparse.Namespace, out=None) -> dict:
-    from llama import Llama, check_tokenizer_matches
     from llama.tiny import train_tokenizer
-    from llama.tokenization_llama import Tokenizer
 
     out = out or sys.stdout
     if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{args.output} is not empty; pass --overwrite to write into it")
-    tokenizer = Tokenizer(args.tokenizer or args.model)
+    model, tokenizer = load_pretrained(args.model, DTYPES[args.dtype], tokenizer_path=args.tokenizer)
     base = load_proto(tokenizer.model_path)
-    model = Llama.from_pretrained(args.model, dtype=DTYPES[args.dtype])
-    check_tokenizer_matches(model.config, tokenizer)
 
     with tempfile.TemporaryDirectory() as tmp:
         zh_model = args.zh_model

@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, out=None) -> dict:
             for path in files:
                 for raw in read_raw_lines(path, input_format(path, args.format), args.text_unit, bar.update):
                     if raw.data is None or raw.data:
-                        status = _check(checker, raw, stats, args.show_bad)
+                        status, record = _check(checker, raw, stats, args.show_bad)
                     else:
                         stats["blank_lines"] += 1
                         continue
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace, out=None) -> dict:
                         stats["records"] += 1
                         stats["bytes"] += len(raw.data) + 1
                         if tokenizer is not None:
-                            pending_texts += text_fields(parse_record(raw.data))
+                            pending_texts += text_fields(record)
                             if len(pending_texts) >= TOKENIZE_BATCH:
                                 token_count += sum(map(len, tokenizer.encode_batch(pending_texts)))
                                 pending_texts = []
@@ -172,18 +172,20 @@ def run(args: argparse.Namespace, out=None) -> dict:
     return stats
 
 
-def _check(checker: RecordChecker, raw, stats: dict, show: int) -> str:
+def _check(checker: RecordChecker, raw, stats: dict, show: int) -> tuple[str, dict | None]:
+    """("ok" | "empty" | "bad", the parsed record or None)."""
     if raw.data is None:
         problem = raw.error
     else:
         try:
-            return checker.check(raw.data)
+            record = parse_record(raw.data)
+            return checker.check_record(record), record
         except (RecordError, DataError) as e:
             problem = str(e)
     stats["bad_records"] += 1
     if len(stats["bad"]) < show:
         stats["bad"].append(f"{raw.where}: {problem}")
-    return "bad"
+    return "bad", None
 
 
 def _write_shuffled(shuffler: ExternalShuffler, stats: dict, args, folder: Path, first_number: int) -> list[Path]:

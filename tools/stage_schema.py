@@ -17,7 +17,7 @@ import types
 from pathlib import Path
 from typing import Optional
 
-from training.corpus import DataError, RecordError, parse_record
+from training.corpus import DataError, RecordError
 
 STAGES = ("pretrain", "task_instruct_tuning", "alignment_sft")
 
@@ -55,7 +55,7 @@ def stage_for_set(set_name: str) -> Optional[str]:
 class RecordChecker:
     """Check records of one set the way `stage`'s DataProcessor checks them at start-up.
 
-    check(raw) -> "ok" | "empty" (the stage would skip it: a text empty after stripping) and raises RecordError
+    check_record(record) -> "ok" | "empty" (the stage would skip it: a text empty after stripping) and raises RecordError
     (bad record: the stage stops, or skips it with skip_bad_records). Prompt files come from `root` (the
     corpus root dir); a stage that needs one that is missing raises DataError at construction.
     """
@@ -69,10 +69,6 @@ class RecordChecker:
         self.processor.check_record(self.set_name, record)
         return "empty" if self.processor.build(self.set_name, record, self._rng) is None else "ok"
 
-    def check(self, raw: bytes) -> str:
-        """One raw JSONL line (blank lines are the caller's business)."""
-        return self.check_record(parse_record(raw))
-
     def prompt_types_missing(self, task_type: str) -> list[str]:
         """For a stage-2 task record's type: the positions ("pre", "post") whose prompt file does not exist.
         Empty for stages/sets without typed prompts."""
@@ -82,7 +78,7 @@ class RecordChecker:
         try:
             return [position for position in ("pre", "post") if not prompts_for(task_type, position)]
         except (RecordError, DataError):
-            return []  # a bad type name is reported by check() itself
+            return []  # a bad type name is reported by check_record() itself
 
 
 def _check_stage(stage: str) -> None:

@@ -55,9 +55,9 @@ def stage_for_set(set_name: str) -> Optional[str]:
 class RecordChecker:
     """Check records of one set the way `stage`'s DataProcessor checks them at start-up.
 
-    check_record(record) -> "ok" | "empty" (the stage would skip it: a text empty after stripping) and raises RecordError
-    (bad record: the stage stops, or skips it with skip_bad_records). Prompt files come from `root` (the
-    corpus root dir); a stage that needs one that is missing raises DataError at construction.
+    check_record(record) -> "ok" | "empty" (the stage would skip it: a text empty after stripping) and raises
+    RecordError (bad record: the stage stops, or skips it with skip_bad_records). Prompt files come from `root`
+    (the corpus root dir); a stage that needs one that is missing raises DataError at construction.
     """
 
     def __init__(self, stage: str, set_name: str, root: str | Path):

@@ -109,9 +109,10 @@ def _file_texts(path: Path):
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m llama.tiny",
-                                     description="Train a tokenizer on a corpus folder and write a tiny random model dir.")
-    parser.add_argument("--corpus", required=True, type=Path, help="folder (searched recursively) or file of *.jsonl / *.prompt / *.txt text")
+    parser = argparse.ArgumentParser(
+        prog="python -m llama.tiny", description="Train a tokenizer on a corpus folder and write a tiny random model dir.")
+    parser.add_argument("--corpus", required=True, type=Path,
+                        help="folder (searched recursively) or file of *.jsonl / *.prompt / *.txt text")
     parser.add_argument("--output", required=True, type=Path, help="model dir to write")
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")

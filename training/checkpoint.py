@@ -127,27 +127,22 @@ def save_checkpoint(engine, data_processor, state: TrainerState, model_config, t
     """Collective: every rank calls it. Writes <name>.tmp/, then rank 0 renames it to <name>/ and prunes old ones."""
     rank, world_size = _rank(), _world_size()
     final = Path(output_dir) / checkpoint_name(state.step, state.loss)
-    tmp = final.with_name(final.name + TMP_SUFFIX)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    _save_model_dir(engine, tmp, model_config, tokenizer_path)
-    if engine.checkpoint_optimizer_sharded:
-        engine.booster.save_optimizer(engine.optimizer, str(tmp / "optimizer"), shard=True)
-    else:
-        engine.booster.save_optimizer(engine.optimizer, str(tmp / "optimizer.bin"), shard=False)
-    _write_json(tmp / f"data_state.rank{rank}.json", data_processor.state_dict())
-    _write_json(tmp / f"rng_state.rank{rank}.json", capture_rng_state())
-    if rank == 0:
-        _write_json(tmp / "scheduler.json", engine.scheduler.state_dict())
-    _barrier()
-    if rank == 0:
+
+    def write_trainer_state(tmp: Path) -> None:  # last: marks the directory complete
         state.world_size = world_size
-        _write_json(tmp / TRAINER_STATE, asdict(state))  # last: marks the directory complete
-        shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        _write_json(tmp / TRAINER_STATE, asdict(state))
+
+    with _atomic_directory(final, write_trainer_state) as tmp:
+        _save_model_dir(engine, tmp, model_config, tokenizer_path)
+        if engine.checkpoint_optimizer_sharded:
+            engine.booster.save_optimizer(engine.optimizer, str(tmp / "optimizer"), shard=True)
+        else:
+            engine.booster.save_optimizer(engine.optimizer, str(tmp / "optimizer.bin"), shard=False)
+        _write_json(tmp / f"data_state.rank{rank}.json", data_processor.state_dict())
+        _write_json(tmp / f"rng_state.rank{rank}.json", capture_rng_state())
+        if rank == 0:
+            _write_json(tmp / "scheduler.json", engine.scheduler.state_dict())
+    if rank == 0:
         _prune(output_dir, keep, final)
     _barrier()
     return final
@@ -156,19 +151,30 @@ def save_checkpoint(engine, data_processor, state: TrainerState, model_config, t
 def save_final(engine, model_config, tokenizer_path: str | Path, output_dir: str | Path) -> Path:
     """The finished stage's model directory, output_dir/final/ (atomic too: final.tmp/ then rename)."""
     final = Path(output_dir) / FINAL_DIR
+    with _atomic_directory(final) as tmp:
+        _save_model_dir(engine, tmp, model_config, tokenizer_path)
+    return final
+
+
+@contextlib.contextmanager
+def _atomic_directory(final: Path, finish=None):
+    """Collective: every rank writes into <final>.tmp/ inside the block; once all are done, rank 0 runs
+    finish(tmp) and swaps the directory in for <final>/ (a re-save of the same step after a resume replaces it).
+    A crash inside the block leaves only the .tmp, which "latest" ignores."""
     tmp = final.with_name(final.name + TMP_SUFFIX)
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    _save_model_dir(engine, tmp, model_config, tokenizer_path)
+    yield tmp
     _barrier()
     if _rank() == 0:
+        if finish is not None:
+            finish(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
     _barrier()
-    return final
 
 
 def _save_model_dir(engine, directory: Path, model_config, tokenizer_path: str | Path) -> None:

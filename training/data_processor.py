@@ -154,6 +154,10 @@ class BaseDataProcessor:
         """Records, samples, skips and discarded tokens up to the last batch handed out."""
         return dict(self._handed["counters"])
 
+    @property
+    def _mix(self) -> dict[str, int]:
+        return {name: spec.weight for name, spec in self.split.items()}
+
     def state_dict(self) -> dict:
         snap = self._handed
         return {
@@ -164,7 +168,7 @@ class BaseDataProcessor:
             "max_seq_length": self.max_seq_length,
             "long_text": self.long_text,
             "packing": self.packing,
-            "mix": {name: spec.weight for name, spec in self.split.items()},
+            "mix": self._mix,
             "sets": {name: {**snap["readers"][name],
                             "last_sample_pass": snap["last_sample_pass"][name],
                             "pending": [[list(s.ids), s.n_masked] for s in snap["pending"][name]]}
@@ -179,7 +183,7 @@ class BaseDataProcessor:
         """Continue from a state_dict(): same corpus, ranks, mix, max_seq_length, long_text and packing."""
         expected = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
                     "max_seq_length": self.max_seq_length, "long_text": self.long_text, "packing": self.packing,
-                    "mix": {name: spec.weight for name, spec in self.split.items()}}
+                    "mix": self._mix}
         for key, value in expected.items():
             if state.get(key) != value:
                 raise DataError(f"cannot resume the data stream: the saved state has {key}={state.get(key)!r}, "

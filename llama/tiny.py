@@ -109,6 +109,8 @@ def _file_texts(path: Path):
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
+    from llama.model_files import TOKENIZER_NAME
+
     parser = argparse.ArgumentParser(
         prog="python -m llama.tiny", description="Train a tokenizer on a corpus folder and write a tiny random model dir.")
     parser.add_argument("--corpus", required=True, type=Path,
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    tokenizer = train_tokenizer(corpus_texts(args.corpus), args.output / "tokenizer.model", args.vocab_size,
+    tokenizer = train_tokenizer(corpus_texts(args.corpus), args.output / TOKENIZER_NAME, args.vocab_size,
                                 args.model_type)
     make_tiny_model(args.output, tokenizer, args.dim, args.layers, args.heads, args.kv_heads, args.max_seq_len,
                     args.seed)

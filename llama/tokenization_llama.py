@@ -7,13 +7,14 @@ from pathlib import Path
 from sentencepiece import SentencePieceProcessor
 
 from llama.configuration_llama import LlamaConfig
+from llama.model_files import TOKENIZER_NAME
 
 
 class Tokenizer:
     def __init__(self, model_path: str | Path):
         self.model_path = Path(model_path)
         if self.model_path.is_dir():
-            self.model_path = self.model_path / "tokenizer.model"
+            self.model_path = self.model_path / TOKENIZER_NAME
         if not self.model_path.is_file():
             raise FileNotFoundError(f"SentencePiece tokenizer not found: {self.model_path}")
         self.sp = SentencePieceProcessor(model_file=str(self.model_path))

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from llama.model_files import TOKENIZER_NAME
 from llama.pretrained import DTYPES, load_pretrained
 from llama.tiny import corpus_texts
 from tools.vocab_merge import load_proto, merge_pieces, old_ids_of, piece_splitter, processor
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace, out=None) -> dict:
               for piece in tqdm(merge.added, desc="split new pieces", disable=args.quiet, file=sys.stderr)]
     expanded = expand_model(model, splits)
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "tokenizer.model").write_bytes(merge.proto.SerializeToString())
+    (args.output / TOKENIZER_NAME).write_bytes(merge.proto.SerializeToString())
     expanded.save_pretrained(args.output, max_shard_size=args.max_shard_size)
 
     old_sp, new_sp = tokenizer.sp, processor(merge.proto)

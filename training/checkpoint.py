@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llama.model_files import TOKENIZER_NAME
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^ckpt_step-(\d+)_loss-(nan|-?[0-9.]+)$")  # not <name>.tmp, not <name>.abandoned-*
@@ -182,7 +184,7 @@ def _save_model_dir(engine, directory: Path, model_config, tokenizer_path: str |
     engine.booster.save_model(engine.model, str(directory), shard=True, use_safetensors=True)
     if _rank() == 0:
         model_config.save_pretrained(directory)
-        shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
+        shutil.copyfile(tokenizer_path, directory / TOKENIZER_NAME)
 
 
 def _prune(output_dir: str | Path, keep: int, just_saved: Path) -> None:

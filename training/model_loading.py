@@ -14,7 +14,7 @@ import torch
 
 from llama.configuration_llama import LlamaConfig
 from llama.llama_model import Llama
-from llama.model_files import weight_files
+from llama.model_files import TOKENIZER_NAME, weight_files
 from llama.tokenization_llama import Tokenizer, check_tokenizer_matches
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class ModelInputs:
 
 def resolved_tokenizer_path(settings) -> Path:
     """tokenizer_path, or <init_model_path>/tokenizer.model when it is empty."""
-    return Path(settings.tokenizer_path or Path(settings.init_model_path) / "tokenizer.model")
+    return Path(settings.tokenizer_path or Path(settings.init_model_path) / TOKENIZER_NAME)
 
 
 def check_model_inputs(settings) -> ModelInputs:

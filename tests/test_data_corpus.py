@@ -21,22 +21,30 @@ def test_weighted_cycle_holds_exact_counts_in_every_window_and_interleaves():
 
 
 def test_parse_split_accepts_both_forms_and_names_bad_entries():
-    specs = parse_split({"zh": 4, "en": {"weight": 2, "file_start": 10002}, "off": 0})
-    assert [(n, s.weight, s.file_start) for n, s in specs.items()] == [("zh", 4, 0), ("en", 2, 10002)]
+    specs = parse_split({"zh": 4, "en": {"weight": 2, "file_start": 10002}, "off": 0,
+                         "translate": {"weight": 1, "file_stop": 10009}})
+    assert [(n, s.weight, s.file_start, s.file_stop) for n, s in specs.items()] == [
+        ("zh", 4, 0, None), ("en", 2, 10002, None), ("translate", 1, 0, 10009)]
     for bad, needle in [({"zh": -1}, "'zh'"), ({"zh": {"weight": 1, "start": 3}}, "start"),
+                        ({"zh": {"weight": 1, "file_stop": "10017"}}, "file_stop must be an integer"),
+                        ({"zh": {"weight": 1, "file_start": 10017, "file_stop": 10017}}, "must be above file_start"),
                         ({"zh": {"file_start": 3}}, "missing 'weight'"), ({"zh": 1.5}, "'zh'"), ({}, "non-empty"),
                         ({"zh": 0}, "every weight is 0"), ({"../x": 1}, "plain folder name")]:
         with pytest.raises(DataError, match=needle):
             parse_split(bad)
 
 
-def test_list_set_files_orders_by_number_and_applies_file_start(tmp_path):
+def test_list_set_files_orders_by_number_and_applies_file_start_and_stop(tmp_path):
     write_set(tmp_path, "zh", [{"text": str(i)} for i in range(4)], n_files=4, first=10001)
     assert [p.name for p in list_set_files(tmp_path, "zh", 0)] == ["10001.jsonl", "10002.jsonl", "10003.jsonl",
                                                                   "10004.jsonl"]
     assert [p.name for p in list_set_files(tmp_path, "zh", 10003)] == ["10003.jsonl", "10004.jsonl"]
+    assert [p.name for p in list_set_files(tmp_path, "zh", 0, 10003)] == ["10001.jsonl", "10002.jsonl"]  # stop: out
+    assert [p.name for p in list_set_files(tmp_path, "zh", 10002, 10004)] == ["10002.jsonl", "10003.jsonl"]
     with pytest.raises(DataError, match=r"set 'zh': file_start=10005 leaves no file .*10001\.\.10004"):
         list_set_files(tmp_path, "zh", 10005)
+    with pytest.raises(DataError, match=r"set 'zh': file_start=0, file_stop=10001 leaves no file"):
+        list_set_files(tmp_path, "zh", 0, 10001)
     with pytest.raises(DataError, match="set 'en': folder .* does not exist"):
         list_set_files(tmp_path, "en", 0)
     (tmp_path / "empty").mkdir()

@@ -89,7 +89,7 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
         report = SetReport(name, spec.weight)
         reports.append(report)
         try:
-            report.files = list_set_files(root, name, spec.file_start)
+            report.files = list_set_files(root, name, spec.file_start, spec.file_stop)
             checker = RecordChecker(args.stage, name, root)
         except DataError as e:
             report.problems.append(str(e))

@@ -44,35 +44,48 @@ class Location:
 @dataclass(frozen=True)
 class SetSpec:
     weight: int
-    file_start: int
+    file_start: int  # first file number read
+    file_stop: Optional[int] = None  # first file number not read; None: no upper end
+
+
+SPLIT_KEYS = ("weight", "file_start", "file_stop")
 
 
 def parse_split(split: object) -> dict[str, SetSpec]:
-    """`pretrain_data_split` -> {set: SetSpec}; a plain int is a weight (stage 1's form). Weight-0 sets are dropped."""
+    """`pretrain_data_split` -> {set: SetSpec}; a plain int is a weight (every file). Weight-0 sets are dropped.
+
+    A set reads the files numbered file_start <= n < file_stop, so two stages can read disjoint files of one folder:
+    stage 1 {"file_stop": 10017}, stage 2 {"file_start": 10017}.
+    """
     if not isinstance(split, dict) or not split:
         raise DataError(f"{SPLIT_SETTING} must be a non-empty dict {{set: weight}} or "
-                        f"{{set: {{'weight': int, 'file_start': int}}}}, got {split!r}")
+                        f"{{set: {{'weight': int, 'file_start': int, 'file_stop': int}}}}, got {split!r}")
     specs: dict[str, SetSpec] = {}
     for name, value in split.items():
         where = f"{SPLIT_SETTING}[{name!r}]"
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise DataError(f"{where}: a set name must be a plain folder name")
         if isinstance(value, dict):
-            unknown = set(value) - {"weight", "file_start"}
+            unknown = set(value) - set(SPLIT_KEYS)
             if unknown:
-                raise DataError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: 'weight', 'file_start'")
+                raise DataError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: "
+                                f"{', '.join(map(repr, SPLIT_KEYS))}")
             if "weight" not in value:
                 raise DataError(f"{where}: missing 'weight'")
-            weight, file_start = value["weight"], value.get("file_start", 0)
+            weight, file_start, file_stop = value["weight"], value.get("file_start", 0), value.get("file_stop")
         else:
-            weight, file_start = value, 0
-        for key, number in (("weight", weight), ("file_start", file_start)):
+            weight, file_start, file_stop = value, 0, None
+        for key, number in (("weight", weight), ("file_start", file_start), ("file_stop", file_stop)):
+            if key == "file_stop" and number is None:
+                continue
             if not isinstance(number, int) or isinstance(number, bool) or number < 0:
                 raise DataError(f"{where}: {key} must be an integer >= 0, got {number!r}")
+        if file_stop is not None and file_stop <= file_start:
+            raise DataError(f"{where}: file_stop={file_stop} must be above file_start={file_start}")
         if weight == 0:
             logger.info("%s has weight 0: set not used", where)
             continue
-        specs[name] = SetSpec(weight, file_start)
+        specs[name] = SetSpec(weight, file_start, file_stop)
     if not specs:
         raise DataError(f"{SPLIT_SETTING}: every weight is 0, nothing to read")
     return specs
@@ -101,8 +114,8 @@ def weighted_cycle(weights: dict[str, int]) -> list[str]:
 # ---------------------------------------------------------------- files
 
 
-def list_set_files(root: Path, set_name: str, file_start: int) -> list[Path]:
-    """The set's <NNNNN>.jsonl files numbered >= file_start, in number order."""
+def list_set_files(root: Path, set_name: str, file_start: int, file_stop: Optional[int] = None) -> list[Path]:
+    """The set's <NNNNN>.jsonl files numbered file_start <= n < file_stop (no upper end if None), in number order."""
     folder = root / set_name
     if not folder.is_dir():
         raise DataError(f"set '{set_name}': folder {folder} does not exist ({SPLIT_SETTING} names it)")
@@ -114,9 +127,10 @@ def list_set_files(root: Path, set_name: str, file_start: int) -> list[Path]:
     if not numbered:
         raise DataError(f"set '{set_name}': folder {folder} holds no <NNNNN>.jsonl file")
     numbered.sort()
-    kept = [path for number, _, path in numbered if number >= file_start]
+    kept = [path for number, _, path in numbered if number >= file_start and (file_stop is None or number < file_stop)]
     if not kept:
-        raise DataError(f"set '{set_name}': file_start={file_start} leaves no file in {folder} "
+        window = f"file_start={file_start}" + (f", file_stop={file_stop}" if file_stop is not None else "")
+        raise DataError(f"set '{set_name}': {window} leaves no file in {folder} "
                         f"(files are numbered {numbered[0][0]}..{numbered[-1][0]})")
     return kept
 

@@ -82,7 +82,8 @@ class BaseDataProcessor:
         if not self.root.is_dir():
             raise DataError(f"setting 'pretrain_data_root_dir': folder {self.root.resolve()} does not exist")
 
-        files = {name: list_set_files(self.root, name, spec.file_start) for name, spec in self.split.items()}
+        files = {name: list_set_files(self.root, name, spec.file_start, spec.file_stop)
+                 for name, spec in self.split.items()}
         self.prepare()
         for name, set_files in files.items():
             self._check_first_lines(name, set_files)

@@ -271,8 +271,8 @@ def test_stage2_task_record_and_prompt_file_errors(tmp_path, tok):
     with pytest.raises(DataError, match=r"prompt file .*qa\.post\.prompt, line 2: invalid UTF-8"):
         task_instruct_tuning_main.DataProcessor(settings(tmp_path, split), tok, 0, 1)
     (tmp_path / "prompts" / "qa.post.prompt").write_text("fine\n")
-    write_set(tmp_path, "qa", [{"input": "x", "output": "y"}] + task_records(5, "qa"), n_files=1)
-    with pytest.raises(DataError, match=r"set 'qa', file .*10001\.jsonl, line 1: missing field 'type'"):
+    write_set(tmp_path, "qa", [{"input": "x", "output": "y", "type": 3}] + task_records(5, "qa"), n_files=1)
+    with pytest.raises(DataError, match=r"set 'qa', file .*10001\.jsonl, line 1: field 'type' must be a string"):
         task_instruct_tuning_main.DataProcessor(settings(tmp_path, split), tok, 0, 1)
 
 

@@ -97,7 +97,8 @@ def test_stage2_task_prompt_pre_post_and_none(tmp_path, tok):
     records[1::6] = [dict(r, type="") for r in records[1::6]]
     write_set(tmp_path, "zh-qa", records, n_files=1)
     (tmp_path / "prompts").mkdir()
-    (tmp_path / "prompts" / "qa.pre.prompt").write_text("Read and answer:  \n\nAnswer this:\n", encoding="utf-8")
+    # each line strip()ped as in the recipe, blank lines left out
+    (tmp_path / "prompts" / "qa.pre.prompt").write_text("  Read and answer:  \n\n\tAnswer this:\n", encoding="utf-8")
     (tmp_path / "prompts" / "qa.post.prompt").write_text("What is the answer?\n", encoding="utf-8")
     (tmp_path / "prompts" / "preonly.pre.prompt").write_text("Only before:\n", encoding="utf-8")
     processor = task_instruct_tuning_main.DataProcessor(

@@ -1,5 +1,6 @@
 """tools.inspect_corpus: the bundled corpus is clean for every stage; broken corpora exit non-zero and say why."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -40,14 +41,15 @@ def test_broken_corpus_exits_nonzero_and_names_every_problem(tmp_path, tokenizer
     root = tmp_path / "corpora"
     shutil.copytree(CORPUS, root)
     with open(root / "zh-summary" / "10002.jsonl", "a", encoding="utf-8") as f:
-        f.write('{"input": "x", "output": 3, "type": "summary-zh"}\n')
+        f.write('{"input": "x", "output": 3, "type": "cnewsum-gen-abs"}\n')
         f.write(json.dumps({"input": "问题", "output": "答案", "type": "no-such-type"}, ensure_ascii=False) + "\n")
     shutil.rmtree(root / "en-wikihow")
     code = main(["task_instruct_tuning", "--root", str(root), "--quiet"])
     out = capsys.readouterr().out
     assert code == 1
     assert f"bad record at {root / 'zh-summary' / '10002.jsonl'}:" in out and "field 'output' must be a string" in out
-    assert "'no-such-type' (NO prompt files)" in out and "type 'no-such-type' has no prompts/no-such-type.pre/post" in out
+    assert re.search(r"\n  zh-summary +no-such-type +1  NO prompt files", out)
+    assert "type 'no-such-type' has no prompts/no-such-type.pre/post" in out
     assert "en-wikihow: problem: set 'en-wikihow': folder" in out
     # A missing translation prompt file is found by the stage's own prepare().
     shutil.copytree(CORPUS / "en-wikihow", root / "en-wikihow")

@@ -7,9 +7,10 @@
 Reads <stage>_args.py (with the overrides) and prints one row per set: weight, share of the mix and samples per
 batch, files, records (counted for files up to --exact-mb, else estimated from sampled lines), a token estimate
 (--tokenizer, else characters), files per rank for --world-size (and whether the set falls back to sharding by
-line); then per set the task types that have no prompt file, and every problem found. Records are checked with
-the stage's own DataProcessor checks; with a tokenizer the stage's DataProcessor is also constructed, which runs
-its start-up validation exactly as a launch would.
+line); then every task type of each set (stage 2) with its record count and which prompt files serve it ("(no
+type)": records without one, which get no prompt, as the recipe's zh-qa-long), and every problem found. Records
+are checked with the stage's own DataProcessor checks; with a tokenizer the stage's DataProcessor is also
+constructed, which runs its start-up validation exactly as a launch would.
 
 Exit status: 0 clean, 1 problems found (with --strict, warnings count as problems), 2 bad usage.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +46,8 @@ class SetReport:
     tokens: float = 0.0
     bad: int = 0
     empty: int = 0
-    types: dict[str, list[str]] = field(default_factory=dict)  # task type -> positions without a prompt file
+    types: dict[str, list[str]] = field(default_factory=dict)  # task type ("" = none) -> positions without a file
+    type_records: Counter = field(default_factory=Counter)  # task type -> records (estimated like `records`)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     files_per_rank: str = "-"
@@ -142,9 +145,11 @@ def _read_set(report: SetReport, checker: RecordChecker, tokenizer, args) -> Non
                 if report.bad <= SHOW_PER_SET:
                     report.problems.append(f"bad record at {where}: {e}")
                 continue
-            if "type" in record and isinstance(record["type"], str):
-                if record["type"] not in report.types:
-                    report.types[record["type"]] = checker.prompt_types_missing(record["type"])
+            task_type = checker.task_type(record)
+            if task_type is not None:
+                report.type_records[task_type] += sample.scale
+                if task_type not in report.types:
+                    report.types[task_type] = checker.prompt_types_missing(task_type)
             texts = text_fields(record)
             chars += sum(map(len, texts))
             if sample_chars < args.token_sample_chars:
@@ -201,18 +206,12 @@ def _print(reports: list[SetReport], global_problems: list[str], settings, args,
         rows.append((r.name, str(r.weight), f"{r.weight / total_weight:.1%}", f"{batch * r.weight / total_weight:.2f}",
                      str(len(r.files)), r.files_per_rank, _fmt(r.records, r.exact),
                      _fmt(r.tokens, r.exact and tokenizer is not None), status))
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(w) if i == 0 else str(cell).rjust(w)
-                        for i, (cell, w) in enumerate(zip(row, widths))), file=out)
-    typed = [r for r in reports if r.types]
-    if typed:
-        print("task types seen (prompt files prompts/<type>.pre.prompt and .post.prompt):", file=out)
-    for r in typed:
-        shown = ", ".join(f"{t!r}" + (" (NO prompt files)" if missing and t else "") + (" (empty: no prompt)" if not t
-                                                                                      else "")
-                          for t, missing in sorted(r.types.items()))
-        print(f"  {r.name}: {shown}", file=out)
+    _print_table(header, rows, out)
+    type_rows = [(r.name, t or "(no type)", _fmt(r.type_records[t], r.exact), _prompt_files(t, missing))
+                 for r in reports for t, missing in sorted(r.types.items())]
+    if type_rows:
+        print("task types (prompt files: prompts/<type>.pre.prompt and prompts/<type>.post.prompt):", file=out)
+        _print_table(("set", "type", "records", "prompts"), type_rows, out, left=(0, 1, 3), indent="  ")
     for r in reports:
         for kind, lines in (("problem", r.problems), ("warning", r.warnings)):
             for line in lines:
@@ -222,6 +221,25 @@ def _print(reports: list[SetReport], global_problems: list[str], settings, args,
     if tokenizer is None:
         print("note: no --tokenizer: the DataProcessor start-up check was not run (records were checked with the "
               "stage's own checks)", file=out)
+
+
+def _prompt_files(task_type: str, missing: list[str]) -> str:
+    if not task_type:
+        return "none: no prompt (input + ' ')"
+    if not missing:
+        return "pre, post"
+    if len(missing) == 2:
+        return "NO prompt files: no prompt (input + ' ')"
+    return f"{'pre' if missing == ['post'] else 'post'} only: no prompt when '{missing[0]}' is drawn"
+
+
+def _print_table(header: tuple, rows: list[tuple], out, left=(0,), indent: str = "") -> None:
+    """Columns padded to their widest cell: those numbered in `left` left-aligned (text), the others right (numbers)."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [str(cell).ljust(width) if i in left else str(cell).rjust(width)
+                 for i, (cell, width) in enumerate(zip(row, widths))]
+        print(indent + "  ".join(cells).rstrip(), file=out)
 
 
 def main(argv: list[str] | None = None) -> int:

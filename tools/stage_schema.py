@@ -69,6 +69,17 @@ class RecordChecker:
         self.processor.check_record(self.set_name, record)
         return "empty" if self.processor.build(self.set_name, record, self._rng) is None else "ok"
 
+    def task_type(self, record: dict) -> Optional[str]:
+        """A stage-2 task record's prompt type ("" for none: the no-prompt form); None for sets and stages without
+        typed prompts, and for a bad type (check_record reports that)."""
+        task_type = getattr(self.processor, "task_type", None)
+        if task_type is None:
+            return None
+        try:
+            return task_type(self.set_name, record)
+        except RecordError:
+            return None
+
     def prompt_types_missing(self, task_type: str) -> list[str]:
         """For a stage-2 task record's type: the positions ("pre", "post") whose prompt file does not exist.
         Empty for stages/sets without typed prompts."""

@@ -11,7 +11,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +173,10 @@ def text_field(record: dict, name: str) -> str:
     return value
 
 
-def read_prompt_lines(path: Path, strip: Callable[[str], str] = str.strip) -> list[str]:
-    """A prompt file's lines, each passed through `strip`; lines empty after it are left out. The file must
-    exist and hold at least one prompt. Prompt files are small, so they are read whole."""
+def read_prompt_lines(path: Path) -> list[str]:
+    """A prompt file's prompts: every line str.strip()ped, as the recipe reads both translation and task prompts
+    (`line.strip()`), and blank lines left out (the recipe would draw "" from one: a sample with no prompt text). The
+    file must exist and hold at least one prompt. Prompt files are small, so they are read whole."""
     try:
         raw_lines = path.read_bytes().splitlines()
     except FileNotFoundError:
@@ -185,11 +186,11 @@ def read_prompt_lines(path: Path, strip: Callable[[str], str] = str.strip) -> li
     prompts = []
     for number, raw in enumerate(raw_lines, 1):
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8").strip()
         except UnicodeDecodeError as e:
             raise DataError(f"prompt file {path}, line {number}: invalid UTF-8 at byte {e.start}") from None
-        if strip(line).strip():
-            prompts.append(strip(line))
+        if line:
+            prompts.append(line)
     if not prompts:
         raise DataError(f"prompt file {path} holds no prompt (every line is empty)")
     return prompts

@@ -31,7 +31,7 @@ LOG_FIRST_SKIPS = 5  # skipped records logged with file:line; later ones only co
 PREFETCH_DEPTH = 4  # batches built ahead of the training loop
 READ_AHEAD = 4  # a set that runs short is refilled for this many calls' worth: bigger tokenizer batch calls
 COUNTERS = ("records", "samples", "bad_records", "empty_texts", "blank_lines", "too_long", "discarded_tokens",
-            "cut_input_tokens")
+            "cut_input_tokens", "untyped_records")
 _REQUIRED = object()
 
 
@@ -59,6 +59,19 @@ class BaseDataProcessor:
     def check_record(self, set_name: str, record: dict) -> None:
         """Start-up check of one record: builds it with a throwaway RNG. Stages extend it (prompt files)."""
         self.build(set_name, record, random.Random(0))
+
+    _streaming = False  # True once the start-up checks are done: from then on build() sees each record once
+
+    def note(self, set_name: str, counter: str, why: str) -> None:
+        """For build(): this record takes a fallback form (say, no 'type': no prompt). The stream counts it in
+        `counter` (one of COUNTERS) and logs the first one of each set with its file:line. Start-up checks and the
+        tools' for_checking() build records too, outside the stream: they neither count nor log."""
+        if not self._streaming:
+            return
+        self._counters[counter] += 1
+        if (set_name, counter) not in self._noted:
+            self._noted.add((set_name, counter))
+            logger.warning("%s: %s (%s; further ones in this set are only counted)", self._where, why, counter)
 
     # ---------------------------------------------------------------- construction
 
@@ -101,6 +114,8 @@ class BaseDataProcessor:
         self._last_sample_pass = dict.fromkeys(self.split, -1)
         self._pool: list[Sample] = []
         self._where = "start"
+        self._noted: set[tuple[str, str]] = set()  # (set, counter) already logged by note()
+        self._streaming = True
         self._prefetcher: Optional[Prefetcher] = None
         self._handed = self._snapshot()
 

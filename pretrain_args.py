@@ -12,10 +12,10 @@ gradient_checkpointing = True  # recompute activations in backward: ~30% slower,
 
 # ---------------------------------------------------------------- data
 pretrain_data_root_dir = "pretraining_corpora"  # holds one folder per set: <set>/<NNNNN>.jsonl
-pretrain_data_split = {  # set: integer weight; every 10 samples hold exactly 4 zh, 4 en, 2 translate
-    "zh": 4,  # WuDao, {"text"}
-    "en": 4,  # Pile-CC and Github, {"text"}
-    "translate": 2,  # WMT, {"en_text", "zh_text"}
+pretrain_data_split = {  # set: weight, files file_start <= n < file_stop; every 10 samples: 4 zh, 4 en, 2 translate
+    "zh": {"weight": 4, "file_start": 0, "file_stop": 10017},  # WuDao; 10017 on: stage 2's (no file_stop: the recipe)
+    "en": {"weight": 4, "file_start": 0, "file_stop": 10041},  # Pile-CC and Github; 10041 on: stage 2's
+    "translate": {"weight": 2, "file_start": 0, "file_stop": 10009},  # WMT; 10009 on: stage 2's
 }
 max_seq_length = 1024  # tokens per sample, bos and eos included
 batch_size = 20  # samples per GPU: 20 x 8 GPUs x 1024 tokens = 163,840 tokens/step

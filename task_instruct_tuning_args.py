@@ -13,19 +13,19 @@ gradient_checkpointing = True  # recompute activations in backward to fit batch 
 # ---------------------------------------------------------------- data
 pretrain_data_root_dir = "pretraining_corpora"  # holds one folder per set: <set>/<NNNNN>.jsonl
 pretrain_data_split = {  # set: weight and first file number; LM 10 : tasks 10 = the recipe's 1:1 mix
-    "zh": {"weight": 4, "file_start": 0},  # WuDao
-    "en": {"weight": 4, "file_start": 0},  # Pile-CC and Github
-    "translate": {"weight": 2, "file_start": 0},  # WMT, prompt after the source
-    "zh-qa-long": {"weight": 1, "file_start": 0},  # WebQA (Baidu)
-    "zh-qa-short": {"weight": 1, "file_start": 0},  # CMRC2018, DuReader
-    "zh-reasoning": {"weight": 1, "file_start": 0},  # Ape210k, Math23k, COIG leetcode
-    "zh-summary": {"weight": 1, "file_start": 0},  # CNewsSum
-    "en-hotpotqa": {"weight": 1, "file_start": 0},  # HotpotQA
-    "en-reasoning": {"weight": 1, "file_start": 0},  # MathQA, HotpotQA rationales, CodeAlpaca
-    "en-squad2": {"weight": 1, "file_start": 0},  # SQuAD 2.0
-    "en-summary": {"weight": 1, "file_start": 0},  # CNN/DM
-    "en-summary-dialogue": {"weight": 1, "file_start": 0},  # SamSum, MediaSum
-    "en-wikihow": {"weight": 1, "file_start": 0},  # WikiHow
+    "zh": {"weight": 4, "file_start": 10017},  # WuDao; the recipe's: text stage 1 (files 10001-10016) never saw
+    "en": {"weight": 4, "file_start": 10041},  # Pile-CC and Github; the recipe's: stage 1 read 10001-10040
+    "translate": {"weight": 2, "file_start": 10009},  # WMT, prompt after the source; stage 1 read 10001-10008
+    "zh-qa-long": {"weight": 1, "file_start": 10001},  # WebQA (Baidu); task sets start at the first file
+    "zh-qa-short": {"weight": 1, "file_start": 10001},  # CMRC2018, DuReader
+    "zh-reasoning": {"weight": 1, "file_start": 10001},  # Ape210k, Math23k, COIG leetcode
+    "zh-summary": {"weight": 1, "file_start": 10001},  # CNewsSum
+    "en-hotpotqa": {"weight": 1, "file_start": 10001},  # HotpotQA
+    "en-reasoning": {"weight": 1, "file_start": 10001},  # MathQA, HotpotQA rationales, CodeAlpaca, WikiHow steps
+    "en-squad2": {"weight": 1, "file_start": 10001},  # SQuAD 2.0
+    "en-summary": {"weight": 1, "file_start": 10001},  # CNN/DM
+    "en-summary-dialogue": {"weight": 1, "file_start": 10001},  # SamSum, MediaSum
+    "en-wikihow": {"weight": 1, "file_start": 10001},  # WikiHow
 }
 max_seq_length = 1024  # tokens per sample, bos and eos included
 batch_size = 20  # samples per GPU: 20 x 8 GPUs x 1024 tokens = 163,840 tokens/step

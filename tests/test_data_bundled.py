@@ -27,3 +27,28 @@ def test_bundled_corpus_validates_and_streams(stage, packing, tokenizer_path):
                 assert batch["num_target_tokens"] > 0
             counters = dp.counters
             assert counters["bad_records"] == 0 and counters["too_long"] == 0
+
+
+# The recipe's stage 2 starts zh, en and translate where stage 1 stopped reading, so it trains on text stage 1 never
+# saw; the bundled corpus is numbered so that each stage's args file reads only its own files.
+OWN_FILES = {
+    "pretrain": {"zh": [10001, 10002], "en": [10001, 10002], "translate": [10001, 10002]},
+    "task_instruct_tuning": {"zh": [10017, 10018], "en": [10041, 10042], "translate": [10009, 10010],
+                             "zh-qa-long": [10001, 10002], "en-wikihow": [10001, 10002]},
+}
+
+
+@pytest.mark.parametrize("stage", list(OWN_FILES))
+def test_each_stage_reads_its_own_files_of_the_bundled_corpus(stage, tokenizer_path):
+    args = importlib.import_module(f"{stage}_args")
+    main = importlib.import_module(f"{stage}_main")
+    settings = load_settings(args, [f"pretrain_data_root_dir={CORPUS}"])
+    with main.DataProcessor(settings, Tokenizer(tokenizer_path), 0, 1) as dp:
+        files = {name: [int(path.stem) for path in reader.files] for name, reader in dp.readers.items()}
+    for name, numbers in OWN_FILES[stage].items():
+        assert files[name] == numbers, name
+    if stage == "pretrain":  # every file of the folders, split between the two stages without overlap
+        for name, numbers in OWN_FILES["task_instruct_tuning"].items():
+            if name in files:
+                everything = sorted(int(path.stem) for path in (CORPUS / name).glob("*.jsonl"))
+                assert sorted(files[name] + numbers) == everything, name

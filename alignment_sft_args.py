@@ -37,15 +37,16 @@ weight_decay = 0.1  # AdamW decoupled weight decay
 adam_beta1 = 0.9  # AdamW beta1
 adam_beta2 = 0.95  # AdamW beta2
 max_grad_norm = 2.0  # clip the global gradient norm to this
-precision = "bf16"  # "fp16" (V100, dynamic loss scale), "bf16" (A100, the recipe's stage-3 GPU) or "fp32"
+precision = "fp16"  # the recipe's fp16 (2 x A100-40G); bf16 on A100/H100 is safer
 initial_loss_scale = 16384  # 2**14, fp16 only
 max_bad_steps = 50  # stop after this many consecutive non-finite losses
 
 # ---------------------------------------------------------------- engine
-plugin = "gemini"  # "gemini" (ZeRO, CPU placement, as the recipe), "zero2" or "ddp"; CPU-only machines use "ddp"
+plugin = "gemini"  # "gemini" (ZeRO-3 chunks, as the recipe), "zero2" or "ddp"; CPU-only machines use "ddp"
 zero2_cpu_offload = False  # zero2 only: keep optimizer states in CPU memory
 gemini_placement_policy = "static"  # gemini only: "static": fixed placement set by the next line; "auto": chunks move with free GPU memory
 gemini_offload_optim_frac = 1.0  # gemini static only: 1.0 = all Adam states in CPU memory, the recipe's CPU placement
+gemini_offload_param_frac = 0.0  # 0.0 = params on GPU, faster; 1.0 = in CPU memory as the recipe (needs optim frac 1.0)
 
 # ---------------------------------------------------------------- logging and checkpoints
 output_dir = "outputs/alignment_sft"  # checkpoints: ckpt_step-<step>_loss-<loss>/, and final/ at the end

@@ -52,6 +52,8 @@ class LlamaConfig:
     ffn_dim_multiplier: float | None = None
     # LLaMA-2-style grouped-query attention; None -> one key/value head per query head.
     num_key_value_heads: int | None = None
+    # Read from config.json, as the checkpoint was trained with (LLaMA: 1e-6). A deliberate fix: BiLLa's model code
+    # hard-coded 1e-5 and ignored the config; put "rms_norm_eps": 1e-5 in config.json to train exactly as it did.
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_sequence_length: int = 2048

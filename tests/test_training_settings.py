@@ -46,6 +46,9 @@ def test_logdir_follows_output_dir_unless_set():
     (["batch_size=0"], "'batch_size' = 0 is invalid"),
     (["warmup_steps=10", "max_steps=10"], "'warmup_steps' = 10 must be below 'max_steps' = 10"),
     (["min_lr=1e-3"], "'min_lr' = 0.001 is above 'lr'"),
+    (["gemini_offload_param_frac=1.5"], "'gemini_offload_param_frac' = 1.5 is invalid"),
+    (["gemini_offload_optim_frac=0.5", "gemini_offload_param_frac=1.0"],
+     "'gemini_offload_param_frac' = 1.0 needs 'gemini_offload_optim_frac' = 1.0"),
 ])
 def test_bad_overrides_name_the_setting(argv, message):
     with pytest.raises(SettingsError, match=message):
@@ -58,6 +61,20 @@ def test_each_args_file_is_valid_as_shipped(module):
     assert s.min_lr == pytest.approx(0.1 * s.lr)  # the recipe's cosine floor
     assert (s.adam_beta1, s.adam_beta2, s.weight_decay, s.max_grad_norm) == (0.9, 0.95, 0.1, 2.0)
     assert s.initial_loss_scale == 2 ** 14
+
+
+@pytest.mark.parametrize("placement, param_frac, expected", [("static", 1.0, 1.0), ("static", 0.0, 0.0),
+                                                              ("auto", 1.0, 0.0)])
+def test_gemini_placement_settings_reach_the_plugin(placement, param_frac, expected):
+    from training.engine import Engine, EngineChoice
+
+    engine = Engine.__new__(Engine)  # only the plugin choice: GeminiPlugin itself needs a GPU
+    engine.choice = EngineChoice("gemini", "fp16", None)
+    s = load_settings(alignment_sft_args, [f"gemini_placement_policy={placement}",
+                                           f"gemini_offload_param_frac={param_frac}"])
+    plugin, _ = engine._plugin(types.SimpleNamespace(GeminiPlugin=dict), s)
+    assert (plugin["placement_policy"], plugin["offload_param_frac"]) == (placement, expected)
+    assert plugin["offload_optim_frac"] == (1.0 if placement == "static" else 0.0)
 
 
 def test_settings_are_read_only_and_dict_is_a_copy():

@@ -165,6 +165,8 @@ class Engine:
                 precision=c.precision, placement_policy=settings.gemini_placement_policy,
                 offload_optim_frac=settings.gemini_offload_optim_frac if settings.gemini_placement_policy == "static"
                 else 0.0,
+                offload_param_frac=settings.gemini_offload_param_frac if settings.gemini_placement_policy == "static"
+                else 0.0,
                 initial_scale=settings.initial_loss_scale, max_norm=settings.max_grad_norm,
                 enable_gradient_accumulation=settings.gradient_accumulation_steps > 1, pin_memory=True,
             ), None

@@ -124,6 +124,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "long_text": (lambda v: v in LONG_TEXT_MODES, f"one of {LONG_TEXT_MODES}"),
     "gemini_placement_policy": (lambda v: v in GEMINI_PLACEMENTS, f"one of {GEMINI_PLACEMENTS}"),
     "gemini_offload_optim_frac": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
+    "gemini_offload_param_frac": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
     "init_model_path": (lambda v: v.strip() != "", "a model directory"),
     "pretrain_data_root_dir": (lambda v: v.strip() != "", "a directory"),
     "pretrain_data_split": (lambda v: len(v) > 0, "a non-empty dict {set: weight}"),
@@ -156,6 +157,12 @@ def validate(values: dict[str, Any], source: str = "settings") -> None:
             raise SettingsError(f"setting {name!r} = {values[name]!r} is invalid: it must be {wanted} ({source})")
     if "min_lr" in values and "lr" in values and values["min_lr"] > values["lr"]:
         raise SettingsError(f"setting 'min_lr' = {values['min_lr']!r} is above 'lr' = {values['lr']!r} ({source})")
+    if (values.get("plugin") == "gemini" and values.get("gemini_placement_policy") == "static"
+            and values.get("gemini_offload_param_frac", 0.0) > 0.0 and values.get("gemini_offload_optim_frac") != 1.0):
+        # StaticPlacementPolicy.__init__ (colossalai/zero/gemini/placement_policy.py) would drop it with a warning
+        raise SettingsError(f"setting 'gemini_offload_param_frac' = {values['gemini_offload_param_frac']!r} needs "
+                            f"'gemini_offload_optim_frac' = 1.0 (ColossalAI ignores it otherwise), got "
+                            f"{values.get('gemini_offload_optim_frac')!r} ({source})")
     if "warmup_steps" in values and "max_steps" in values and values["warmup_steps"] >= values["max_steps"]:
         raise SettingsError(f"setting 'warmup_steps' = {values['warmup_steps']} must be below 'max_steps' = "
                             f"{values['max_steps']}: the cosine decay needs at least one step ({source})")

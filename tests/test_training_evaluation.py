@@ -175,3 +175,10 @@ def test_paused_time_leaves_the_throughput_window_and_eval_records_stand_apart(t
     assert "eval step 2 | zh 3.0000 | news 4.0000 | mix 3.0000 (ppl 20.09) | 0.5 s" in console
     detail = "zh loss 3.0000 ppl 20.09 tokens 120; news loss 4.0000 ppl 54.6 tokens 80 (not in the mix)"
     assert detail in log_file and detail not in console
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {"eval/zh/loss", "eval/zh/ppl", "eval/zh/tokens", "eval/news/loss", "eval/mix-weighted/loss",
+            "train/loss"} <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("eval/news/loss")] == [(2, 4.0)]

@@ -88,10 +88,9 @@ def load_held_out(settings, data, rank: int, world_size: int) -> "HeldOut | None
     weights = {name: data.split[name].weight for name in names if name in data.split}
     held_out = HeldOut(sets, weights, settings.eval_steps, settings.batch_size, data.tokenizer.pad_id, rank,
                        world_size)
-    logger.info("held-out evaluation every %d steps on %s (from %s): %s", settings.eval_steps,
-                ", ".join(names), root, ", ".join(f"{name} {len(s)} samples" + ("" if name in weights else
-                                                                                 " (not in the mix)")
-                                                  for name, s in sets.items()))
+    counts = [f"{name} {len(samples)} samples" + ("" if name in weights else " (not in the mix)")
+              for name, samples in sets.items()]
+    logger.info("held-out evaluation every %d steps from %s: %s", settings.eval_steps, root, ", ".join(counts))
     return held_out
 
 
@@ -176,7 +175,7 @@ class HeldOut:
             return None
         start = time.perf_counter()
         device = engine.choice.device
-        # Per set: [summed token loss, counted tokens]; float64 so that sums over many batches stay exact.
+        # Per set: [summed token loss, counted tokens]; float64, so that summing many batches adds no rounding.
         totals = torch.zeros(len(self.names), 2, dtype=torch.float64, device=device)
         model = engine.model
         was_training = model.training

@@ -56,3 +56,9 @@ peak_tflops_per_gpu = 0.0  # MFU denominator; 0: look the GPU up by name (V100 1
 saving_steps = 1000  # checkpoint every 1,000 steps
 keep_checkpoints = 3  # delete older step checkpoints beyond the newest 3
 recover_training_from_checkpoint = ""  # "": fresh start; "latest": newest in output_dir; or a checkpoint path
+
+# ---------------------------------------------------------------- held-out evaluation
+eval_data_root_dir = ""  # held-out <set>/<NNNNN>.jsonl files; empty: no evaluation; "heldout_corpora": the bundled ones
+eval_sets = []  # sets to score, each a folder of eval_data_root_dir; empty: the sets of pretrain_data_split
+eval_steps = 500  # and at step 0 and at the end: 500 x 48 samples = every 24,000 samples; 41 evaluations
+eval_samples_per_set = 256  # first 256 samples of each set, shared by the ranks: 128 per GPU on 2 GPUs = 6 batches of 24

@@ -53,3 +53,9 @@ peak_tflops_per_gpu = 0.0  # MFU denominator; 0: look the GPU up by name (V100 1
 saving_steps = 1000  # checkpoint every 1,000 steps = every 164M tokens
 keep_checkpoints = 3  # delete older step checkpoints beyond the newest 3
 recover_training_from_checkpoint = ""  # "": fresh start; "latest": newest in output_dir; or a checkpoint path
+
+# ---------------------------------------------------------------- held-out evaluation
+eval_data_root_dir = ""  # held-out <set>/<NNNNN>.jsonl files; empty: no evaluation; "heldout_corpora": the bundled ones
+eval_sets = []  # sets to score, each a folder of eval_data_root_dir; empty: the sets of pretrain_data_split
+eval_steps = 500  # and at step 0 and at the end: 500 x 163,840 tokens = every 82M tokens; 201 evaluations
+eval_samples_per_set = 256  # first 256 samples of each set, shared by the ranks: 32 per GPU on 8 GPUs = 2 batches of 20

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole recipe in miniature, on CPU: a tiny tokenizer and model built from the bundled corpus, then
-# stage 1 -> 2 -> 3 with 2 processes each, then a "Human: ... Assistant: ..." generation from the final model.
+# stage 1 -> 2 -> 3 with 2 processes each, each scoring its held-out sets (heldout_corpora/) every 10 steps, then
+# a table of the held-out losses, the curves as a picture (curves.png) and a "Human: ... Assistant: ..." generation.
 #
 #   scripts/demo.sh                  (what `make demo` runs after creating .venv)
 #   PY=python DEMO_DIR=/tmp/d STEPS=60 scripts/demo.sh
@@ -27,21 +28,27 @@ DEMO_SETTINGS=(
     plugin=ddp precision=fp32 gradient_checkpointing=False dropout_prob=0.0
     max_steps="$STEPS" warmup_steps=4 lr=3e-3 min_lr=3e-4
     batch_size=8 max_seq_length=256 logging_steps=5 saving_steps="$STEPS"
+    eval_data_root_dir=heldout_corpora eval_steps=10 eval_samples_per_set=12
 )
 
-run_stage() {  # run_stage <stage> <init_model_path>
-    local stage=$1 init=$2
+run_stage() {  # run_stage <stage> <init_model_path> <eval_sets>
+    local stage=$1 init=$2 eval_sets=$3
     echo
     echo "== ${stage}_main.py from $init"
     "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "${stage}_main.py" \
-        "${DEMO_SETTINGS[@]}" init_model_path="$init" \
+        "${DEMO_SETTINGS[@]}" init_model_path="$init" eval_sets="$eval_sets" \
         output_dir="$DEMO_DIR/$stage" logdir="$DEMO_DIR/$stage/logs" 2>&1 \
         | grep -v -e "^W[0-9]* .*torch/distributed/run.py" -e "^\*\*\*\*" -e "OMP_NUM_THREADS"
 }
 
-run_stage pretrain "$DEMO_DIR/tiny-model"
-run_stage task_instruct_tuning "$DEMO_DIR/pretrain/final"
-run_stage alignment_sft "$DEMO_DIR/task_instruct_tuning/final"
+# Held-out sets: stage 1 its whole mix (empty list), stage 2 the LM sets and two reading tasks, stage 3 three sets.
+run_stage pretrain "$DEMO_DIR/tiny-model" "[]"
+run_stage task_instruct_tuning "$DEMO_DIR/pretrain/final" "['zh', 'en', 'translate', 'zh-qa-short', 'en-squad2']"
+run_stage alignment_sft "$DEMO_DIR/task_instruct_tuning/final" "['mwp-zh', 'cot-en', 'others']"
+
+echo
+"$PY" -m tools.plot_metrics "$DEMO_DIR/pretrain" "$DEMO_DIR/task_instruct_tuning" "$DEMO_DIR/alignment_sft" \
+    --out "$DEMO_DIR/curves.png" >/dev/null
 
 echo
 "$PY" - "$DEMO_DIR" <<'EOF'
@@ -56,11 +63,25 @@ from llama.llama_model import Llama
 from llama.tokenization_llama import Tokenizer
 
 demo = Path(sys.argv[1])
-print("== loss per stage (window means from logs/metrics.jsonl)")
-for stage in ("pretrain", "task_instruct_tuning", "alignment_sft"):
-    records = [json.loads(line) for line in (demo / stage / "logs" / "metrics.jsonl").read_text().splitlines()]
-    print(f"  {stage:<22} step {records[0]['step']:>3}: {records[0]['loss']:.3f}  ->  "
-          f"step {records[-1]['step']:>3}: {records[-1]['loss']:.3f}")
+stages = ("pretrain", "task_instruct_tuning", "alignment_sft")
+records = {stage: [json.loads(line) for line in (demo / stage / "logs" / "metrics.jsonl").read_text().splitlines()]
+           for stage in stages}
+print("== training loss per stage (window means from logs/metrics.jsonl)")
+for stage in stages:
+    train = [r for r in records[stage] if "loss" in r]  # training windows; held-out records carry "eval"
+    print(f"  {stage:<22} step {train[0]['step']:>3}: {train[0]['loss']:.3f}  ->  "
+          f"step {train[-1]['step']:>3}: {train[-1]['loss']:.3f}")
+print("\n== held-out loss per set, first -> last evaluation (logs/metrics.jsonl)")
+for stage in stages:
+    evals = [r for r in records[stage] if "eval" in r]
+    first, last = evals[0], evals[-1]
+    print(f"  {stage} (step {first['step']} -> step {last['step']})")
+    for name, score in first["eval"]["sets"].items():
+        print(f"    {name:<20} {score['loss']:.3f}  ->  {last['eval']['sets'][name]['loss']:.3f}"
+              f"   ({score['tokens']:,} tokens)")
+    if "mix" in first["eval"]:
+        print(f"    {'mix-weighted':<20} {first['eval']['mix']['loss']:.3f}  ->  {last['eval']['mix']['loss']:.3f}")
+print(f"\n== curves (training loss, held-out loss per set, lr against tokens seen): {demo / 'curves.png'}")
 
 final = demo / "alignment_sft" / "final"
 model = Llama.from_pretrained(final).eval()

@@ -1,15 +1,20 @@
 """Exact resume: 2N steps in one run == N steps, SIGKILL, resume for N more -- loss by loss, lr by lr, batch by
 batch (fp32, CPU, 2 processes through torchrun, dropout on)."""
-from training_runs import TINY_RUN, explain, read_batches, read_metrics, tiny_model, torchrun  # noqa: F401
+from training_runs import (HELDOUT, TINY_RUN, explain, read_batches, read_metrics, tiny_model,  # noqa: F401
+                           torchrun)
 
 N = 4
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_model, tmp_path):
+    """Held-out evaluation is on in the uninterrupted run (steps 0, 3, 6, 8) and in the resumed half, off in the
+    killed half: equal losses at steps 1-4 also show that evaluation changes nothing in training (RNG, data)."""
     run = TINY_RUN + [f"init_model_path={tiny_model}", f"max_steps={2 * N}", f"saving_steps={N}", "packing=True"]
+    evaluation = [f"eval_data_root_dir={HELDOUT}", "eval_steps=3", "eval_samples_per_set=4"]
     whole, split = tmp_path / "whole", tmp_path / "split"
 
-    result = torchrun(run + [f"output_dir={whole}", f"logdir={whole}/logs"], env={"HARNESS_RECORD_BATCHES": "1"})
+    result = torchrun(run + evaluation + [f"output_dir={whole}", f"logdir={whole}/logs"],
+                      env={"HARNESS_RECORD_BATCHES": "1"})
     assert result.returncode == 0, explain(result)
 
     killed = torchrun(run + [f"output_dir={split}", f"logdir={split}/logs"],
@@ -17,7 +22,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_model, tmp_path)
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr + killed.stdout, explain(killed)
     assert not (split / "final").exists()
 
-    resumed = torchrun(run + [f"output_dir={split}", f"logdir={split}/logs", "recover_training_from_checkpoint=latest"],
+    resumed = torchrun(run + evaluation + [f"output_dir={split}", f"logdir={split}/logs",
+                                           "recover_training_from_checkpoint=latest"],
                        env={"HARNESS_RECORD_BATCHES": "1"})
     assert resumed.returncode == 0, explain(resumed)
     assert f"resumed from {split}/ckpt_step-{N}_" in resumed.stdout
@@ -29,6 +35,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_model, tmp_path)
         assert got[step]["loss"] == expected[step]["loss"], f"step {step}"
         assert got[step]["lr"] == expected[step]["lr"], f"step {step}"
         assert got[step]["grad_norm"] == expected[step]["grad_norm"], f"step {step}"
+    # The resumed run scores the same held-out tokens with the same weights: bit-exact per-set losses.
+    whole_evals, resumed_evals = read_metrics(whole / "logs", kind="eval"), read_metrics(split / "logs", kind="eval")
+    assert sorted(whole_evals) == [0, 3, 6, 8] and sorted(resumed_evals) == [6, 8]
+    for step in (6, 8):
+        assert resumed_evals[step]["eval"]["sets"] == whole_evals[step]["eval"]["sets"], f"step {step}"
     for rank in (0, 1):
         # No replay: the killed run handed out N batches, the resumed one the next N -- the uninterrupted 2N.
         assert read_batches(split / "logs", rank) == read_batches(whole / "logs", rank)

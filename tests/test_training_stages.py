@@ -1,8 +1,16 @@
 """The three stages end to end on the bundled corpus, 2 processes each: stage 1 starts from a tiny random model,
-stage 2 from stage 1's final/, stage 3 from stage 2's final/; the last model generates."""
+stage 2 from stage 1's final/, stage 3 from stage 2's final/; each scores its held-out sets from heldout_corpora;
+the last model generates."""
 import json
+import math
 
-from training_runs import CORPUS, TINY_RUN, explain, read_metrics, tiny_model, torchrun  # noqa: F401
+from training_runs import CORPUS, HELDOUT, TINY_RUN, explain, read_metrics, tiny_model, torchrun  # noqa: F401
+
+# Held-out sets per stage (stage 1: empty, i.e. the sets of its mix); eval_steps=3 of 4: at 0, 3 and the end.
+EVAL_SETS = {"pretrain": ([], ["zh", "en", "translate"]),
+             "task_instruct_tuning": (["zh", "zh-qa-short", "en-squad2"], ["zh", "zh-qa-short", "en-squad2"]),
+             "alignment_sft": (["mwp-zh", "cot-en", "others"], ["mwp-zh", "cot-en", "others"])}
+EVAL = [f"eval_data_root_dir={HELDOUT}", "eval_steps=3", "eval_samples_per_set=4"]
 
 
 def test_stage_1_then_2_then_3(tiny_model, tmp_path):
@@ -11,12 +19,27 @@ def test_stage_1_then_2_then_3(tiny_model, tmp_path):
                          ("task_instruct_tuning", ["gradient_accumulation_steps=2"]),
                          ("alignment_sft", ["packing=True"])):
         out = tmp_path / stage
-        result = torchrun(TINY_RUN + extra + [f"init_model_path={init}", "max_steps=4", "saving_steps=4",
-                                              f"output_dir={out}", f"logdir={out}/logs"], stage=stage)
+        asked, scored = EVAL_SETS[stage]
+        result = torchrun(TINY_RUN + extra + EVAL + [f"eval_sets={asked}", f"init_model_path={init}", "max_steps=4",
+                                                     "saving_steps=4", f"output_dir={out}", f"logdir={out}/logs"],
+                          stage=stage)
         assert result.returncode == 0, f"{stage}: {explain(result)}"
         metrics = read_metrics(out / "logs")
         assert sorted(metrics) == [1, 2, 3, 4]
         assert all(m["skipped_steps"] == 0 and m["tokens_per_s"] > 0 for m in metrics.values())
+        # Held-out loss per set at step 0 (the starting model), at eval_steps and at the end, on the same tokens.
+        evals = read_metrics(out / "logs", kind="eval")
+        assert sorted(evals) == [0, 3, 4], f"{stage}: {sorted(evals)}"
+        assert evals[0]["tokens_seen"] == 0 and evals[3]["tokens_seen"] == metrics[3]["tokens_seen"] > 0
+        for record in evals.values():
+            sets = record["eval"]["sets"]
+            assert list(sets) == scored
+            assert all(math.isfinite(s["loss"]) and s["tokens"] > 0 for s in sets.values())
+            assert {name: s["tokens"] for name, s in sets.items()} == \
+                   {name: s["tokens"] for name, s in evals[0]["eval"]["sets"].items()}
+            assert math.isfinite(record["eval"]["mix"]["loss"])
+        assert "eval step 0 | " in result.stdout  # the compact console line
+        assert "eval step 4 (" in (out / "logs" / "log.txt.1").read_text()  # every rank's log file
         final = out / "final"
         assert {"config.json", "tokenizer.model", "model.safetensors.index.json"} <= {p.name for p in final.iterdir()}
         # Checkpoints carry the settings they ran with, the stage's data mix included.

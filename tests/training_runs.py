@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "tests" / "training_harness.py"
 CORPUS = REPO / "pretraining_corpora"
+HELDOUT = REPO / "heldout_corpora"
 
 # Small and fast on 2 CPU cores; every run uses these unless a test overrides them.
 TINY_RUN = ["max_seq_length=64", "batch_size=2", "warmup_steps=2", "lr=2e-3", "min_lr=2e-4", "logging_steps=1",
@@ -49,12 +50,14 @@ def torchrun(settings: list[str], stage: str = "pretrain", nproc: int = 2, env: 
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def read_metrics(logdir: Path) -> dict[int, dict]:
-    """step -> the last metrics.jsonl record of that step (a resumed run appends after the killed one)."""
+def read_metrics(logdir: Path, kind: str = "loss") -> dict[int, dict]:
+    """step -> the last metrics.jsonl record of that step (a resumed run appends after the killed one), among the
+    records that have the field `kind`: "loss" for training windows, "eval" for held-out evaluations."""
     records = {}
     for line in (Path(logdir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        records[record["step"]] = record
+        if kind in record:
+            records[record["step"]] = record
     return records
 
 

@@ -189,6 +189,13 @@ class Engine:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def inference_ready(self) -> bool:
+        """Whether a no-grad forward (held-out evaluation) may run now. Gemini's "auto" placement records memory
+        statistics over the first training iteration and GeminiDDP.forward (colossalai/zero/gemini/gemini_ddp.py)
+        asserts on a no-grad forward before it; "static" placement, zero2 and ddp are always ready."""
+        manager = getattr(self.model, "gemini_manager", None)
+        return manager is None or not (manager.need_warmup and manager.is_warmup())
+
     def no_sync(self, last_micro_batch: bool):
         """Skip ddp's gradient all-reduce on all but the last micro-batch of an accumulation."""
         # Only a bare TorchDDPModel supports it: under fp16 AMP the booster wraps the model once more, and the

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from training.checkpoint import (CheckpointError, TrainerState, find_latest, load_checkpoint, read_trainer_state,
                                  resolve_resume, save_checkpoint, save_final, set_aside_newer)
 from training.engine import Engine, choose_engine
+from training.evaluation import HeldOut, load_held_out
 from training.launch import StopRequest, launch, shutdown
 from training.metrics import Metrics, flops_per_token, peak_tflops_per_gpu, setup_logging
 from training.model_loading import ModelInputError, check_model_inputs, load_model
@@ -76,6 +77,7 @@ def _train(settings, data_processor_cls) -> None:
     # ---- data: built and validated before the model, so a bad corpus fails in seconds
     data = data_processor_cls(settings, inputs.tokenizer, run.rank, run.world_size)
     try:
+        held_out = load_held_out(settings, data, run.rank, run.world_size)  # None: no evaluation
         # ---- model and engine (booster, plugin, optimizer, lr schedule)
         model = load_model(settings, inputs, choice.load_dtype, choice.plugin)
         fpt = flops_per_token(model, inputs.config.num_hidden_layers, inputs.config.hidden_size,
@@ -95,7 +97,7 @@ def _train(settings, data_processor_cls) -> None:
                         f"{state.tokens_seen:,}")
 
         # ---- the loop
-        completed = _run_steps(settings, run, engine, data, inputs, state, fpt)
+        completed = _run_steps(settings, run, engine, data, inputs, state, fpt, held_out)
         if completed:
             final = save_final(engine, inputs.config, inputs.tokenizer_path, settings.output_dir)
             logger.info("finished %d steps; model saved to %s", state.step, final)
@@ -103,7 +105,8 @@ def _train(settings, data_processor_cls) -> None:
         data.close()
 
 
-def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState, fpt: float) -> bool:
+def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState, fpt: float,
+               held_out: HeldOut | None) -> bool:
     """Train until max_steps (True) or a stop signal (False, after a checkpoint)."""
     stop = StopRequest()
     metrics = Metrics(settings, run.rank, run.world_size, fpt,
@@ -115,6 +118,8 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
     accumulation = settings.gradient_accumulation_steps
     save_due = False
     try:
+        if held_out is not None and state.step == 0:
+            _evaluate(held_out, engine, metrics, state)  # the starting model: every curve shows change from it
         while state.step < settings.max_steps:
             # ---- forward and backward over the micro-batches of one optimizer step
             loss_sum = torch.zeros((), device=run.device)  # finite micro-batch losses, summed
@@ -155,7 +160,9 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
                     f"Last good checkpoint: {latest or 'none'}. Lower lr or check the data, then resume with "
                     f"recover_training_from_checkpoint=latest")
             if state.step % settings.logging_steps == 0 or state.step == settings.max_steps:
-                state.loss = metrics.log(state.step)["loss"]
+                state.loss = metrics.log(state.step, state.tokens_seen)["loss"]
+            if held_out is not None and held_out.due(state.step, settings.max_steps):
+                _evaluate(held_out, engine, metrics, state)
             stopping = stops > 0
             save_due = save_due or state.step % settings.saving_steps == 0
             # A save that falls inside a run of skipped steps waits for the next good step, so that
@@ -163,8 +170,9 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
             if (save_due and metrics.consecutive_bad == 0) or stopping:
                 save_due = False
                 state.loss = metrics.recent_loss()
-                path = save_checkpoint(engine, data, state, inputs.config, inputs.tokenizer_path,
-                                       settings.output_dir, settings.keep_checkpoints)
+                with metrics.paused():
+                    path = save_checkpoint(engine, data, state, inputs.config, inputs.tokenizer_path,
+                                           settings.output_dir, settings.keep_checkpoints)
                 logger.info("saved checkpoint %s", path)
             if stopping:
                 logger.info("stop requested (%s): checkpoint saved at step %d, exiting cleanly",
@@ -174,6 +182,15 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
     finally:
         metrics.close()
         stop.restore()
+
+
+def _evaluate(held_out: HeldOut, engine: Engine, metrics: Metrics, state: TrainerState) -> None:
+    """Held-out loss per set, outside the throughput window; before a checkpoint of the same step, so that a
+    resumed run never misses an evaluation."""
+    with metrics.paused():
+        scores = held_out.evaluate(engine)
+    if scores is not None:
+        metrics.log_eval(state.step, state.tokens_seen, scores)
 
 
 def _agree_on_resume(settings, rank: int):

@@ -2,6 +2,12 @@
 
 Where they go: the rank-0 console (log lines above a tqdm bar), logdir/log.txt.<rank> on every rank, TensorBoard
 event files under logdir and logdir/metrics.jsonl (one JSON object per log line, full precision; rank 0).
+metrics.jsonl holds two kinds of record, told apart by their fields (readers select by field presence):
+    training window   {"step", "tokens_seen", "loss", "lr", "grad_norm", "tokens_per_s", ...}
+    held-out scores   {"step", "tokens_seen", "eval": {"sets": {<set>: {"loss", "ppl", "tokens"}},
+                                                       "mix": {"loss", "ppl", "tokens", "weights"}, "seconds"}}
+("mix" is absent when no held-out set is in the training mix; see training/evaluation.py.)
+Time spent inside `metrics.paused()` (held-out evaluation, checkpoint saves) is left out of tokens/s and MFU.
 
 Model FLOPs per token (PaLM, appendix B; what README states):
     flops_per_token = 6 * N + 12 * n_layers * hidden_size * max_seq_length
@@ -13,6 +19,7 @@ not counted either: tokens are real tokens only, so padding lowers MFU, as it sh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -73,8 +80,13 @@ class _TqdmHandler(logging.Handler):
 
 def _not_library_chatter(record: logging.LogRecord) -> bool:
     """Console filter: libraries that log INFO through the root logger (ColossalAI's "The model is going to be
-    split to checkpoint shards...") go to the log file only."""
+    split to checkpoint shards...") go to the log file only, and so do records logged with extra=FILE_ONLY."""
+    if getattr(record, "file_only", False):
+        return False
     return record.name != "root" or record.levelno >= logging.WARNING
+
+
+FILE_ONLY = {"file_only": True}  # logger.info(..., extra=FILE_ONLY): detail for log.txt.<rank>, not the console
 
 
 def setup_logging(logdir: str | Path, rank: int) -> Path:
@@ -160,8 +172,18 @@ class Metrics:
         """The current window's mean loss, or the last logged one if nothing is recorded since (checkpoint names)."""
         return self.window_loss() if self._losses else self._last_window_loss
 
-    def log(self, step: int) -> dict[str, float]:
-        """Report the window ending at `step` (called every logging_steps and at the end), then start a new one."""
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside out of the current window's tokens/s (held-out evaluation, checkpoints)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t0 += time.perf_counter() - start
+
+    def log(self, step: int, tokens_seen: int) -> dict[str, float]:
+        """Report the window ending at `step` (called every logging_steps and at the end), then start a new one.
+        tokens_seen: real tokens of all ranks up to `step`, from the run's start (resumes included)."""
         now = time.perf_counter()
         elapsed = max(now - self._t0, 1e-9)
         tokens_per_s = self._tokens / elapsed
@@ -192,13 +214,42 @@ class Metrics:
                     self._writer.add_scalar(f"train/{name}", value, step)
             self._writer.flush()
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, **figures}) + "\n")
+            self._jsonl.write(json.dumps({"step": step, "tokens_seen": tokens_seen, **figures}) + "\n")
             self._jsonl.flush()
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{figures['loss']:.4f}", lr=f"{self._lr:.2e}")
         self._last_window_loss = figures["loss"]
         self._reset_window(now)
         return figures
+
+    def log_eval(self, step: int, tokens_seen: int, scores) -> None:
+        """One held-out evaluation (training/evaluation.py Scores): per-set losses on the console, loss, perplexity
+        and tokens per set in the log file, eval/<set>/{loss,ppl,tokens} in TensorBoard, an "eval" record in
+        metrics.jsonl."""
+        mix = scores.mix
+        logger.info("eval step %d | %s%s | %.1f s", step,
+                    " | ".join(f"{name} {score.loss:.4f}" for name, score in scores.sets.items()),
+                    f" | mix {mix.loss:.4f} (ppl {mix.ppl:.4g})" if mix is not None else "", scores.seconds)
+        logger.info("eval step %d (%s tokens seen): %s", step, f"{tokens_seen:,}",
+                    "; ".join(f"{name} loss {s.loss:.4f} ppl {s.ppl:.4g} tokens {s.tokens:,}"
+                              + ("" if name in scores.weights else " (not in the mix)")
+                              for name, s in scores.sets.items()), extra=FILE_ONLY)
+        rows = {name: {"loss": s.loss, "ppl": s.ppl, "tokens": s.tokens} for name, s in scores.sets.items()}
+        record = {"sets": rows, "seconds": scores.seconds}
+        if mix is not None:
+            record["mix"] = {"loss": mix.loss, "ppl": mix.ppl, "tokens": mix.tokens, "weights": scores.weights}
+        if self._writer is not None:
+            tagged = {f"eval/{name}": row for name, row in rows.items()}
+            if mix is not None:
+                tagged["eval/mix-weighted"] = {"loss": mix.loss, "ppl": mix.ppl}
+            for prefix, row in tagged.items():
+                for key, value in row.items():
+                    if math.isfinite(value):
+                        self._writer.add_scalar(f"{prefix}/{key}", value, step)
+            self._writer.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, "tokens_seen": tokens_seen, "eval": record}) + "\n")
+            self._jsonl.flush()
 
     def pending(self) -> bool:
         """Steps recorded since the last log line."""

@@ -136,6 +136,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gradient_accumulation_steps": (lambda v: v >= 1, "an int >= 1"),
     "logging_steps": (lambda v: v >= 1, "an int >= 1"),
     "saving_steps": (lambda v: v >= 1, "an int >= 1"),
+    "eval_steps": (lambda v: v >= 1, "an int >= 1"),
+    "eval_samples_per_set": (lambda v: v >= 1, "an int >= 1"),
+    "eval_sets": (lambda v: all(isinstance(name, str) and name and "/" not in name and not name.startswith(".")
+                                for name in v) and len(set(v)) == len(v),
+                  "a list of distinct set names (plain folder names); empty: the training mix's sets"),
     "keep_checkpoints": (lambda v: v >= 1, "an int >= 1"),
     "max_bad_steps": (lambda v: v >= 1, "an int >= 1"),
     "lr": (lambda v: v > 0, "a float > 0"),

@@ -221,7 +221,7 @@ def build_optimizer(settings, choice, params: list[torch.nn.Parameter]) -> torch
 
         load_kernels_once_per_node(choice.device)
         return HybridAdam(params, adamw_mode=True, **adam)
-    return torch.optim.AdamW(params, fused=kind == FUSED_ADAMW, **adam)
+    return torch.optim.AdamW(params, fused=True if kind == FUSED_ADAMW else None, **adam)  # None: torch's default
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,14 @@
 """Checkpoint I/O failures on 2 processes: a disk that fills during a save and a truncated safetensors file at resume
 each end every rank with one `error:` line that names the checkpoint, the cause and the checkpoint to resume from;
 the previous checkpoint stays whole and is the one `latest` resumes from."""
+import os
 import re
 
-from training.checkpoint import find_latest, resolve_resume, verify_files
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from training.checkpoint import CheckpointError, _io_cause, find_latest, resolve_resume, verify_files
 from training_runs import TINY_RUN, explain, tiny_model, torchrun  # noqa: F401
 
 
@@ -48,3 +53,26 @@ def test_full_disk_and_truncated_file_end_every_rank_with_one_line(tiny_model, t
         assert f"cannot resume from {step2} (rank {rank}): {shard.name} is damaged" in line, line
         assert f"recover_training_from_checkpoint={step1}" in line, line
     assert step1.is_dir() and step2.is_dir()  # a failed resume deletes nothing
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+def test_each_writers_full_disk_error_is_named(tmp_path):
+    """The errors torch.save and safetensors really raise on a full disk; torch's carries no errno, so the line
+    quotes it with the free space instead."""
+    with pytest.raises(Exception) as torch_error:
+        torch.save({"w": torch.zeros(4096)}, "/dev/full")
+    cause = _io_cause(torch_error.value, tmp_path)
+    assert "PytorchStreamWriter failed writing file" in cause and "free on the disk of" in cause
+    with pytest.raises(Exception) as safetensors_error:
+        save_file({"w": torch.zeros(4096)}, "/dev/full")
+    assert _io_cause(safetensors_error.value, tmp_path).startswith("no space left on the device")
+    assert _io_cause(ValueError("a bug"), tmp_path) is None  # not a disk problem: keeps its traceback
+
+
+def test_a_torch_file_cut_short_is_named(tmp_path):
+    torch.save({"state": torch.ones(1000)}, tmp_path / "optimizer.bin")
+    verify_files(tmp_path)
+    data = (tmp_path / "optimizer.bin").read_bytes()
+    (tmp_path / "optimizer.bin").write_bytes(data[:len(data) - 100])
+    with pytest.raises(CheckpointError, match="optimizer.bin is damaged: not a whole torch file"):
+        verify_files(tmp_path)

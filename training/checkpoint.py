@@ -57,6 +57,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run; the message names the path."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A file of a checkpoint is missing, cut short or unreadable: an earlier checkpoint may still be whole."""
+
+
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps done
@@ -233,7 +237,9 @@ def load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerStat
     A damaged or unreadable file ends every rank with one line that names the checkpoint to resume from instead."""
 
     def describe(exc: BaseException) -> str | None:
-        cause = str(exc) if isinstance(exc, CheckpointError) else _io_cause(exc, path)
+        if isinstance(exc, CheckpointError) and not isinstance(exc, DamagedCheckpointError):
+            return str(exc)  # e.g. another world size: an earlier checkpoint would not help
+        cause = str(exc) if isinstance(exc, DamagedCheckpointError) else _io_cause(exc, path)
         if cause is None:
             return None
         earlier = [p for step, p in list_checkpoints(path.parent) if p != path and step <= _step_of(path)]
@@ -333,13 +339,14 @@ def verify_files(path: Path) -> None:
     for file in sorted(path.rglob("*.safetensors")):
         problem = _safetensors_problem(file)
         if problem:
-            raise CheckpointError(f"{file.relative_to(path)} is damaged: {problem}")
+            raise DamagedCheckpointError(f"{file.relative_to(path)} is damaged: {problem}")
     for file in sorted(path.rglob("*.bin")):
         try:
             with zipfile.ZipFile(file):  # torch.save's format; a truncated file has lost its zip directory
                 pass
         except (zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"{file.relative_to(path)} is damaged: not a whole torch file ({e})") from None
+            problem = f"not a whole torch file ({e})"
+            raise DamagedCheckpointError(f"{file.relative_to(path)} is damaged: {problem}") from None
 
 
 def _safetensors_problem(file: Path) -> str | None:
@@ -529,12 +536,12 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file missing: {path}")
+        raise DamagedCheckpointError(f"checkpoint file missing: {path}")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path.name} is damaged (not valid JSON: {e})") from None
+        raise DamagedCheckpointError(f"{path.name} is damaged (not valid JSON: {e})") from None
 
 
 def _fsync_dir(path: Path) -> None:

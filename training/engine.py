@@ -5,7 +5,7 @@ Plugins (setting `plugin`):
     "zero2"   LowLevelZeroPlugin(stage=2), optional CPU offload of optimizer states (zero2_cpu_offload)
     "ddp"     TorchDDPPlugin: plain data parallel; fp16 through torch AMP, bf16 through autocast
 On a machine without CUDA the ZeRO plugins and HybridAdam cannot run (they assert a GPU), so the engine falls back to
-"ddp" on gloo in fp32 with torch.optim.AdamW, and says so once.
+"ddp" on gloo in fp32 with torch.optim.AdamW, and says so once. Which Adam runs, and its kernels: training/optimizer.py.
 
 What the loop sees: `engine.model(...)` inside `engine.autocast()`, `engine.backward(loss, sync)`, and
 `engine.step(loss_is_finite) -> StepOutcome` which clips, steps or skips, and reports grad norm and loss scale.

@@ -85,7 +85,7 @@ def toolchain_problem() -> str | None:
     torch_cuda = torch.version.cuda
     if not torch_cuda:
         return f"this torch ({torch.__version__}) was built without CUDA"
-    cuda_home = cpp_extension.CUDA_HOME  # what ColossalAI reads: CUDA_HOME, CUDA_PATH, the nvcc on PATH, /usr/local/cuda
+    cuda_home = cpp_extension.CUDA_HOME  # what ColossalAI reads: CUDA_HOME, CUDA_PATH, nvcc on PATH, /usr/local/cuda
     if not cuda_home:
         return "CUDA_HOME is not set and no nvcc is on PATH"
     nvcc = Path(cuda_home) / "bin" / "nvcc"

@@ -8,6 +8,9 @@ Environment:
     HARNESS_CRASH_DURING_SAVE N: SIGKILL rank 0 while the step-N checkpoint is being written (everything but
                               trainer_state.json is on disk)
     HARNESS_NAN_STEPS         "3,4": the model returns a NaN loss on these steps (1-based, every rank)
+    HARNESS_DISK_FULL_AT_SAVE N: the disk is full while the step-N checkpoint is written: torch.save into it (the
+                              optimizer, rank 0 on the CPU fallback) leaves an empty file and gets the kernel's
+                              ENOSPC, by writing its bytes to /dev/full
     HARNESS_RECORD_BATCHES    1: append a hash of every batch to <logdir>/batches.rank<R>.jsonl
 """
 from __future__ import annotations
@@ -55,6 +58,21 @@ def crash_during_save(step: int) -> None:
     checkpoint._write_json = write_or_die
 
 
+def disk_full_at_save(step: int) -> None:
+    import torch
+
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and f"ckpt_step-{step}_" in str(f):
+            Path(f).touch()
+            with open("/dev/full", "wb") as full:
+                return original(obj, full, *args, **kwargs)
+        return original(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 def nan_at_steps(steps: set[int]) -> None:
     from llama.llama_model import Llama
 
@@ -98,6 +116,8 @@ def main() -> None:
         kill_after_save(int(os.environ["HARNESS_KILL_AFTER_SAVE"]))
     if os.environ.get("HARNESS_CRASH_DURING_SAVE"):
         crash_during_save(int(os.environ["HARNESS_CRASH_DURING_SAVE"]))
+    if os.environ.get("HARNESS_DISK_FULL_AT_SAVE"):
+        disk_full_at_save(int(os.environ["HARNESS_DISK_FULL_AT_SAVE"]))
     if os.environ.get("HARNESS_NAN_STEPS"):
         nan_at_steps({int(s) for s in os.environ["HARNESS_NAN_STEPS"].split(",")})
     if os.environ.get("HARNESS_RECORD_BATCHES"):

@@ -5,15 +5,23 @@ Layout of output_dir/ckpt_step-<step>_loss-<loss>/ (written as <name>.tmp/, rena
     model.safetensors.index.json + model-*.safetensors  (booster.save_model, shard=True, use_safetensors=True)
     optimizer/  or  optimizer.bin                       ColossalAI sharded save on GPU; one file on the CPU fallback
     scheduler.json                                      lr scheduler state
+    grad_scaler.json                                    ddp + fp16 only: torch GradScaler's scale and growth tracker
     data_state.rank<R>.json                             each rank's DataProcessor position
     rng_state.rank<R>.json                              each rank's torch, CUDA and Python RNG states
     trainer_state.json                                  step, tokens seen, loss, skipped steps, world size, settings;
                                                         written last, so its presence marks a complete checkpoint
 Nothing is unpickled on load: JSON, safetensors, and the optimizer through torch.load(weights_only=True).
+
+Saving and loading are collective, and a disk can fill or a file can be damaged on one rank only: then every rank
+ends with the same one-line CheckpointError naming the checkpoint, the cause and the last complete checkpoint to
+resume from (`_all_ranks_or_none`), and a failed save leaves no partial directory behind.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
+import itertools
 import json
 import logging
 import math
@@ -21,7 +29,12 @@ import os
 import random
 import re
 import shutil
+import signal
+import struct
+import sys
+import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +49,16 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^ckpt_step-(\d+)_loss-(nan|-?[0-9.]+)$")  # not <name>.tmp, not <name>.abandoned-*
 TMP_SUFFIX = ".tmp"
 TRAINER_STATE = "trainer_state.json"
+GRAD_SCALER = "grad_scaler.json"
 FINAL_DIR = "final"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run; the message names the path."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file of a checkpoint is missing, cut short or unreadable: an earlier checkpoint may still be whole."""
 
 
 @dataclass
@@ -137,13 +155,15 @@ def save_checkpoint(engine, data_processor, state: TrainerState, model_config, t
     with _atomic_directory(final, write_trainer_state) as tmp:
         _save_model_dir(engine, tmp, model_config, tokenizer_path)
         if engine.checkpoint_optimizer_sharded:
-            engine.booster.save_optimizer(engine.optimizer, str(tmp / "optimizer"), shard=True)
+            engine.booster.save_optimizer(engine.checkpoint_optimizer, str(tmp / "optimizer"), shard=True)
         else:
-            engine.booster.save_optimizer(engine.optimizer, str(tmp / "optimizer.bin"), shard=False)
+            engine.booster.save_optimizer(engine.checkpoint_optimizer, str(tmp / "optimizer.bin"), shard=False)
         _write_json(tmp / f"data_state.rank{rank}.json", data_processor.state_dict())
         _write_json(tmp / f"rng_state.rank{rank}.json", capture_rng_state())
         if rank == 0:
             _write_json(tmp / "scheduler.json", engine.scheduler.state_dict())
+            if engine.grad_scaler is not None:  # the same on every rank: it sees the all-reduced gradients
+                _write_json(tmp / GRAD_SCALER, engine.grad_scaler.state_dict())
     if rank == 0:
         _prune(output_dir, keep, final)
     _barrier()
@@ -162,21 +182,32 @@ def save_final(engine, model_config, tokenizer_path: str | Path, output_dir: str
 def _atomic_directory(final: Path, finish=None):
     """Collective: every rank writes into <final>.tmp/ inside the block; once all are done, rank 0 runs
     finish(tmp) and swaps the directory in for <final>/ (a re-save of the same step after a resume replaces it).
-    A crash inside the block leaves only the .tmp, which "latest" ignores."""
+    A failed write (a full disk) removes the .tmp on every rank's way out; a killed process leaves only the .tmp,
+    which "latest" ignores and the next save's prune removes."""
     tmp = final.with_name(final.name + TMP_SUFFIX)
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    yield tmp
-    _barrier()
-    if _rank() == 0:
-        if finish is not None:
-            finish(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    _barrier()
+
+    def describe(exc: BaseException) -> str | None:
+        cause = _io_cause(exc, final.parent)
+        if cause is None:
+            return None
+        latest = find_latest(final.parent)
+        return (f"saving {final} failed on rank {_rank()}: {cause}. Its partial {tmp.name} is removed; the last "
+                f"complete checkpoint is {latest or 'none yet'}" +
+                (": resume from it with recover_training_from_checkpoint=latest" if latest else ""))
+
+    with _all_ranks_or_none(describe, on_failure=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        yield tmp
+        _barrier()
+        if _rank() == 0:
+            if finish is not None:
+                finish(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
 
 
 def _save_model_dir(engine, directory: Path, model_config, tokenizer_path: str | Path) -> None:
@@ -202,18 +233,42 @@ def _prune(output_dir: str | Path, keep: int, just_saved: Path) -> None:
 
 
 def load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerState:
-    """Collective: restore model, optimizer, scheduler, this rank's data position and RNG; return the loop state."""
+    """Collective: restore model, optimizer, scheduler, this rank's data position and RNG; return the loop state.
+    A damaged or unreadable file ends every rank with one line that names the checkpoint to resume from instead."""
+
+    def describe(exc: BaseException) -> str | None:
+        if isinstance(exc, CheckpointError) and not isinstance(exc, DamagedCheckpointError):
+            return str(exc)  # e.g. another world size: an earlier checkpoint would not help
+        cause = str(exc) if isinstance(exc, DamagedCheckpointError) else _io_cause(exc, path)
+        if cause is None:
+            return None
+        earlier = [p for step, p in list_checkpoints(path.parent) if p != path and step <= _step_of(path)]
+        advice = (f"the last complete checkpoint before it is {earlier[-1]}: resume from it with "
+                  f"recover_training_from_checkpoint={earlier[-1]}" if earlier else "there is no earlier checkpoint")
+        return f"cannot resume from {path} (rank {_rank()}): {cause}; {advice}"
+
+    with _all_ranks_or_none(describe):
+        return _load_checkpoint(path, engine, data_processor, settings)
+
+
+def _load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerState:
     rank, world_size = _rank(), _world_size()
     state = TrainerState(**read_trainer_state(path))
     if state.world_size != world_size:
         raise CheckpointError(f"{path} was written by {state.world_size} processes, this run has {world_size}: "
                               f"each rank resumes its own data position, so the world size must match")
+    verify_files(path)
     engine.booster.load_model(engine.model, str(path))
     with weights_only_torch_load():
         if (path / "optimizer").is_dir():
-            engine.booster.load_optimizer(engine.optimizer, str(path / "optimizer"))
+            engine.booster.load_optimizer(engine.checkpoint_optimizer, str(path / "optimizer"))
         else:
-            engine.booster.load_optimizer(engine.optimizer, str(path / "optimizer.bin"))
+            engine.booster.load_optimizer(engine.checkpoint_optimizer, str(path / "optimizer.bin"))
+    if engine.grad_scaler is not None:
+        if (path / GRAD_SCALER).is_file():
+            engine.grad_scaler.load_state_dict(_read_json(path / GRAD_SCALER))
+        else:
+            logger.warning("%s holds no %s: the fp16 loss scale restarts from initial_loss_scale", path, GRAD_SCALER)
     changed = {k: (v, getattr(settings, k)) for k, v in state.settings.items()
                if k in settings and getattr(settings, k) != v and k in _SETTINGS_THAT_CHANGE_THE_RUN}
     for name, (old, new) in changed.items():
@@ -275,6 +330,200 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+# ---------------------------------------------------------------------------------------------------- failures
+
+
+def verify_files(path: Path) -> None:
+    """Check that every safetensors and torch file of checkpoint `path` is whole before loading any, so that a
+    damaged one is named (safetensors' own error does not say which file). Cheap: headers and zip directories only."""
+    for file in sorted(path.rglob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem:
+            raise DamagedCheckpointError(f"{file.relative_to(path)} is damaged: {problem}")
+    for file in sorted(path.rglob("*.bin")):
+        try:
+            with zipfile.ZipFile(file):  # torch.save's format; a truncated file has lost its zip directory
+                pass
+        except (zipfile.BadZipFile, OSError) as e:
+            problem = f"not a whole torch file ({e})"
+            raise DamagedCheckpointError(f"{file.relative_to(path)} is damaged: {problem}") from None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """safetensors layout: an 8-byte little-endian header length, a JSON header whose data_offsets end where the
+    file ends. A truncated file ends early."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        (header_length,) = struct.unpack("<Q", head)
+        if 8 + header_length > size:
+            return f"{size} bytes, shorter than its own header ({header_length} bytes)"
+        try:
+            header = json.loads(f.read(header_length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "its header is not valid JSON"
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    expected = 8 + header_length + max(ends, default=0)
+    if size != expected:
+        return f"{size} bytes where its header promises {expected} (truncated or overwritten)"
+    return None
+
+
+def _io_cause(exc: BaseException, directory: Path) -> str | None:
+    """The disk or file problem behind `exc`, in words, or None when `exc` is not one (a bug keeps its traceback)."""
+    chain, seen = [], exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " | ".join(f"{type(e).__name__}: {e}" for e in chain)
+    free = _free_space(directory)
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain) or re.search(
+            r"No space left|StorageFull|os error 28|Disk quota", text):
+        return f"no space left on the device ({free})"
+    for e in chain:
+        if isinstance(e, OSError):
+            return f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''} ({free})"
+    # torch's zip writer and reader and safetensors report disk errors without an errno.
+    if re.search(r"PytorchStream(Writer|Reader) failed|file write failed|SafetensorError|central directory", text):
+        first = next(str(e).strip().splitlines()[0] for e in reversed(chain) if str(e).strip())
+        return f"{first} ({free})"
+    return None
+
+
+def _free_space(directory: Path) -> str:
+    existing = next((p for p in [directory, *directory.parents] if p.exists()), None)
+    if existing is None:
+        return "free space unknown"
+    free = shutil.disk_usage(existing).free
+    return f"{free / 2**30:.2f} GiB free on the disk of {existing}"
+
+
+def _step_of(path: Path) -> float:
+    match = CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match else math.inf
+
+
+_guards = itertools.count()  # every rank opens the same guards in the same order, so the n-th one shares its keys
+
+
+@contextlib.contextmanager
+def _all_ranks_or_none(describe, on_failure=None):
+    """Collective block: either every rank gets through it, or every rank ends with the same one-line error.
+
+    A rank whose step fails cannot just raise: the others may wait in a collective it will never join (zero2's
+    optimizer save all-gathers each state between the master's shard writes, `LowLevelZeroCheckpointIO.
+    save_sharded_optimizer` in colossalai/booster/plugin/low_level_zero_plugin.py; every save ends in a barrier).
+    So it posts describe(exc) in the process group's key-value store, where a watcher thread on every rank reads
+    it. A rank blocked in a collective cannot be woken, so its watcher logs the line and ends the process (exit
+    code 1); a rank at the end of the block waits there for all others, and raises the message. An exception that
+    describe() does not recognise (None: a bug, not a disk) keeps its traceback on the rank that raised it.
+    """
+    if not dist.is_initialized() or _world_size() == 1:
+        try:
+            yield
+        except Exception as e:
+            message = describe(e)
+            if message is None:
+                raise
+            if on_failure is not None:
+                on_failure()
+            raise CheckpointError(message) from None
+        return
+    watch = _FailureWatch(f"checkpoint_guard/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_guards)}/")
+    try:
+        yield
+    except Exception as e:
+        message = describe(e)
+        known = message is not None
+        if not known:
+            message = f"rank {_rank()} failed with {type(e).__name__}: {e} (its traceback is in that rank's output)"
+        watch.fail(message, on_failure)
+        if not known:
+            raise
+        raise CheckpointError(message) from None
+    watch.finish()
+
+
+class _FailureWatch:
+    """The store keys of one `_all_ranks_or_none` block, <prefix>failed (the message), <prefix>done and
+    <prefix>printed (counters), and the thread that polls them.
+
+    No rank leaves before every rank has printed its line: torchrun ends the other workers (SIGTERM, after
+    --monitor-interval) as soon as one exits, which would cut off a line not yet printed."""
+
+    POLL_SECONDS = 0.5
+    EXIT_TIMEOUT_SECONDS = 30.0  # a rank that died without its line holds the others back this long at most
+
+    def __init__(self, prefix: str):
+        self.store = dist.distributed_c10d._get_default_store()
+        self.world_size = _world_size()
+        self.failed_key, self.done_key, self.printed_key = prefix + "failed", prefix + "done", prefix + "printed"
+        self._lock = threading.Lock()
+        self._settled = False  # this rank has taken its way out: raising, or exiting from the watcher
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="checkpoint-failure-watch", daemon=True)
+        self._thread.start()
+
+    def _message(self) -> str | None:
+        return self.store.get(self.failed_key).decode() if self.store.check([self.failed_key]) else None
+
+    def _settle(self) -> None:
+        """Take this rank's way out, or, where the watcher took it first, wait for it to end the process."""
+        with self._lock:
+            first, self._settled = not self._settled, True
+        if not first:
+            threading.Event().wait()
+        self._stop.set()
+
+    def _exit_together(self, then=None) -> None:
+        """Count this rank's line as printed; wait until every rank's is (so no rank still writes), then `then`."""
+        self.store.add(self.printed_key, 1)
+        deadline = time.monotonic() + self.EXIT_TIMEOUT_SECONDS
+        while self.store.add(self.printed_key, 0) < self.world_size and time.monotonic() < deadline:
+            time.sleep(self.POLL_SECONDS / 5)
+        if then is not None:  # from atexit, in the main thread: torchrun's SIGTERM must not cut the cleanup short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            then()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.POLL_SECONDS):
+            message = self._message()
+            if message is None:
+                continue
+            with self._lock:
+                if self._settled:
+                    return
+                self._settled = True
+            # The line _expected_errors_as_one_line (training/loop.py) prints for a raised CheckpointError.
+            logger.error("error: %s: %s", CheckpointError.__name__, message)
+            sys.stdout.flush()
+            self._exit_together()
+            os._exit(1)
+
+    def fail(self, message: str, cleanup=None) -> None:
+        """This rank failed: post the message; leave with the others, after the caller's raise has printed, and
+        run `cleanup` once they are out of the block."""
+        self._settle()
+        self.store.set(self.failed_key, message)
+        atexit.register(self._exit_together, cleanup)
+
+    def finish(self) -> None:
+        """A barrier in the store that ends as soon as any rank has failed."""
+        self.store.add(self.done_key, 1)
+        while True:
+            message = self._message()
+            if message is not None:
+                self._settle()
+                atexit.register(self._exit_together)
+                raise CheckpointError(message)
+            if self.store.add(self.done_key, 0) >= self.world_size:
+                self._stop.set()
+                return
+            time.sleep(self.POLL_SECONDS / 5)
+
+
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
@@ -287,9 +536,12 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file missing: {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        raise DamagedCheckpointError(f"checkpoint file missing: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedCheckpointError(f"{path.name} is damaged (not valid JSON: {e})") from None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -5,7 +5,7 @@ Plugins (setting `plugin`):
     "zero2"   LowLevelZeroPlugin(stage=2), optional CPU offload of optimizer states (zero2_cpu_offload)
     "ddp"     TorchDDPPlugin: plain data parallel; fp16 through torch AMP, bf16 through autocast
 On a machine without CUDA the ZeRO plugins and HybridAdam cannot run (they assert a GPU), so the engine falls back to
-"ddp" on gloo in fp32 with torch.optim.AdamW, and says so once.
+"ddp" on gloo in fp32 with torch.optim.AdamW, and says so once. Which Adam runs, and its kernels: training/optimizer.py.
 
 What the loop sees: `engine.model(...)` inside `engine.autocast()`, `engine.backward(loss, sync)`, and
 `engine.step(loss_is_finite) -> StepOutcome` which clips, steps or skips, and reports grad norm and loss scale.
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from training.optimizer import build_optimizer, check_toolchain
 from training.settings import SettingsError
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ def import_colossalai():
         from colossalai.booster.mixed_precision import FP16TorchMixedPrecision
         from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin, TorchDDPPlugin
         from colossalai.nn.lr_scheduler import CosineAnnealingWarmupLR
-        from colossalai.nn.optimizer import HybridAdam
     # ColossalAI's dist logger attaches its own handlers; route it to ERROR so only failures reach the console.
     from colossalai.logging import get_dist_logger
 
@@ -66,8 +66,7 @@ def import_colossalai():
     warnings.filterwarnings("ignore", message="To get the last learning rate computed by the scheduler")
     return types.SimpleNamespace(Booster=Booster, FP16TorchMixedPrecision=FP16TorchMixedPrecision,
                                  GeminiPlugin=GeminiPlugin, LowLevelZeroPlugin=LowLevelZeroPlugin,
-                                 TorchDDPPlugin=TorchDDPPlugin, CosineAnnealingWarmupLR=CosineAnnealingWarmupLR,
-                                 HybridAdam=HybridAdam)
+                                 TorchDDPPlugin=TorchDDPPlugin, CosineAnnealingWarmupLR=CosineAnnealingWarmupLR)
 
 
 @dataclass
@@ -105,7 +104,9 @@ def choose_engine(settings) -> EngineChoice:
                             "or plugin='zero2' / 'ddp' for fp32)")
     if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise SettingsError(f"setting 'precision' = 'bf16': {torch.cuda.get_device_name()} has no bf16; use fp16")
-    return EngineChoice(settings.plugin, settings.precision, torch.device("cuda", torch.cuda.current_device()))
+    choice = EngineChoice(settings.plugin, settings.precision, torch.device("cuda", torch.cuda.current_device()))
+    check_toolchain(settings, choice)
+    return choice
 
 
 @dataclass
@@ -125,13 +126,7 @@ class Engine:
         self.max_grad_norm = float(settings.max_grad_norm)
         self.accumulation = int(settings.gradient_accumulation_steps)
         plugin, mixed_precision = self._plugin(cai, settings)
-        params = [p for p in model.parameters() if p.requires_grad]
-        betas = (settings.adam_beta1, settings.adam_beta2)
-        if choice.device.type == "cuda":
-            optimizer = cai.HybridAdam(params, lr=settings.lr, betas=betas, weight_decay=settings.weight_decay,
-                                       adamw_mode=True)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=betas, weight_decay=settings.weight_decay)
+        optimizer = build_optimizer(settings, choice, [p for p in model.parameters() if p.requires_grad])
         scheduler = self._schedule(cai, optimizer, settings)
         self.booster = cai.Booster(plugin=plugin, mixed_precision=mixed_precision)
         self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer, lr_scheduler=scheduler)
@@ -179,6 +174,20 @@ class Engine:
         return cai.TorchDDPPlugin(), mixed
 
     @property
+    def checkpoint_optimizer(self):
+        """The optimizer wrapper to hand the booster's save_optimizer/load_optimizer: under fp16 AMP the inner one.
+
+        `TorchAMPOptimizer` (colossalai/booster/mixed_precision/fp16_torch.py) wraps the plugin's OptimizerWrapper, so
+        its unwrap() returns that wrapper, not the torch optimizer, and `load_states_into_optimizer` then fails on its
+        missing .state (colossalai/checkpoint_io/utils.py). The inner wrapper unwraps to the torch optimizer."""
+        return self.optimizer.optim if self._amp_scaler is not None else self.optimizer
+
+    @property
+    def grad_scaler(self):
+        """torch's GradScaler on ddp + fp16 (its state travels with the checkpoint), else None."""
+        return self._amp_scaler
+
+    @property
     def checkpoint_optimizer_sharded(self) -> bool:
         """ColossalAI's sharded optimizer files on GPU plugins; one file on the CPU fallback, whose sharded load fails."""
         return self.choice.device.type == "cuda"
@@ -198,11 +207,12 @@ class Engine:
 
     def no_sync(self, last_micro_batch: bool):
         """Skip ddp's gradient all-reduce on all but the last micro-batch of an accumulation."""
-        # Only a bare TorchDDPModel supports it: under fp16 AMP the booster wraps the model once more, and the
-        # plugin's no_sync refuses the wrapper (accumulation then all-reduces every micro-batch, still correct).
-        if last_micro_batch or type(self.model).__name__ != "TorchDDPModel":
+        # fp16 AMP wraps the TorchDDPModel once more (`FP16TorchMixedPrecision.configure` returns a TorchAMPModule
+        # whose .module it is), and `TorchDDPPlugin.no_sync` asserts a TorchDDPModel: hand it the inner one.
+        ddp_model = self.model.module if type(self.model).__name__ == "TorchAMPModule" else self.model
+        if last_micro_batch or type(ddp_model).__name__ != "TorchDDPModel":
             return contextlib.nullcontext()
-        return self.booster.no_sync(self.model, self.optimizer)
+        return self.booster.no_sync(ddp_model, self.optimizer)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.booster.backward(loss / self.accumulation, self.optimizer)

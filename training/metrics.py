@@ -31,10 +31,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Dense tensor-core peak TFLOPS per GPU for fp16/bf16, and plain fp32, by a substring of torch.cuda.get_device_name().
+# Dense tensor-core peak TFLOPS per GPU for fp16/bf16, and plain fp32, by a substring of torch.cuda.get_device_name();
+# the first match counts, so a variant comes before its family ("NVIDIA H100 PCIe" before "NVIDIA H100 80GB HBM3").
 PEAK_TFLOPS = {  # name: (half, fp32)
     "H200": (989.0, 67.0),
-    "H100": (989.0, 67.0),
+    "H100 PCIe": (756.0, 51.0),
+    "H100 NVL": (835.0, 60.0),
+    "H100": (989.0, 67.0),  # SXM: "NVIDIA H100 80GB HBM3"
+    "H800 PCIe": (756.0, 51.0),
     "H800": (989.0, 67.0),
     "A100": (312.0, 19.5),
     "A800": (312.0, 19.5),
@@ -199,14 +203,18 @@ class Metrics:
         if self._loss_scale is not None:
             figures["loss_scale"] = self._loss_scale
         if torch.cuda.is_available():
+            # Peaks of this window: the counters are reset below, so a spike shows in the window it happened in.
             figures["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            figures["max_memory_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+            torch.cuda.reset_peak_memory_stats()
         logger.info(
             "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tokens/s %s (%s/%s) | TFLOPS/%s %.3f | MFU %s"
             "%s%s | skipped %d (total %d)",
             step, self.max_steps, figures["loss"], self._lr, grad_norm, f"{tokens_per_s:,.0f}", f"{per_gpu:,.0f}",
             self._per, self._per, tflops, f"{mfu:.1%}" if mfu is not None else "n/a",
             f" | loss_scale {self._loss_scale:g}" if self._loss_scale is not None else "",
-            f" | GPU mem {figures['max_memory_gb']:.1f} GB" if "max_memory_gb" in figures else "", self._skipped,
+            f" | GPU mem {figures['max_memory_gb']:.1f} GB (reserved {figures['max_memory_reserved_gb']:.1f})"
+            if "max_memory_gb" in figures else "", self._skipped,
             self.skipped_total)
         if self._writer is not None:
             for name, value in figures.items():

@@ -1,0 +1,64 @@
+"""The GPU figures of training/metrics.py with the device faked: the peak-TFLOPS lookup by device name, and peak
+memory (allocated and reserved) reported per logging window."""
+import types
+
+import pytest
+import torch
+
+from training.metrics import Metrics, peak_tflops_per_gpu
+
+GPU = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("name, precision, peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.0),  # SXM
+    ("NVIDIA H100 PCIe", "bf16", 756.0),
+    ("NVIDIA H100 PCIe", "fp32", 51.0),
+    ("NVIDIA H100 NVL", "fp16", 835.0),
+    ("NVIDIA H800 PCIe", "bf16", 756.0),
+    ("NVIDIA H800", "bf16", 989.0),
+    ("NVIDIA H200", "bf16", 989.0),
+    ("NVIDIA A100-SXM4-80GB", "fp16", 312.0),
+    ("Some Future GPU", "bf16", None),
+])
+def test_peak_tflops_by_device_name(name, precision, peak, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_tflops_per_gpu(0.0, GPU, precision) == peak
+    assert peak_tflops_per_gpu(500.0, GPU, precision) == 500.0  # the setting wins
+    assert peak_tflops_per_gpu(0.0, torch.device("cpu"), precision) is None
+
+
+class _FakeCudaMemory:
+    """torch.cuda's peak counters: the peak since the last reset, which a reset lowers to what is held now."""
+
+    def __init__(self):
+        self.held = {"allocated": 0, "reserved": 0}
+        self.peak = dict(self.held)
+
+    def use(self, allocated: int, reserved: int) -> None:
+        self.held = {"allocated": allocated, "reserved": reserved}
+        self.peak = {k: max(self.peak[k], v) for k, v in self.held.items()}
+
+    def reset(self, device=None) -> None:
+        self.peak = dict(self.held)
+
+
+def test_peak_memory_is_per_logging_window(tmp_path, monkeypatch):
+    memory = _FakeCudaMemory()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: memory.peak["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: memory.peak["reserved"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", memory.reset)
+    settings = types.SimpleNamespace(logging_steps=1, max_steps=3, logdir=str(tmp_path))
+    metrics = Metrics(settings, rank=1, world_size=1, flops_per_token=1.0, peak_tflops=None, start_step=0)
+
+    memory.use(allocated=9_000_000_000, reserved=12_000_000_000)  # a spike in step 1
+    memory.use(allocated=2_000_000_000, reserved=12_000_000_000)
+    metrics.record(2.0, False, 1.0, None, 1e-3, 100)
+    first = metrics.log(1)
+    memory.use(allocated=3_000_000_000, reserved=12_000_000_000)
+    metrics.record(2.0, False, 1.0, None, 1e-3, 100)
+    second = metrics.log(2)
+    assert (first["max_memory_gb"], first["max_memory_reserved_gb"]) == (9.0, 12.0)
+    assert (second["max_memory_gb"], second["max_memory_reserved_gb"]) == (3.0, 12.0)  # step 1's spike is gone
+    metrics.close()

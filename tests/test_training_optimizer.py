@@ -1,0 +1,144 @@
+"""training/optimizer.py on CPU: which Adam runs for which settings, the toolchain check's one error line (with
+CUDA_HOME and nvcc faked), and the CPU Adam thread count."""
+import os
+import stat
+import sys
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+import pretrain_args
+from training import optimizer
+from training.engine import EngineChoice
+from training.optimizer import (ADAMW, FUSED_ADAMW, HYBRID_ADAM, ToolchainError, build_optimizer, check_toolchain,
+                                offloaded_adam_threads, omp_threads_set_by_user, optimizer_kind, optimizer_offloaded)
+from training.settings import load_settings
+
+CUDA = torch.device("cuda", 0)  # only a name here: nothing runs on it
+CPU = torch.device("cpu")
+
+
+def _settings(*overrides):
+    return load_settings(pretrain_args, list(overrides))
+
+
+@pytest.mark.parametrize("overrides, device, kind, offloaded", [
+    (["plugin=gemini"], CUDA, HYBRID_ADAM, True),  # the recipe: static placement, all Adam states in CPU memory
+    (["plugin=gemini", "gemini_offload_optim_frac=0.0"], CUDA, HYBRID_ADAM, False),
+    (["plugin=gemini", "gemini_placement_policy=auto", "gemini_offload_optim_frac=0.0"], CUDA, HYBRID_ADAM, True),
+    (["plugin=zero2"], CUDA, FUSED_ADAMW, False),
+    (["plugin=zero2", "zero2_cpu_offload=True"], CUDA, HYBRID_ADAM, True),
+    (["plugin=ddp", "precision=bf16"], CUDA, FUSED_ADAMW, False),
+    (["plugin=ddp", "precision=fp32"], CPU, ADAMW, False),  # the CPU fallback
+])
+def test_optimizer_for_each_setting(overrides, device, kind, offloaded):
+    settings = _settings(*overrides)
+    choice = EngineChoice(settings.plugin, settings.precision, device)
+    assert optimizer_kind(settings, choice) == kind
+    assert optimizer_offloaded(settings, choice) == offloaded
+
+
+@pytest.mark.parametrize("device, fused", [(CUDA, True), (CPU, None)])
+def test_torch_adamw_carries_the_settings(device, fused):
+    settings = _settings("plugin=zero2", "lr=3e-4", "adam_beta2=0.9", "weight_decay=0.05")
+    params = [torch.nn.Parameter(torch.ones(3))]
+    built = build_optimizer(settings, EngineChoice("zero2", "bf16", device), params)
+    assert type(built) is torch.optim.AdamW and built.defaults["fused"] == fused
+    assert built.defaults["lr"] == 3e-4 and built.defaults["betas"] == (0.9, 0.9)
+    assert built.defaults["weight_decay"] == 0.05
+
+
+def _fake_cuda_home(root, release: str):
+    nvcc = root / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
+    return str(root)
+
+
+@pytest.mark.parametrize("cuda_home, problem", [
+    (None, "CUDA_HOME is not set and no nvcc is on PATH"),
+    ("missing", "bin/nvcc does not exist"),
+    ("11.8", "is CUDA 11.8 but torch was built with CUDA 12.4: the major versions must match"),
+])
+def test_missing_or_mismatched_nvcc_stops_gemini_with_one_line(cuda_home, problem, tmp_path, monkeypatch, capsys,
+                                                               caplog):
+    from training.loop import _expected_errors_as_one_line
+
+    if cuda_home == "missing":
+        cuda_home = str(tmp_path)
+    elif cuda_home is not None:
+        cuda_home = _fake_cuda_home(tmp_path, cuda_home)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cuda_home)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    settings = _settings("plugin=gemini")
+    with pytest.raises(SystemExit) as stopped, _expected_errors_as_one_line():
+        check_toolchain(settings, EngineChoice("gemini", "fp16", CUDA))
+    assert stopped.value.code == 1
+    # Printed, or logged where logging is set up (pytest's capture handler counts as set up).
+    lines = capsys.readouterr().err.strip().splitlines() + [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("error: ToolchainError: plugin='gemini' needs ColossalAI's "
+                                                   "HybridAdam"), lines
+    assert problem in lines[0]
+    assert "--build-kernels" in lines[0] and "plugin=zero2 without zero2_cpu_offload" in lines[0]
+
+    # zero2 without offload needs no compiler at all; with offload it is the same stop.
+    check_toolchain(_settings("plugin=zero2"), EngineChoice("zero2", "bf16", CUDA))
+    with pytest.raises(ToolchainError, match="zero2_cpu_offload=True needs ColossalAI's HybridAdam"):
+        check_toolchain(_settings("plugin=zero2", "zero2_cpu_offload=True"), EngineChoice("zero2", "bf16", CUDA))
+
+
+def test_matching_toolchain_passes_and_the_build_step_refuses_a_bad_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", _fake_cuda_home(tmp_path, "12.1"))  # minor versions may differ
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setenv("CXX", sys.executable)  # any program on disk stands for the compiler
+    assert optimizer.toolchain_problem() is None
+    check_toolchain(_settings("plugin=gemini"), EngineChoice("gemini", "fp16", CUDA))
+
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    with pytest.raises(SystemExit) as stopped:
+        optimizer.main(["--build-kernels"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip() == ("error: cannot build HybridAdam's kernels: ninja is not installed "
+                                               "(pip install ninja)")
+
+
+TORCHRUN = {"TORCHELASTIC_RUN_ID": "job", "LOCAL_WORLD_SIZE": "8"}
+
+
+@pytest.mark.parametrize("environ, launcher, by_user", [
+    ({}, None, False),  # plain python, nothing set
+    ({"OMP_NUM_THREADS": "1"}, None, True),  # not under torchrun: it can only be the user's
+    ({**TORCHRUN, "OMP_NUM_THREADS": "4"}, {}, True),  # torchrun only ever writes 1
+    ({**TORCHRUN, "OMP_NUM_THREADS": "1"}, {}, False),  # torchrun's default: absent from its own start
+    ({**TORCHRUN, "OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "1"}, True),  # the user gave torchrun 1
+    ({**TORCHRUN, "OMP_NUM_THREADS": "1"}, None, False),  # cannot tell: take torchrun's default
+])
+def test_omp_threads_from_the_user_or_from_torchrun(environ, launcher, by_user):
+    assert omp_threads_set_by_user(environ, launcher) == by_user
+
+
+def test_offloaded_adam_threads_share_the_nodes_cores(monkeypatch):
+    environ = {**TORCHRUN, "OMP_NUM_THREADS": "1"}
+    assert offloaded_adam_threads(environ, {}, cores=96) == (12, "96 cores / 8 processes on this node")
+    assert offloaded_adam_threads(environ, {}, cores=4)[0] == 1  # never 0
+    assert offloaded_adam_threads({**TORCHRUN, "OMP_NUM_THREADS": "6"}, {}, cores=96)[0] is None  # the user's 6
+
+    # Applied: torch's threads and OMP_NUM_THREADS, which the CPU Adam kernel's OpenMP reads when it loads.
+    applied = []
+    monkeypatch.setattr(torch, "set_num_threads", applied.append)
+    monkeypatch.setattr(optimizer, "_launcher_environ", lambda: {})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    for key, value in {**TORCHRUN, "LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    optimizer.set_offloaded_adam_threads()
+    assert applied == [4] and os.environ["OMP_NUM_THREADS"] == "4"
+
+
+def test_launcher_environment_is_read_from_proc():
+    launcher = optimizer._launcher_environ()
+    if launcher is None:
+        pytest.skip("no /proc here")
+    assert "PATH" in launcher  # pytest's parent shell started with one

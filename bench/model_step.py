@@ -114,23 +114,46 @@ def reset_rss_peak() -> bool:
         return False
 
 
-def child_peak(args) -> None:
-    """One fresh process: build one model, run a warmup step (one-time allocations: grads' first use, kernel
-    scratch), then report the RSS peak of the measured steps above the RSS before them."""
-    model = build(args.child_peak, args)
-    ids, mask = inputs(args)
-    step(args.child_peak, model, ids, mask)
+def rss_peak_mb(run_step, steps: int) -> float:
+    """RSS peak of `steps` calls of run_step() above the RSS before them, in MB; after a warmup call (one-time
+    allocations: grads' first use, kernel scratch)."""
+    run_step()
     if reset_rss_peak():
         before = status_kib("VmRSS")
-        for _ in range(max(1, args.steps)):
-            step(args.child_peak, model, ids, mask)
+        for _ in range(max(1, steps)):
+            run_step()
         after = status_kib("VmHWM")
     else:  # no clear_refs: the high-water mark so far is the baseline (can only under-report the step)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        for _ in range(max(1, args.steps)):
-            step(args.child_peak, model, ids, mask)
+        for _ in range(max(1, steps)):
+            run_step()
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (after - before) / 1024}))
+    return (after - before) / 1024
+
+
+def child_peak(args) -> None:
+    """One fresh process: build one model and report the RSS peak of its measured steps."""
+    model = build(args.child_peak, args)
+    ids, mask = inputs(args)
+    print(json.dumps({"peak_mb": rss_peak_mb(lambda: step(args.child_peak, model, ids, mask), args.steps)}))
+
+
+# A fixed mmap threshold turns off glibc's dynamic one, so big freed blocks go back to the OS and RSS follows live
+# memory instead of the allocator's cache; the same for every measured process.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def alternating_child_peaks(command: list[str], kinds: tuple[str, ...], repeats: int) -> dict[str, float]:
+    """`command --child-peak KIND` in a fresh process per run, the order of kinds rotating between repeats; the
+    smallest peak of each kind (other load only ever adds)."""
+    env = {**os.environ, **CHILD_ENV}
+    peaks: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for r in range(repeats):
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            out = subprocess.run(command + ["--child-peak", kind], capture_output=True, text=True, check=True,
+                                 env=env).stdout
+            peaks[kind].append(json.loads(out.strip().splitlines()[-1])["peak_mb"])
+    return {k: min(v) for k, v in peaks.items()}
 
 
 def cpu_peaks(args) -> dict[str, float]:
@@ -139,23 +162,15 @@ def cpu_peaks(args) -> dict[str, float]:
             "--steps", "1", "--device", "cpu", "--dtype", args.dtype]
     if args.kv_heads:
         base += ["--kv-heads", str(args.kv_heads)]
-    # A fixed mmap threshold turns off glibc's dynamic one, so big freed blocks go back to the OS and RSS follows
-    # live memory instead of the allocator's cache; same setting for both models.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    peaks: dict[str, list[float]] = {"ours": [], "hf": []}
-    for r in range(args.mem_repeats):
-        for kind in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
-            out = subprocess.run(base + ["--child-peak", kind], capture_output=True, text=True, check=True,
-                                 env=env).stdout
-            peaks[kind].append(json.loads(out.strip().splitlines()[-1])["peak_mb"])
-    return {k: min(v) for k, v in peaks.items()}
+    return alternating_child_peaks(base, ("ours", "hf"), args.mem_repeats)
 
 
-def cuda_peak(kind: str, model, ids, mask, device) -> float:
+def cuda_peak_mb(run_step, device) -> float:
+    """Peak CUDA memory of one run_step() above what was allocated before it, in MB."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    step(kind, model, ids, mask)
+    run_step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
@@ -187,7 +202,7 @@ def main(argv=None) -> None:
     tok_s = {k: tokens / min(v) for k, v in times.items()}
     median_tok_s = {k: tokens / statistics.median(v) for k, v in times.items()}
     if args.device.startswith("cuda"):
-        peaks = {k: cuda_peak(k, m, ids, mask, args.device) for k, m in models.items()}
+        peaks = {k: cuda_peak_mb(lambda: step(k, m, ids, mask), args.device) for k, m in models.items()}
     else:
         del ours, hf, models
         peaks = cpu_peaks(args)

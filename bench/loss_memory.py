@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.model_step import (alternating_child_peaks, cuda_peak_mb, inputs, our_config, rss_peak_mb,  # noqa: E402
-                              step, sync)
+from bench.model_step import (add_step_args, alternating_child_peaks, cuda_peak_mb, inputs, our_config,  # noqa: E402
+                              rss_peak_mb, step, step_argv, sync)
 from llama import Llama  # noqa: E402
 from llama.loss import LOSS_PATHS  # noqa: E402
 
@@ -37,17 +37,9 @@ PATHS = tuple(LOSS_PATHS)  # fused, checkpointed, plain
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--bs", type=int, default=4)
+    add_step_args(p, dim=256, layers=2, heads=4, seq=1024)
     p.add_argument("--rounds", type=int, default=3, help="timed steps per path, the paths taking turns")
     p.add_argument("--mem-repeats", type=int, default=2, help="fresh subprocesses per path for CPU peak memory")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--child-peak", choices=PATHS, help=argparse.SUPPRESS)  # internal: one CPU memory run
     return p.parse_args(argv)
 
@@ -94,11 +86,7 @@ def main(argv=None) -> None:
         peaks = {path: cuda_peak_mb(lambda: run_step(model, path, ids, mask), args.device) for path in PATHS}
     else:
         del model
-        command = [sys.executable, str(Path(__file__).resolve()), "--dim", str(args.dim), "--layers",
-                   str(args.layers), "--heads", str(args.heads), "--vocab", str(args.vocab), "--seq", str(args.seq),
-                   "--bs", str(args.bs), "--device", "cpu", "--dtype", args.dtype]
-        if args.kv_heads:
-            command += ["--kv-heads", str(args.kv_heads)]
+        command = [sys.executable, str(Path(__file__).resolve()), *step_argv(args)]
         peaks = alternating_child_peaks(command, PATHS, args.mem_repeats)
     result = {}
     for path in PATHS:

@@ -35,21 +35,33 @@ from llama import Llama, LlamaConfig  # noqa: E402
 from llama.weight_layouts import hf_config_dict, llama_to_hf_state_dict  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
+def add_step_args(p: argparse.ArgumentParser, dim: int, layers: int, heads: int, seq: int) -> None:
+    """The model shape, batch, device and dtype of a benchmarked step (defaults per bench)."""
+    p.add_argument("--dim", type=int, default=dim)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--heads", type=int, default=heads)
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--seq", type=int, default=seq)
     p.add_argument("--bs", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+
+def step_argv(args) -> list[str]:
+    """add_step_args' options as given, for a child process measuring one CPU peak."""
+    argv = ["--dim", str(args.dim), "--layers", str(args.layers), "--heads", str(args.heads), "--vocab",
+            str(args.vocab), "--seq", str(args.seq), "--bs", str(args.bs), "--device", "cpu", "--dtype", args.dtype]
+    return argv + (["--kv-heads", str(args.kv_heads)] if args.kv_heads else [])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_step_args(p, dim=512, layers=8, heads=8, seq=512)
     p.add_argument("--steps", type=int, default=1, help="timed steps per model per round")
     p.add_argument("--rounds", type=int, default=4, help="alternating timing rounds")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     p.add_argument("--mem-repeats", type=int, default=2, help="fresh subprocesses per model for CPU peak memory")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--child-peak", choices=["ours", "hf"], help=argparse.SUPPRESS)  # internal: one CPU memory run
     return p.parse_args(argv)
 
@@ -157,12 +169,8 @@ def alternating_child_peaks(command: list[str], kinds: tuple[str, ...], repeats:
 
 
 def cpu_peaks(args) -> dict[str, float]:
-    base = [sys.executable, str(Path(__file__).resolve()), "--dim", str(args.dim), "--layers", str(args.layers),
-            "--heads", str(args.heads), "--vocab", str(args.vocab), "--seq", str(args.seq), "--bs", str(args.bs),
-            "--steps", "1", "--device", "cpu", "--dtype", args.dtype]
-    if args.kv_heads:
-        base += ["--kv-heads", str(args.kv_heads)]
-    return alternating_child_peaks(base, ("ours", "hf"), args.mem_repeats)
+    command = [sys.executable, str(Path(__file__).resolve()), *step_argv(args), "--steps", "1"]
+    return alternating_child_peaks(command, ("ours", "hf"), args.mem_repeats)
 
 
 def cuda_peak_mb(run_step, device) -> float:

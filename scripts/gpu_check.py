@@ -525,6 +525,7 @@ def judge_small(args, runner, say, emit, outcomes: dict[str, Outcome], info: dic
         ref_outcome = run_jobs([ref_job], runner, 1, deadline + 60, say, clock)["reference"]
         outcomes["reference"] = ref_outcome
         reference = ref_outcome.json() or {"error": ref_outcome.why()}
+
     def ref(name: str) -> dict:
         return reference.get("runs", {}).get(name) or {"error": reference.get("error", "no reference computed")}
 

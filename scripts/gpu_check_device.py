@@ -43,8 +43,12 @@ def device() -> torch.device:
 
 def facts() -> dict:
     """What the plan depends on. A colossalai import failure is a fact, not a crash: the report names it."""
+    from torch.utils.cpp_extension import CUDA_HOME  # where torch's extension builder will look for nvcc
+
+    nvcc = shutil.which("nvcc") or (str(Path(CUDA_HOME) / "bin" / "nvcc") if CUDA_HOME else None)
     found = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
-             "cpus": os.cpu_count(), "nvcc": shutil.which("nvcc"), "python": sys.version.split()[0]}
+             "cpus": os.cpu_count(), "nvcc": nvcc if nvcc and Path(nvcc).is_file() else None,
+             "python": sys.version.split()[0]}
     if found["gpus"]:
         props = torch.cuda.get_device_properties(0)
         found.update(gpu_name=props.name, gpu_memory_gb=round(props.total_memory / 1e9, 1),

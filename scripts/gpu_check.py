@@ -120,8 +120,9 @@ def judge_step1(run: str, precision: str, records: list[dict], ref: dict) -> Res
     if first is None or not finite(first["loss"]):
         return Result("step1_loss", "fail", run, {"error": "no finite loss logged at step 1 (skipped or missing)"})
     tol = LOSS_RTOL[precision] * abs(ref["ref_loss"])
-    details = {"logged": first["loss"], "fp32_reference": ref["ref_loss"], "abs_diff": abs(first["loss"] - ref["ref_loss"]),
-               "tolerance": tol, "random_init_loss": ref["random_init_loss"]}
+    details = {"logged": first["loss"], "fp32_reference": ref["ref_loss"],
+               "abs_diff": abs(first["loss"] - ref["ref_loss"]), "tolerance": tol,
+               "random_init_loss": ref["random_init_loss"]}
     if abs(ref["ref_loss"] - ref["random_init_loss"]) <= 10 * tol:
         return Result("step1_loss", "fail", run, {**details, "error": "inconclusive: a random model's loss lies "
                                                                       "within 10x the tolerance of the reference"})
@@ -148,8 +149,8 @@ def judge_overflow(run: str, records: list[dict], initial_scale: float) -> Resul
     skipped = [r["step"] for r in records if r["skipped_steps"] > 0]
     scales = [r["loss_scale"] for r in records if finite(r.get("loss_scale"))]
     tail = records[-RECOVERED_STEPS:]
-    details = {"steps_logged": len(records), "skipped_steps": len(skipped), "last_skipped_step": max(skipped, default=None),
-               "initial_scale": initial_scale, "last_scale": scales[-1] if scales else None,
+    details = {"steps_logged": len(records), "skipped_steps": len(skipped),
+               "last_skipped_step": max(skipped, default=None), "initial_scale": initial_scale, "last_scale": scales[-1] if scales else None,
                "last_loss": records[-1]["loss"] if records else None}
     problems = []
     if not skipped:
@@ -370,7 +371,9 @@ def checkpoint_at(output_dir: Path, step: int) -> Path:
 
 
 def train_job(args, name: str, nproc: int, settings: list[str], deps: tuple[str, ...], timeout_s: float,
-              estimate_s: float, deterministic: bool = True, resume_of: Path | None = None) -> Job:
+              estimate_s: float, small: bool = True, resume_of: Path | None = None) -> Job:
+    """A torchrun run of gpu_check_device.py train; small runs ask for deterministic kernels (the resume check)
+    and record the trained logits (the reload check)."""
     out = args.out / "runs" / name
     logdir = out / "logs"
     base = [*settings, f"output_dir={out}", f"logdir={logdir}"]
@@ -379,8 +382,8 @@ def train_job(args, name: str, nproc: int, settings: list[str], deps: tuple[str,
         extra = [f"recover_training_from_checkpoint={checkpoint_at(resume_of, RESUME_FROM_STEP)}"] if resume_of else []
         return torchrun(args, nproc, base + extra)
 
-    return Job(name, command, deps, timeout_s, estimate_s, {"GPU_CHECK_DETERMINISTIC": "1"} if deterministic else {},
-               logdir)
+    env = {"GPU_CHECK_DETERMINISTIC": "1", "GPU_CHECK_LOGITS": "1"} if small else {}
+    return Job(name, command, deps, timeout_s, estimate_s, env, logdir)
 
 
 def plan_small(args, nproc: int) -> tuple[list[Job], dict]:
@@ -447,7 +450,7 @@ def plan_mfu(args, facts: dict, nproc: int, tokenizer: Path) -> tuple[list[Job],
             settings.append(f"gemini_placement_policy={plan['gemini_placement_policy']}")
         deps = (f"model-{name}", "kernels") if plan["plugin"] == "gemini" else (f"model-{name}",)
         jobs.append(train_job(args, f"mfu-{name}", nproc, settings, deps, 420 if name == "7b" else 240,
-                              150 if name == "7b" else 60, deterministic=False))
+                              150 if name == "7b" else 60, small=False))
         shapes[f"mfu-{name}"] = plan
     return jobs, shapes
 

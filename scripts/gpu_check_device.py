@@ -8,8 +8,9 @@
 
 `train` is training.loop.train with pretrain_main's DataProcessor, unchanged, plus two records in <logdir>:
     first_batch.rank<R>.pt  the first micro-batch rank R trained on (input_ids, loss_mask, doc_ids when packed)
-    trained_logits.pt       rank 0: fp32 logits of the trained, still boosted model on rank 0's first batch, taken
-                            just before final/ is written: what final/ must give back when reloaded
+    trained_logits.pt       with GPU_CHECK_LOGITS=1, rank 0: fp32 logits of the trained, still boosted model on the
+                            first row of rank 0's first batch, taken just before final/ is written: what final/ must
+                            give back when reloaded
 GPU_CHECK_DETERMINISTIC=1 asks torch for deterministic kernels where it has them (for the exact-resume check).
 Everything here also runs on CPU (the tests run `reference` and `train` there on the CPU fallback).
 """
@@ -128,6 +129,10 @@ def compute_setup(plugin: str, precision: str) -> tuple[torch.dtype, torch.dtype
     return torch.float32, HALF.get(precision)
 
 
+def first_row(batch: dict) -> dict:
+    return {k: v[:1] for k, v in batch.items()}  # (1, L) each
+
+
 def logits(model: Llama, batch: dict, autocast_dtype: torch.dtype | None) -> torch.Tensor:
     dev = next(model.parameters()).device
     doc_ids = batch.get("doc_ids")
@@ -146,8 +151,9 @@ def reload_comparison(run: dict, init_dir: str, batch: dict) -> dict:
         return {"error": f"missing {final}/config.json or {trained_path}"}
     dtype, autocast_dtype = compute_setup(run["plugin"], run["precision"])
     trained = torch.load(trained_path, weights_only=True)["logits"]
-    reloaded = logits(Llama.from_pretrained(final, dtype=dtype, device=device()).eval(), batch, autocast_dtype)
-    initial = logits(Llama.from_pretrained(init_dir, dtype=dtype, device=device()).eval(), batch, autocast_dtype)
+    row = first_row(batch)
+    reloaded = logits(Llama.from_pretrained(final, dtype=dtype, device=device()).eval(), row, autocast_dtype)
+    initial = logits(Llama.from_pretrained(init_dir, dtype=dtype, device=device()).eval(), row, autocast_dtype)
     return {"max_abs_diff": (reloaded - trained).abs().max().item(),
             "train_change": (trained - initial).abs().max().item()}
 
@@ -230,16 +236,17 @@ def train(argv: list[str]) -> None:
 
     def save_final_after_logits(engine, *args, **kwargs):
         engine.model.eval()
-        dev = engine.choice.device
+        dev, row = engine.choice.device, first_row(kept)
         # Every rank runs the forward: gemini gathers each layer's shards from all ranks.
         with torch.no_grad(), engine.autocast():
-            _, out = engine.model(kept["input_ids"].to(dev),
-                                  doc_ids=kept["doc_ids"].to(dev) if "doc_ids" in kept else None)
+            _, out = engine.model(row["input_ids"].to(dev),
+                                  doc_ids=row["doc_ids"].to(dev) if "doc_ids" in row else None)
         if rank == 0:
             torch.save({"logits": out.float().cpu()}, logdir / TRAINED_LOGITS)
         return save_final(engine, *args, **kwargs)
 
-    loop.save_final = save_final_after_logits
+    if os.environ.get("GPU_CHECK_LOGITS") == "1":
+        loop.save_final = save_final_after_logits
     loop.train(settings, FirstBatchRecorded)
 
 

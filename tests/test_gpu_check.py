@@ -243,7 +243,7 @@ def test_device_steps_record_and_recompute_the_first_step_on_the_cpu_fallback(tm
                 "logging_steps=1", "saving_steps=100", "batch_size=2", "max_seq_length=64", "dropout_prob=0.0",
                 "warmup_steps=1", "lr=5e-3", "packing=True", f"output_dir={run['output_dir']}",
                 f"logdir={run['logdir']}"]
-    result = torchrun(["train", *settings], script=gpu_check.DEVICE)
+    result = torchrun(["train", *settings], script=gpu_check.DEVICE, env={"GPU_CHECK_LOGITS": "1"})
     assert result.returncode == 0, explain(result)
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"init_model": str(model), "runs": [run]}))

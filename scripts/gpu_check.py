@@ -150,8 +150,8 @@ def judge_overflow(run: str, records: list[dict], initial_scale: float) -> Resul
     scales = [r["loss_scale"] for r in records if finite(r.get("loss_scale"))]
     tail = records[-RECOVERED_STEPS:]
     details = {"steps_logged": len(records), "skipped_steps": len(skipped),
-               "last_skipped_step": max(skipped, default=None), "initial_scale": initial_scale, "last_scale": scales[-1] if scales else None,
-               "last_loss": records[-1]["loss"] if records else None}
+               "last_skipped_step": max(skipped, default=None), "initial_scale": initial_scale,
+               "last_scale": scales[-1] if scales else None, "last_loss": records[-1]["loss"] if records else None}
     problems = []
     if not skipped:
         problems.append("no step was skipped")

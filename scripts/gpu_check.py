@@ -220,6 +220,7 @@ class Job:
     env: dict = field(default_factory=dict)
     logdir: Path | None = None  # training runs: where metrics.jsonl and the records land
     uses_slot: bool = True  # counts against --parallel; the kernel build and the big models' writing do not
+    exclusive: bool = False  # runs with no other slot job beside it (timings); once ready, later slot jobs wait
 
 
 @dataclass
@@ -295,8 +296,12 @@ def run_jobs(jobs: list[Job], runner, parallel: int, deadline: float, say: Calla
             for job in waiting:  # deps that are not among the jobs: nothing will ever start these
                 done[job.name] = Outcome(None, reason=f"needs {[d for d in job.deps if d not in done]}, not planned")
             break
+        draining = False  # an exclusive job is ready and waits for the running slot jobs to end
         for job in list(waiting):
-            if job.uses_slot and sum(j.uses_slot for j, _ in running.values()) >= parallel:
+            slots = [j for j, _ in running.values() if j.uses_slot]
+            if job.uses_slot and (draining or len(slots) >= parallel or any(j.exclusive for j in slots)
+                                  or (job.exclusive and slots)):
+                draining = draining or (job.exclusive and all(d in done for d in job.deps))
                 continue
             failed = [d for d in job.deps if d in done and not done[d].ok]
             if failed:
@@ -335,7 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=0,
                    help="small runs at once (they share the GPUs); 0: min(4, cpus / (2 x nproc))")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
-    p.add_argument("--budget-s", type=float, default=510, help="start no run that would end after this many seconds")
+    p.add_argument("--budget-s", type=float, default=480, help="start no run that would end after this many seconds")
     args = p.parse_args(argv)
     chosen = [c.strip() for c in args.checks.split(",") if c.strip()]
     unknown = [c for c in chosen if c not in CHECKS]
@@ -451,6 +456,7 @@ def plan_mfu(args, facts: dict, nproc: int, tokenizer: Path) -> tuple[list[Job],
         deps = (f"model-{name}", "kernels") if plan["plugin"] == "gemini" else (f"model-{name}",)
         jobs.append(train_job(args, f"mfu-{name}", nproc, settings, deps, 420 if name == "7b" else 240,
                               150 if name == "7b" else 60, small=False))
+        jobs[-1].exclusive = True
         shapes[f"mfu-{name}"] = plan
     return jobs, shapes
 
@@ -477,22 +483,30 @@ def check(args, runner, say: Callable[[str], None], emit: Callable[[Result], Non
         return
     nproc = args.nproc or facts["gpus"]
     parallel = args.parallel or max(1, min(4, (facts.get("cpus") or 2) // (2 * nproc)))
-    jobs, info = plan_small(args, nproc)
-    mfu_jobs, shapes = plan_mfu(args, facts, nproc, info["tokenizer"]) if "mfu" in args.checks else ([], {})
-    if any("kernels" in j.deps for j in jobs + mfu_jobs):
-        jobs.insert(0, Job("kernels", lambda: device_step(args, "build-kernels"), timeout_s=420, estimate_s=60,
-                           uses_slot=False))
-    # The MFU models are written while the small runs train; the MFU runs themselves run alone, after them.
-    model_jobs = [j for j in mfu_jobs if j.name.startswith("model-")]
-    outcomes = run_jobs(jobs + model_jobs, runner, parallel, deadline, say, clock)
+    small, info = plan_small(args, nproc)
+    mfu, shapes = plan_mfu(args, facts, nproc, info["tokenizer"]) if "mfu" in args.checks else ([], {})
+    setup = [j for j in small + mfu if not j.logdir]  # models (the MFU ones are written while small runs train)
+    runs, mfu_runs = [j for j in small if j.logdir], [j for j in mfu if j.logdir]
+
+    def needs_kernels(job: Job) -> bool:
+        return "kernels" in job.deps or job.name.startswith("gemini")
+
+    if any(needs_kernels(j) for j in runs + mfu_runs):
+        setup.insert(0, Job("kernels", lambda: device_step(args, "build-kernels"), timeout_s=420, estimate_s=60,
+                            uses_slot=False))
+    # In this order: what needs no kernel, while the kernels build; the MFU runs that need none, each alone on the
+    # GPUs (the build may still take CPU cores); gemini's runs; the reference; a gemini MFU run, alone.
+    outcomes = run_jobs(setup + [j for j in runs if not needs_kernels(j)]
+                        + [j for j in mfu_runs if not needs_kernels(j)] + [j for j in runs if needs_kernels(j)],
+                        runner, parallel, deadline, say, clock)
     if "kernels" in outcomes:
         kernels = outcomes["kernels"]
         status = "pass" if kernels.ok else ("skip" if not facts.get("nvcc") else "fail")
         emit(Result("kernels", status, "", {**(kernels.json() or {}), "nvcc": facts.get("nvcc"), **(
             {} if kernels.ok else {"reason": "gemini is not runnable here: " + kernels.why()})}))
     judge_small(args, runner, say, emit, outcomes, info, deadline, clock)
-    if mfu_jobs:
-        outcomes.update(run_jobs([j for j in mfu_jobs if j not in model_jobs], runner, 1, deadline, say, clock,
+    if mfu_runs:
+        outcomes.update(run_jobs([j for j in mfu_runs if needs_kernels(j)], runner, 1, deadline, say, clock,
                                  earlier=outcomes))
         for name, shape in shapes.items():
             emit(judged_run(outcomes, name, lambda: judge_mfu(name, train_records(

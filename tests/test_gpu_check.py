@@ -125,6 +125,10 @@ def test_recorded_passing_outputs_give_one_passing_line_per_check_and_a_summary(
     assert {"plugin=gemini", "precision=fp16", "gemini_placement_policy=auto"} <= set(runner.commands["mfu-7b"])
     assert {"plugin=zero2", "precision=bf16", "max_seq_length=2048"} <= set(runner.commands["mfu-1b"])
     assert checks["mfu"]["mfu-1b"]["mfu"] == 0.41 and checks["step1_loss"]["zero2-bf16"]["logged"] == REF_LOSS
+    # Order: runs that need no kernel (while they build), the 1B MFU run, gemini's runs, the reference, gemini's 7B.
+    order = list(runner.commands)
+    assert order.index("ddp-fp16-resumed") < order.index("mfu-1b") < order.index("gemini-fp16") < \
+        order.index("reference") < order.index("mfu-7b") == len(order) - 1
 
 
 def test_without_nvcc_gemini_is_reported_not_runnable_and_the_rest_still_runs(tmp_path, capsys):
@@ -213,6 +217,34 @@ def test_jobs_that_would_end_after_the_budget_are_not_started():
     outcomes = gpu_check.run_jobs(jobs, Slow(), 1, deadline=150, say=lambda m: None, clock=lambda: now[0])
     assert outcomes["a"].ok and outcomes["b"].returncode is None and "time budget" in outcomes["b"].reason
     assert "b did not succeed" in outcomes["c"].reason and "not planned" in outcomes["d"].reason
+
+
+def test_an_exclusive_job_runs_alone_and_the_jobs_after_it_wait():
+    log = []
+
+    class TwoPolls:
+        def __init__(self, name):
+            self.name, self.polls = name, 0
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            log.append(f"end {self.name}")
+            return Outcome(0, "")
+
+    class Runner:
+        def start(self, job):
+            log.append(f"start {job.name}")
+            return TwoPolls(job.name)
+
+    jobs = [gpu_check.Job("a", lambda: []), gpu_check.Job("b", lambda: []), gpu_check.Job("x", lambda: []),
+            gpu_check.Job("c", lambda: []), gpu_check.Job("build", lambda: [], uses_slot=False)]
+    jobs[2].exclusive = True
+    outcomes = gpu_check.run_jobs(jobs, Runner(), 2, deadline=1e9, say=lambda m: None)
+    assert all(o.ok for o in outcomes.values())
+    assert log == ["start a", "start b", "start build", "end a", "end b", "end build", "start x", "end x",
+                   "start c", "end c"]
 
 
 def test_train_records_keep_training_lines_only(tmp_path):

@@ -5,6 +5,7 @@
 Prints one JSON line per check and a summary line last ({"summary": ...}); exit code 0 when nothing failed. The
 same lines go to <out>/gpu_check.jsonl, each run's output to <out>/logs/<run>.log. Checks:
     environment  torch, CUDA, GPUs; colossalai and the engine's whole import chain load with this torch
+    setup        (a line only on failure) the check's models could not be written
     kernels      HybridAdam's CPU and CUDA kernels build (gemini needs them; without nvcc gemini is not runnable)
     step1_loss   per run (gemini fp16/bf16, zero2 bf16/fp16, ddp bf16/fp16): the first logged loss equals the fp32
                  loss of the same initial weights, unboosted, on the same recorded batches, within the precision's
@@ -499,6 +500,9 @@ def check(args, runner, say: Callable[[str], None], emit: Callable[[Result], Non
     outcomes = run_jobs(setup + [j for j in runs if not needs_kernels(j)]
                         + [j for j in mfu_runs if not needs_kernels(j)] + [j for j in runs if needs_kernels(j)],
                         runner, parallel, deadline, say, clock)
+    for job in setup:  # a model that could not be written fails here; what needs it is skipped, saying why
+        if job.name != "kernels" and outcomes[job.name].returncode not in (0, None):
+            emit(Result("setup", "fail", job.name, {"error": outcomes[job.name].why()}))
     if "kernels" in outcomes:
         kernels = outcomes["kernels"]
         status = "pass" if kernels.ok else ("skip" if not facts.get("nvcc") else "fail")

@@ -151,7 +151,8 @@ def test_wrong_figures_fail_their_checks_and_name_them(tmp_path, capsys):
                  "zero2-bf16-resumed": [record(s, REF_LOSS - 0.1 * (s - 1) + 3e-3) for s in range(5, 9)],
                  "gemini-fp16-overflow": overflow_records(recovers=False),
                  "ddp-bf16": [record(1, REF_LOSS, grad_norm=math.nan), *straight_records("bf16")[1:]]},
-        answers={"zero2-fp16": (1, "Traceback ...\nKeyError: 0\n")})
+        answers={"zero2-fp16": (1, "Traceback ...\nKeyError: 0\n"),
+                 "model-1b": (1, "torch.OutOfMemoryError: CUDA out of memory\n")})
     code, lines, summary = run_check(tmp_path, capsys, runner)
     checks = by_check(lines)
     assert checks["step1_loss"]["gemini-fp16"]["status"] == "fail"
@@ -163,8 +164,10 @@ def test_wrong_figures_fail_their_checks_and_name_them(tmp_path, capsys):
     crashed = [line for line in lines if line.get("run") == "zero2-fp16" and line["check"] != "resume"]
     assert crashed and all(line["status"] == "fail" and "KeyError: 0" in line["error"] for line in crashed)
     assert checks["resume"]["zero2-fp16"]["status"] == "skip"  # its straight run failed: nothing to resume
+    assert checks["setup"]["model-1b"]["status"] == "fail" and "out of memory" in checks["setup"]["model-1b"]["error"]
+    assert checks["mfu"]["mfu-1b"]["status"] == "skip" and checks["mfu"]["mfu-7b"]["status"] == "pass"
     assert code == 1 and not summary["ok"]
-    assert summary["failed"] == sorted(["step1_loss:gemini-fp16", "resume:zero2-bf16",
+    assert summary["failed"] == sorted(["setup:model-1b", "step1_loss:gemini-fp16", "resume:zero2-bf16",
                                         "overflow:gemini-fp16-overflow", "finite:ddp-bf16", "step1_loss:zero2-fp16",
                                         "finite:zero2-fp16", "reload:zero2-fp16"])
 

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Touched after a successful install: pip runs again only when requirements.txt is newer.
 STAMP  := $(VENV)/.requirements-installed
 
-.PHONY: test demo venv clean-demo
+.PHONY: test demo venv clean-demo gpu-wheels
 
 venv: $(STAMP)
 
@@ -21,3 +21,21 @@ test: $(STAMP)
 # Tiny tokenizer + model from the bundled corpus, stages 1 -> 2 -> 3 on CPU with 2 processes, then a generation.
 demo: $(STAMP)
 	PY=$(PY) scripts/demo.sh
+
+# Wheels for scripts/gpu_check.sh on a GPU machine whose Python (3.12, its own torch) has no colossalai and no
+# package registry: colossalai 0.5.0 (published as an sdist only: built here into a pure-Python wheel, no kernels)
+# and the packages it imports that such an image lacks or holds at versions colossalai 0.5.0 cannot use
+# (transformers 5.x, huggingface-hub 1.x), into .whl/ (git-ignored). The whole set must stay under 60 MB.
+GPU_WHEELS := transformers==4.51.3 tokenizers==0.21.4 huggingface-hub==0.36.2 peft==0.13.2 galore-torch==1.0 \
+              bitsandbytes==0.50.2
+GPU_WHEEL_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp \
+                      --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+                      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl colossalai==0.5.0
+	$(PYTHON) -m pip download -q --no-deps $(GPU_WHEEL_PLATFORM) -d .whl $(GPU_WHEELS)
+	@ls -l .whl
+	@total=$$(cat .whl/*.whl | wc -c); echo "$$total bytes in .whl/"; \
+	  test $$total -lt 60000000 || { echo "error: .whl/ holds $$total bytes, over 60 MB"; exit 1; }

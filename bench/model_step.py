@@ -35,21 +35,33 @@ from llama import Llama, LlamaConfig  # noqa: E402
 from llama.weight_layouts import hf_config_dict, llama_to_hf_state_dict  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
+def add_step_args(p: argparse.ArgumentParser, dim: int, layers: int, heads: int, seq: int) -> None:
+    """The model shape, batch, device and dtype of a benchmarked step (defaults per bench)."""
+    p.add_argument("--dim", type=int, default=dim)
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--heads", type=int, default=heads)
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--seq", type=int, default=seq)
     p.add_argument("--bs", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+
+def step_argv(args) -> list[str]:
+    """add_step_args' options as given, for a child process measuring one CPU peak."""
+    argv = ["--dim", str(args.dim), "--layers", str(args.layers), "--heads", str(args.heads), "--vocab",
+            str(args.vocab), "--seq", str(args.seq), "--bs", str(args.bs), "--device", "cpu", "--dtype", args.dtype]
+    return argv + (["--kv-heads", str(args.kv_heads)] if args.kv_heads else [])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_step_args(p, dim=512, layers=8, heads=8, seq=512)
     p.add_argument("--steps", type=int, default=1, help="timed steps per model per round")
     p.add_argument("--rounds", type=int, default=4, help="alternating timing rounds")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     p.add_argument("--mem-repeats", type=int, default=2, help="fresh subprocesses per model for CPU peak memory")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--child-peak", choices=["ours", "hf"], help=argparse.SUPPRESS)  # internal: one CPU memory run
     return p.parse_args(argv)
 
@@ -114,48 +126,59 @@ def reset_rss_peak() -> bool:
         return False
 
 
-def child_peak(args) -> None:
-    """One fresh process: build one model, run a warmup step (one-time allocations: grads' first use, kernel
-    scratch), then report the RSS peak of the measured steps above the RSS before them."""
-    model = build(args.child_peak, args)
-    ids, mask = inputs(args)
-    step(args.child_peak, model, ids, mask)
+def rss_peak_mb(run_step, steps: int) -> float:
+    """RSS peak of `steps` calls of run_step() above the RSS before them, in MB; after a warmup call (one-time
+    allocations: grads' first use, kernel scratch)."""
+    run_step()
     if reset_rss_peak():
         before = status_kib("VmRSS")
-        for _ in range(max(1, args.steps)):
-            step(args.child_peak, model, ids, mask)
+        for _ in range(max(1, steps)):
+            run_step()
         after = status_kib("VmHWM")
     else:  # no clear_refs: the high-water mark so far is the baseline (can only under-report the step)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        for _ in range(max(1, args.steps)):
-            step(args.child_peak, model, ids, mask)
+        for _ in range(max(1, steps)):
+            run_step()
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (after - before) / 1024}))
+    return (after - before) / 1024
 
 
-def cpu_peaks(args) -> dict[str, float]:
-    base = [sys.executable, str(Path(__file__).resolve()), "--dim", str(args.dim), "--layers", str(args.layers),
-            "--heads", str(args.heads), "--vocab", str(args.vocab), "--seq", str(args.seq), "--bs", str(args.bs),
-            "--steps", "1", "--device", "cpu", "--dtype", args.dtype]
-    if args.kv_heads:
-        base += ["--kv-heads", str(args.kv_heads)]
-    # A fixed mmap threshold turns off glibc's dynamic one, so big freed blocks go back to the OS and RSS follows
-    # live memory instead of the allocator's cache; same setting for both models.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    peaks: dict[str, list[float]] = {"ours": [], "hf": []}
-    for r in range(args.mem_repeats):
-        for kind in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
-            out = subprocess.run(base + ["--child-peak", kind], capture_output=True, text=True, check=True,
+def child_peak(args) -> None:
+    """One fresh process: build one model and report the RSS peak of its measured steps."""
+    model = build(args.child_peak, args)
+    ids, mask = inputs(args)
+    print(json.dumps({"peak_mb": rss_peak_mb(lambda: step(args.child_peak, model, ids, mask), args.steps)}))
+
+
+# A fixed mmap threshold turns off glibc's dynamic one, so big freed blocks go back to the OS and RSS follows live
+# memory instead of the allocator's cache; the same for every measured process.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def alternating_child_peaks(command: list[str], kinds: tuple[str, ...], repeats: int) -> dict[str, float]:
+    """`command --child-peak KIND` in a fresh process per run, the order of kinds rotating between repeats; the
+    smallest peak of each kind (other load only ever adds)."""
+    env = {**os.environ, **CHILD_ENV}
+    peaks: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for r in range(repeats):
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            out = subprocess.run(command + ["--child-peak", kind], capture_output=True, text=True, check=True,
                                  env=env).stdout
             peaks[kind].append(json.loads(out.strip().splitlines()[-1])["peak_mb"])
     return {k: min(v) for k, v in peaks.items()}
 
 
-def cuda_peak(kind: str, model, ids, mask, device) -> float:
+def cpu_peaks(args) -> dict[str, float]:
+    command = [sys.executable, str(Path(__file__).resolve()), *step_argv(args), "--steps", "1"]
+    return alternating_child_peaks(command, ("ours", "hf"), args.mem_repeats)
+
+
+def cuda_peak_mb(run_step, device) -> float:
+    """Peak CUDA memory of one run_step() above what was allocated before it, in MB."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    step(kind, model, ids, mask)
+    run_step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
@@ -187,7 +210,7 @@ def main(argv=None) -> None:
     tok_s = {k: tokens / min(v) for k, v in times.items()}
     median_tok_s = {k: tokens / statistics.median(v) for k, v in times.items()}
     if args.device.startswith("cuda"):
-        peaks = {k: cuda_peak(k, m, ids, mask, args.device) for k, m in models.items()}
+        peaks = {k: cuda_peak_mb(lambda: step(k, m, ids, mask), args.device) for k, m in models.items()}
     else:
         del ours, hf, models
         peaks = cpu_peaks(args)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llama.configuration_llama import CONFIG_NAME, LlamaConfig
-from llama.loss import linear_cross_entropy_sum, plain_linear_cross_entropy_sum
+from llama.loss import LOSS_PATHS
 from llama.model_files import (DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, is_transformers_dir, iter_tensors,
                                save_tensors)
 from llama.weight_layouts import hf_to_llama_state_dict
@@ -170,10 +170,10 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        # True: the loss goes through llama/loss.py's chunked projection+CE (no full fp32 logits even for the
-        # counted rows). False: plain F.linear + cross_entropy on the counted rows, for wrappers that must see
-        # `output` used as an ordinary op (e.g. parameter-sharding hooks).
-        self.fused_loss = True
+        # How the counted rows reach the vocabulary (llama/loss.py): "fused" (no full fp32 logits, no recompute),
+        # "checkpointed" (ordinary ops in row chunks recomputed in backward, for wrappers that must see `output`
+        # used as an ordinary op, e.g. parameter-gathering hooks) or "plain" (full fp32 logits: the reference).
+        self.loss_path = "fused"
         # Rotary table per device. A plain attribute, not a buffer: state dicts stay Meta's names only and
         # model.to(bfloat16) cannot cast the complex table to a real dtype.
         self._rope_cache: dict[torch.device, torch.Tensor] = {}
@@ -255,8 +255,9 @@ class Llama(nn.Module):
             counted = counted & (doc_ids[:, 1:] == doc_ids[:, :-1])
         # Only the rows whose target counts reach the vocabulary projection.
         hidden = h[:, :-1][counted]  # (n_counted, dim)
-        loss_fn = linear_cross_entropy_sum if self.fused_loss else plain_linear_cross_entropy_sum
-        loss_sum = loss_fn(hidden, self.output.weight, targets[counted])
+        if self.loss_path not in LOSS_PATHS:
+            raise ValueError(f"loss_path {self.loss_path!r}: expected one of {sorted(LOSS_PATHS)}")
+        loss_sum = LOSS_PATHS[self.loss_path](hidden, self.output.weight, targets[counted])
         return loss_sum / counted.sum().clamp(min=1), None
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llama import Llama, LlamaConfig, Tokenizer, check_tokenizer_matches
@@ -137,6 +138,16 @@ def test_tiny_cli_trains_a_tokenizer_on_a_corpus_folder(tmp_path):
                "--dim", "32"])
     model = Llama.from_pretrained(tmp_path / "m")
     check_tokenizer_matches(model.config, Tokenizer(tmp_path / "m"))
+
+
+def test_tiny_cli_reuses_a_tokenizer_and_stores_the_asked_dtype(tmp_path, tokenizer_path):
+    tiny_main(["--tokenizer", str(tokenizer_path), "--output", str(tmp_path / "m"), "--dim", "32",
+               "--dtype", "bfloat16"])
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == tokenizer_path.read_bytes()
+    model = Llama.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    check_tokenizer_matches(model.config, Tokenizer(tokenizer_path))
 
 
 # ---- clear errors ---------------------------------------------------------------------------------------------

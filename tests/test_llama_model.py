@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from llama import Llama, LlamaConfig, generate, stream
-from llama.loss import linear_cross_entropy_sum, plain_linear_cross_entropy_sum
+from llama.loss import (checkpointed_linear_cross_entropy_sum, linear_cross_entropy_sum,
+                        plain_linear_cross_entropy_sum)
 
 VOCAB = 97
 
@@ -95,7 +96,9 @@ def test_position_zero_never_counts_and_an_empty_mask_gives_zero_loss_with_grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_loss_matches_the_plain_path_in_value_and_gradients(dtype, monkeypatch):
+@pytest.mark.parametrize("chunked", [linear_cross_entropy_sum, checkpointed_linear_cross_entropy_sum],
+                         ids=["fused", "checkpointed"])
+def test_chunked_losses_match_the_plain_path_in_value_and_gradients(chunked, dtype, monkeypatch):
     import llama.loss
 
     monkeypatch.setattr(llama.loss, "CHUNK_BYTES", 4 * 41 * 7)  # 7 rows per chunk: several chunks, a ragged tail
@@ -104,7 +107,7 @@ def test_fused_loss_matches_the_plain_path_in_value_and_gradients(dtype, monkeyp
     weight = (torch.randn(41, 16, generator=g) * 0.3).to(dtype).requires_grad_()
     targets = torch.randint(0, 41, (30,), generator=g)
     results = []
-    for fn in (linear_cross_entropy_sum, plain_linear_cross_entropy_sum):
+    for fn in (chunked, plain_linear_cross_entropy_sum):
         hidden.grad = weight.grad = None
         loss = fn(hidden, weight, targets)
         (loss * 0.5).backward()
@@ -113,6 +116,77 @@ def test_fused_loss_matches_the_plain_path_in_value_and_gradients(dtype, monkeyp
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for fused, plain in zip(*results):
         torch.testing.assert_close(fused.float(), plain.float(), **tol)
+
+
+def test_every_loss_path_gives_the_model_the_same_loss_and_gradients_with_masks_and_packing(monkeypatch):
+    import llama.loss
+
+    monkeypatch.setattr(llama.loss, "CHUNK_BYTES", 4 * VOCAB * 5)  # 5 rows per chunk
+    ids = rand_ids(2, 24, seed=9)
+    loss_mask = (torch.rand(2, 24, generator=torch.Generator().manual_seed(9)) > 0.3).long()
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [3] * 5 + [4] * 12 + [3] * 7])  # targets across a boundary drop
+    results = {}
+    for path in ("plain", "fused", "checkpointed"):
+        model = make_model(dropout=0.1).train()
+        model.loss_path = path
+        torch.manual_seed(5)  # the same dropout masks for every path
+        loss, _ = model(ids, loss_mask=loss_mask, doc_ids=doc_ids)
+        loss.backward()
+        results[path] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    plain_loss, plain_grads = results.pop("plain")
+    for path, (loss, grads) in results.items():
+        torch.testing.assert_close(loss, plain_loss, atol=1e-6, rtol=1e-6, msg=path)
+        for name, g in plain_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-5, msg=f"{path}: {name}")
+    with pytest.raises(ValueError, match="loss_path 'fast'"):
+        model.loss_path = "fast"
+        model(ids, loss_mask=loss_mask)
+
+
+def test_checkpointed_loss_shows_the_weight_to_op_hooks_and_recomputes_each_chunk_in_backward(monkeypatch):
+    """What gemini needs: `weight` used by ordinary ops that ColossalAI's op hooks see, in forward and again in
+    backward, where gemini gathers its shards (GeminiZeROHook, colossalai/zero/gemini/gemini_hook.py); and each
+    chunk's logits recomputed there rather than kept from the forward."""
+    import llama.loss
+    from colossalai.tensor import ColoParameter
+    from colossalai.tensor.param_op_hook import ColoParamOpHook, ColoParamOpHookManager
+
+    class Record(ColoParamOpHook):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def pre_forward(self, params):
+            self.calls.append("pre_forward")
+
+        def post_forward(self, params):
+            pass
+
+        def pre_backward(self, params):
+            self.calls.append("pre_backward")
+
+        def post_backward(self, params):
+            pass
+
+    monkeypatch.setattr(llama.loss, "CHUNK_BYTES", 4 * 41 * 8)  # 8 rows per chunk: 4 chunks of 30 rows
+    hidden = torch.randn(30, 16, requires_grad=True)
+    targets = torch.randint(0, 41, (30,))
+    calls = {}
+    for fn in (checkpointed_linear_cross_entropy_sum, plain_linear_cross_entropy_sum, linear_cross_entropy_sum):
+        weight = ColoParameter(torch.randn(41, 16), requires_grad=True)
+        hook = Record()
+        with ColoParamOpHookManager.use_hooks(hook):
+            loss = fn(hidden, weight, targets)
+            forward_calls = list(hook.calls)
+            loss.backward()
+        calls[fn.__name__] = forward_calls, hook.calls[len(forward_calls):]
+        assert weight.grad is not None
+    # Each chunk: F.linear in forward; in backward its recomputation (a forward op again), then its backward.
+    assert calls["checkpointed_linear_cross_entropy_sum"] == (["pre_forward"] * 4, ["pre_forward", "pre_backward"] * 4)
+    assert calls["plain_linear_cross_entropy_sum"] == (["pre_forward"], ["pre_backward"])
+    # Why gemini cannot take the fused path: its backward shows the hooks nothing, so gemini's gradient hook
+    # finds the weight not in HOLD_AFTER_BWD (GeminiDDP.grad_handle) and raises.
+    assert calls["linear_cross_entropy_sum"][1] == []
 
 
 def test_fused_loss_without_grad_does_no_gradient_work():

@@ -6,6 +6,7 @@ from transformers import LlamaForCausalLM
 
 from llama import Llama, LlamaConfig
 from llama.convert import main as convert_main
+from llama.loss import LOSS_PATHS
 from llama.weight_layouts import hf_to_llama_state_dict, llama_to_hf_state_dict
 
 VOCAB = 120
@@ -58,8 +59,8 @@ def test_loss_mask_equals_transformers_labels(pair):
     loss_mask = (torch.rand(3, 33, generator=g) > 0.4).long()
     labels = ids.masked_fill(loss_mask == 0, -100)
     expected = hf(ids, labels=labels).loss
-    for fused in (True, False):
-        ours.fused_loss = fused
+    for path in LOSS_PATHS:
+        ours.loss_path = path
         loss, logits = ours(ids, loss_mask=loss_mask)
         assert logits is None
         torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)

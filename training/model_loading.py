@@ -70,9 +70,9 @@ def load_model(settings, inputs: ModelInputs, dtype: torch.dtype, plugin: str) -
     model = Llama.from_pretrained(settings.init_model_path, dtype=dtype, device="cpu", config=inputs.config)
     model.set_gradient_checkpointing(bool(settings.gradient_checkpointing))
     if plugin == "gemini":
-        # Gemini gathers sharded parameters through hooks on ordinary ops; the fused loss reads output.weight
-        # inside a custom autograd function, which those hooks do not see.
-        model.fused_loss = False
+        # Gemini gathers sharded parameters through hooks on ordinary ops (ColoParameter.__torch_function__); the
+        # fused loss reads output.weight inside a custom autograd function, which those hooks do not see.
+        model.loss_path = "checkpointed"
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model %s: %.1fM parameters, %d layers, dim %d, vocab %d, loaded as %s", settings.init_model_path,
                 n_params / 1e6, inputs.config.num_hidden_layers, inputs.config.hidden_size, inputs.config.vocab_size,

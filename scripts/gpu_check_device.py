@@ -1,0 +1,268 @@
+"""The GPU-side steps of scripts/gpu_check.py, one subcommand each; every step but `train` prints one JSON object.
+
+    python scripts/gpu_check_device.py facts                       torch, CUDA, GPUs, colossalai import, nvcc
+    python scripts/gpu_check_device.py build-kernels               HybridAdam's CPU and CUDA Adam kernels, built once
+    python scripts/gpu_check_device.py scale-output DIR FACTOR     multiply DIR's output projection by FACTOR
+    python scripts/gpu_check_device.py reference SPEC.json         fp32 step-1 losses, final/ reloads, flash probe
+    torchrun ... scripts/gpu_check_device.py train key=value ...   one stage-1 run that records what the checks need
+
+`train` is training.loop.train with pretrain_main's DataProcessor, unchanged, plus two records in <logdir>:
+    first_batch.rank<R>.pt  the first micro-batch rank R trained on (input_ids, loss_mask, doc_ids when packed)
+    trained_logits.pt       with GPU_CHECK_LOGITS=1, rank 0: fp32 logits of the trained, still boosted model on the
+                            first row of rank 0's first batch, taken just before final/ is written: what final/ must
+                            give back when reloaded
+GPU_CHECK_DETERMINISTIC=1 asks torch for deterministic kernels where it has them (for the exact-resume check).
+Everything here also runs on CPU (the tests run `reference` and `train` there on the CPU fallback).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from llama.llama_model import Llama  # noqa: E402
+
+FIRST_BATCH = "first_batch.rank{rank}.pt"
+TRAINED_LOGITS = "trained_logits.pt"
+BATCH_KEYS = ("input_ids", "loss_mask", "doc_ids")
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- facts ------------------------------------------------------------------------------------------------------
+
+def facts() -> dict:
+    """What the plan depends on. A colossalai import failure is a fact, not a crash: the report names it."""
+    from torch.utils.cpp_extension import CUDA_HOME  # where torch's extension builder will look for nvcc
+
+    nvcc = shutil.which("nvcc") or (str(Path(CUDA_HOME) / "bin" / "nvcc") if CUDA_HOME else None)
+    found = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
+             "cpus": os.cpu_count(), "nvcc": nvcc if nvcc and Path(nvcc).is_file() else None,
+             "python": sys.version.split()[0]}
+    if found["gpus"]:
+        props = torch.cuda.get_device_properties(0)
+        found.update(gpu_name=props.name, gpu_memory_gb=round(props.total_memory / 1e9, 1),
+                     capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
+    try:
+        from training.engine import import_colossalai
+
+        import_colossalai()  # the whole chain the engine imports, with this machine's torch
+        import colossalai
+
+        found["colossalai"] = colossalai.__version__
+    except Exception as e:  # noqa: BLE001 - reported as the environment check's failure
+        found["colossalai"] = None
+        found["colossalai_error"] = f"{type(e).__name__}: {e}"[:500]
+    return found
+
+
+# ---- kernels ----------------------------------------------------------------------------------------------------
+
+def build_kernels() -> dict:
+    """Load (JIT-building on first use) the kernels HybridAdam takes: CPUAdamLoader for offloaded states and
+    FusedOptimizerLoader for states on the GPU (HybridAdam.__init__, colossalai/nn/optimizer/hybrid_adam.py).
+    Built for this GPU only: without TORCH_CUDA_ARCH_LIST, torch's builder compiles for every arch it knows."""
+    if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        major, minor = torch.cuda.get_device_capability(0)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    os.environ.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 4) // 2)))  # half: the small runs go on
+    start = time.perf_counter()
+    try:
+        from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
+
+        CPUAdamLoader().load()
+        FusedOptimizerLoader().load()
+    except Exception as e:  # noqa: BLE001 - gemini is then reported not runnable here, with this reason
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"[-800:], "seconds": time.perf_counter() - start}
+    return {"ok": True, "seconds": round(time.perf_counter() - start, 1)}
+
+
+# ---- the model the checks start from ----------------------------------------------------------------------------
+
+def scale_output(model_dir: str, factor: float) -> dict:
+    """Sharpen a random model's predictions: its loss then lies far above ln(vocab), the loss of any freshly
+    initialised model, so a run that trained from random weights instead of these cannot pass the step-1 check."""
+    model = Llama.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.output.weight.mul_(factor)
+    model.save_pretrained(model_dir)
+    return {"ok": True, "factor": factor}
+
+
+# ---- references -------------------------------------------------------------------------------------------------
+
+def load_batches(logdir: Path) -> list[dict]:
+    paths = sorted(logdir.glob(FIRST_BATCH.format(rank="*")), key=lambda p: int(p.stem.rsplit("rank", 1)[1]))
+    return [torch.load(p, weights_only=True) for p in paths]
+
+
+def batch_loss(model: Llama, batch: dict) -> float:
+    dev = next(model.parameters()).device
+    doc_ids = batch.get("doc_ids")
+    with torch.no_grad():
+        loss, _ = model(batch["input_ids"].to(dev), loss_mask=batch["loss_mask"].to(dev),
+                        doc_ids=None if doc_ids is None else doc_ids.to(dev))
+    return loss.item()
+
+
+def mean_rank_loss(model: Llama, batches: list[dict]) -> float:
+    """The logged step-1 loss: the mean over ranks of each rank's mean loss (training/loop.py, one micro-batch)."""
+    return sum(batch_loss(model, b) for b in batches) / len(batches)
+
+
+def compute_setup(plugin: str, precision: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype, autocast dtype) under which a run's model computes: ZeRO plugins hold half-precision
+    weights; ddp holds fp32 weights and autocasts (training/engine.py)."""
+    if plugin in ("gemini", "zero2") and precision in HALF:
+        return HALF[precision], None
+    return torch.float32, HALF.get(precision)
+
+
+def first_row(batch: dict) -> dict:
+    return {k: v[:1] for k, v in batch.items()}  # (1, L) each
+
+
+def logits(model: Llama, batch: dict, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    dev = next(model.parameters()).device
+    doc_ids = batch.get("doc_ids")
+    with torch.no_grad(), torch.autocast(dev.type, dtype=autocast_dtype or torch.float32,
+                                         enabled=autocast_dtype is not None):
+        _, out = model(batch["input_ids"].to(dev), doc_ids=None if doc_ids is None else doc_ids.to(dev))
+    return out.float().cpu()
+
+
+def reload_comparison(run: dict, init_dir: str, batch: dict) -> dict:
+    """final/ reloaded with Llama.from_pretrained against the trained model's own logits; the logits' change from
+    the initial weights gives the scale (a stale or wrong save differs by about that much)."""
+    final = Path(run["output_dir"]) / "final"
+    trained_path = Path(run["logdir"]) / TRAINED_LOGITS
+    if not (final / "config.json").is_file() or not trained_path.is_file():
+        return {"error": f"missing {final}/config.json or {trained_path}"}
+    dtype, autocast_dtype = compute_setup(run["plugin"], run["precision"])
+    trained = torch.load(trained_path, weights_only=True)["logits"]
+    row = first_row(batch)
+    reloaded = logits(Llama.from_pretrained(final, dtype=dtype, device=device()).eval(), row, autocast_dtype)
+    initial = logits(Llama.from_pretrained(init_dir, dtype=dtype, device=device()).eval(), row, autocast_dtype)
+    return {"max_abs_diff": (reloaded - trained).abs().max().item(),
+            "train_change": (trained - initial).abs().max().item()}
+
+
+def flash_probe(model: Llama, batch: dict) -> dict:
+    """The unpacked path (is_causal, no mask) under SDPA's flash kernel alone, against the math kernel: fails if
+    flash attention cannot take this model's shapes on this GPU."""
+    if not torch.cuda.is_available():
+        return {"ok": False, "error": "no CUDA device"}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    half = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)  # in place: its last use
+    ids = batch["input_ids"]
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            flash = logits(half, {"input_ids": ids}, None)
+        with sdpa_kernel(SDPBackend.MATH):
+            math = logits(half, {"input_ids": ids}, None)
+    except RuntimeError as e:
+        return {"ok": False, "error": str(e)[:500]}
+    return {"ok": True, "max_abs_diff_vs_math": (flash - math).abs().max().item()}
+
+
+def reference(spec_path: str) -> dict:
+    """For each run of the spec: the fp32 loss of the initial weights on the run's recorded first batches, the loss
+    a freshly initialised model gives there, and the final/ reload comparison; then the flash probe."""
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 reference in fp32 arithmetic
+    init = Llama.from_pretrained(spec["init_model"], device=device()).eval()
+    torch.manual_seed(1234)
+    with torch.device(device()):
+        fresh = Llama(init.config).eval()
+    out: dict = {"runs": {}}
+    unpacked_batch = None
+    for run in spec["runs"]:
+        batches = load_batches(Path(run["logdir"]))
+        if not batches:
+            out["runs"][run["name"]] = {"error": f"no {FIRST_BATCH.format(rank='*')} in {run['logdir']}"}
+            continue
+        result = {"ref_loss": mean_rank_loss(init, batches), "random_init_loss": mean_rank_loss(fresh, batches)}
+        if run.get("reload"):
+            result["reload"] = reload_comparison(run, spec["init_model"], batches[0])
+        out["runs"][run["name"]] = result
+        if "doc_ids" not in batches[0]:
+            unpacked_batch = batches[0]
+    if spec.get("flash_probe") and unpacked_batch is not None:
+        out["flash"] = flash_probe(init, unpacked_batch)
+    return out
+
+
+# ---- train ------------------------------------------------------------------------------------------------------
+
+def train(argv: list[str]) -> None:
+    import pretrain_args
+    import training.loop as loop
+    from pretrain_main import DataProcessor
+    from training.settings import load_settings
+
+    settings = load_settings(pretrain_args, argv)
+    if os.environ.get("GPU_CHECK_DETERMINISTIC") == "1":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    rank = int(os.environ.get("RANK", "0"))
+    logdir = Path(settings.logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    kept: dict = {}
+
+    class FirstBatchRecorded(DataProcessor):
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            batch = super().__next__()
+            if not kept:
+                kept.update({k: batch[k].clone() for k in BATCH_KEYS if batch.get(k) is not None})
+                torch.save(kept, logdir / FIRST_BATCH.format(rank=rank))
+            return batch
+
+    save_final = loop.save_final
+
+    def save_final_after_logits(engine, *args, **kwargs):
+        engine.model.eval()
+        dev, row = engine.choice.device, first_row(kept)
+        # Every rank runs the forward: gemini gathers each layer's shards from all ranks.
+        with torch.no_grad(), engine.autocast():
+            _, out = engine.model(row["input_ids"].to(dev),
+                                  doc_ids=row["doc_ids"].to(dev) if "doc_ids" in row else None)
+        if rank == 0:
+            torch.save({"logits": out.float().cpu()}, logdir / TRAINED_LOGITS)
+        return save_final(engine, *args, **kwargs)
+
+    if os.environ.get("GPU_CHECK_LOGITS") == "1":
+        loop.save_final = save_final_after_logits
+    loop.train(settings, FirstBatchRecorded)
+
+
+def main(argv: list[str]) -> None:
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "train":
+        train(rest)
+        return
+    steps = {"facts": facts, "build-kernels": build_kernels,
+             "scale-output": lambda: scale_output(rest[0], float(rest[1])), "reference": lambda: reference(rest[0])}
+    if command not in steps:
+        sys.exit(f"usage: gpu_check_device.py {{{','.join([*steps, 'train'])}}} ...")
+    result = steps[command]()
+    print(json.dumps(result), flush=True)
+    sys.exit(0 if result.get("ok", True) else 1)  # a kernel that did not build stops the runs that need it
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -12,6 +12,9 @@ Samples (bos/eos: the tokenizer's; "masked": out of the loss):
                  no prompt: bos + input + " "                                (masked)
                then output.rstrip() + eos (counted).
 A record whose text, input or output is empty after stripping is skipped and counted.
+Too long for max_seq_length (long_prompt="middle"): a task input loses tokens from its middle, keeping its head and
+its tail (where the question is), so that the output fits whole; a translation source is never cut, the target loses
+its end (counted in cut_answers). long_prompt="recipe": the end of the whole sample is cut, as in the recipe.
 """
 import random
 import sys
@@ -50,7 +53,7 @@ class DataProcessor(BaseDataProcessor):
         if drawn is None:
             return None
         source, prompt, target = drawn
-        return Prompted((Cut(source.rstrip()), "\n" + prompt + "\n"), target)
+        return Prompted((source.rstrip() + "\n" + prompt + "\n",), target)
 
     def task(self, record: dict, rng: random.Random):
         task_input, output = text_field(record, "input"), text_field(record, "output")

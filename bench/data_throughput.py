@@ -40,7 +40,7 @@ class RecordingTokenizer:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer, self.texts = tokenizer, []
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-        self.encode, self.decode = tokenizer.encode, tokenizer.decode
+        self.encode, self.decode, self.token_ends = tokenizer.encode, tokenizer.decode, tokenizer.token_ends
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         self.texts += texts

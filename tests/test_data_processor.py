@@ -177,6 +177,9 @@ def test_set_buffer_draws_documents_at_random_chunks_in_order_and_apart():
     taken = set()
     assert [buffer.draw(rng, taken).ids[1] for _ in range(3)] == [0, 1, 2]
 
+    buffer = SetBuffer(Sample([2, doc], 1, doc=doc) for doc in range(1, 10))  # no RNG: read order
+    assert [buffer.draw(None, set()).doc for _ in range(9)] == list(range(1, 10))
+
 
 def test_chunks_of_a_long_document_spread_over_batches(tmp_path, tok):
     long_text = " ".join(f"apples {i} oranges" for i in range(10))
@@ -195,6 +198,12 @@ def test_chunks_of_a_long_document_spread_over_batches(tmp_path, tok):
     assert sum(found, []) == list(range(len(chunks)))  # every one, in order
     with_chunk = [index for index, chunks_in in enumerate(found) if chunks_in]
     assert with_chunk[-1] - with_chunk[0] + 1 > len(chunks)  # spread among batches without it
+
+    # long_text="truncate" (the recipe's): one sample per document, nothing to spread, the files' order kept
+    with pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=16,
+                                              long_text="truncate"), tok, 0, 1) as dp:
+        first = [row[:int((row != tok.pad_id).sum())].tolist() for row in next(dp)["input_ids"]]
+    assert first == [full[:16]] + [[tok.bos_id] + tok.encode(f"short {i}") + [tok.eos_id] for i in range(3)]
 
 
 def test_resume_does_not_reread_or_retokenize(tmp_path, tok):

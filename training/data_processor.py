@@ -266,9 +266,10 @@ class BaseDataProcessor:
             self._fill(Counter(slots), taken)
         self._cursor = (self._cursor + count) % len(self.cycle)
         self._counters["samples"] += count
+        rng = self._rng if self.long_text == "split" else None  # only split documents have chunks to spread
         samples = []
         for name in slots[:count]:
-            samples.append(self._pending[name].draw(self._rng, taken))
+            samples.append(self._pending[name].draw(rng, taken))
             taken.add(samples[-1].doc)
         return samples
 

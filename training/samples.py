@@ -73,7 +73,7 @@ class SampleBuilder:
     counters gets "discarded_tokens" (tokens that never reach a sample: LM tokens cut off by long_text="truncate",
     answer tokens that did not fit), "cut_input_tokens" (prompt-input tokens dropped to make a sample fit),
     "cut_answers" (samples whose answer, e.g. a translation's target, lost its end) and "too_long" (samples whose
-    fixed prompt text alone fills max_seq_length: nothing left to learn, skipped).
+    prefix, cut as far as it may be, still fills max_seq_length: nothing left to learn, skipped).
     """
 
     def __init__(self, tokenizer, max_seq_length: int, long_text: str, long_prompt: str):

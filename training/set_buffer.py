@@ -7,12 +7,15 @@ make those batches correlated. Instead each slot draws one of the set's pending 
 come out in order, spread over later batches among the other documents. A document that already has a sample in
 the batch being built is passed over while the set has another one pending; the DataProcessor reads more records
 before that can run out, so two chunks of one document share a batch only when the set has nothing else.
+
+Without an RNG (long_text="truncate": one sample per document, nothing to spread) the oldest document comes first,
+so samples keep the files' order, as in the recipe.
 """
 from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Iterable
+from typing import Iterable, Optional
 
 from training.samples import Sample
 
@@ -34,10 +37,11 @@ class SetBuffer:
         """Pending documents that are not in `taken` (those already in the batch being built)."""
         return sum(doc not in taken for doc in self._docs)
 
-    def draw(self, rng: random.Random, taken: set[int]) -> Sample:
-        """The next chunk of a pending document drawn at random, one not in `taken` while there is one."""
-        free = [doc for doc in self._docs if doc not in taken]
-        doc = rng.choice(free or list(self._docs))
+    def draw(self, rng: Optional[random.Random], taken: set[int]) -> Sample:
+        """The next chunk of a pending document, one not in `taken` while there is one: drawn at random with rng,
+        else the oldest."""
+        free = [doc for doc in self._docs if doc not in taken] or list(self._docs)
+        doc = rng.choice(free) if rng is not None else free[0]
         chunks = self._docs[doc]
         sample = chunks.popleft()
         if not chunks:

@@ -17,6 +17,6 @@ def test_data_throughput_bench_prints_one_json_line(tmp_path, tokenizer_path, ca
                 "--batches", "5", "--batch-size", "4", "--max-seq-length", "512", "--packing"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) == {"batches_per_s", "real_tokens_per_s", "padded_tokens_per_s", "real_fraction",
-                           "discarded_tokens", "sp_tokens_per_s"}
+                           "discarded_tokens", "sp_tokens_per_s", "ratio", "cpu_ratio"}
     assert result["discarded_tokens"] == 0 and 0 < result["real_fraction"] <= 1
     assert result["real_tokens_per_s"] > 0 and result["sp_tokens_per_s"] > 0

@@ -1,4 +1,4 @@
-"""bench/data_throughput.py runs on a small corpus and prints the promised JSON line; long_input_corpus.py lengthens inputs."""
+"""bench/data_throughput.py prints the promised JSON line; bench/long_input_corpus.py lengthens task inputs."""
 import importlib.util
 import json
 from pathlib import Path

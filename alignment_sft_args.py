@@ -23,6 +23,7 @@ pretrain_data_split = {  # set: weight and first file number; every 12 samples h
 max_seq_length = 1024  # tokens per sample, bos and eos included
 batch_size = 24  # samples per GPU: 24 x 2 GPUs x 1024 tokens = 49,152 tokens/step at most
 long_text = "split"  # LM sets only; a prompted sample that is too long is cut on the input side
+long_prompt = "middle"  # too long: the input's, then the instruction's middle goes, answer stays; "recipe": the original's end cut
 packing = False  # True: pack samples into rows of max_seq_length; SFT batches are mostly padding otherwise
 skip_bad_records = False  # True: count, log and skip bad records instead of stopping
 seed = 42  # data order; each rank derives its own stream from it

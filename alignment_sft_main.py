@@ -6,8 +6,9 @@ Every set carries {"instruction", "input", "output"}, each field stripped. The s
     bos + "Human: " [+ instruction + "\\n"] [+ input + "\\n"] + "Assistant: "   (masked)
     output + eos                                                            (counted)
 where a bracketed part is left out when that field is empty. A record with neither instruction nor input is bad
-input; one with an empty output is skipped (counted). A too-long sample loses the end of its input first, then of
-its instruction, so that the answer survives where it fits.
+input; one with an empty output is skipped (counted). A too-long sample (long_prompt="middle") loses tokens from the
+middle of its input first, then of its instruction, each keeping its head and tail, so that the answer survives
+where it fits; long_prompt="recipe" cuts the end of the whole sample, as in the recipe.
 """
 import random
 import sys

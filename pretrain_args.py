@@ -20,6 +20,7 @@ pretrain_data_split = {  # set: weight, files file_start <= n < file_stop; every
 max_seq_length = 1024  # tokens per sample, bos and eos included
 batch_size = 20  # samples per GPU: 20 x 8 GPUs x 1024 tokens = 163,840 tokens/step
 long_text = "split"  # "split": a long document becomes several samples; "truncate": the recipe's cut-off
+long_prompt = "middle"  # too-long translation: source whole, target's end cut, as the recipe; "recipe": the same here
 packing = False  # True: pack samples into rows of max_seq_length (20 x 1024 = 20,480 tokens per GPU)
 skip_bad_records = False  # True: count, log and skip bad records instead of stopping
 seed = 42  # data order and masks; each rank derives its own stream from it

@@ -5,7 +5,8 @@
 Samples (bos/eos: the tokenizer's; "masked": out of the loss):
   zh, en (and any other set)  {"text"}                bos + text + eos, a random prefix of it masked
   translate                   {"en_text", "zh_text"}  bos + source + "\\n" + prompt (masked), target + eos (counted)
-The direction (en->zh or zh->en) and a prompt line of translate/<direction>.prompt are drawn at random.
+The direction (en->zh or zh->en) and a prompt line of translate/<direction>.prompt are drawn at random. The source
+is never cut: a pair too long for max_seq_length loses the end of its target (counted in cut_answers), as in the recipe.
 """
 import random
 import sys
@@ -14,7 +15,7 @@ import pretrain_args
 from training.corpus import draw_translation, load_translate_prompts, text_field
 from training.data_processor import BaseDataProcessor
 from training.loop import run_stage
-from training.samples import LM, Cut, Prompted
+from training.samples import LM, Prompted
 
 
 class DataProcessor(BaseDataProcessor):
@@ -33,7 +34,7 @@ class DataProcessor(BaseDataProcessor):
         if drawn is None:
             return None
         source, prompt, target = drawn
-        return Prompted((Cut(source), "\n" + prompt), target)
+        return Prompted((source + "\n" + prompt,), target)
 
 
 def main() -> None:

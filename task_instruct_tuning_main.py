@@ -16,6 +16,9 @@ A record with no "type" field, or an empty one, takes the no-prompt form (the re
 counted as "untyped_records" and logged once per set with its file:line. A type with no prompt file takes it too:
 reported once per type, naming the missing file -- at start-up for the types in the checked lines, else when first
 met. A record whose text, input or output is empty after stripping is skipped and counted.
+Too long for max_seq_length (long_prompt="middle"): a task input loses tokens from its middle, keeping its head and
+its tail (where the question is), so that the output fits whole; a translation source is never cut, the target loses
+its end (counted in cut_answers). long_prompt="recipe": the end of the whole sample is cut, as in the recipe.
 """
 import logging
 import random
@@ -52,7 +55,7 @@ class DataProcessor(BaseDataProcessor):
         if drawn is None:
             return None
         source, prompt, target = drawn
-        return Prompted((Cut(source.rstrip()), "\n" + prompt + "\n"), target)
+        return Prompted((source.rstrip() + "\n" + prompt + "\n",), target)
 
     def task(self, set_name: str, record: dict, rng: random.Random):
         task_input, output = text_field(record, "input"), text_field(record, "output")

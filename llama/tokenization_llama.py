@@ -1,9 +1,11 @@
 """SentencePiece tokenizer of a LLaMA model dir (tokenizer.model)."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
+import numpy as np
 from sentencepiece import SentencePieceProcessor
 
 from llama.configuration_llama import LlamaConfig
@@ -37,6 +39,39 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))
+
+    def token_ends(self, text: str, ids: list[int]) -> np.ndarray:
+        """Where each token of ids (== encode(text)) ends in text, as a character offset: SentencePiece's piece
+        offsets (a byte piece that does not finish its character ends where that character starts).
+
+        Fast path, no second encode: a tokenizer that spells the text exactly (no normaliser, whitespace kept, as
+        LLaMA's and llama.tiny's) has its piece byte lengths add up to the text's bytes plus the space of the dummy
+        prefix, so the running sum of a length table gives the ends. Where the sum does not come out (a normalising
+        tokenizer, an unk piece) SentencePiece is asked for its offsets instead.
+        """
+        raw = text.encode("utf-8")
+        byte_ends = np.cumsum(self._piece_bytes[np.asarray(ids, dtype=np.int64)]) - self._dummy_prefix_bytes
+        if len(ids) and byte_ends[-1] != len(raw):
+            return np.array([piece.end for piece in self.sp.encode(text, out_type="immutable_proto").pieces],
+                            dtype=np.int64)
+        is_start = (np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80  # not a UTF-8 continuation byte
+        chars_begun = np.concatenate(([0], np.cumsum(is_start)))  # [k]: characters begun in raw[:k]
+        inside_char = np.append(~is_start, False)  # [k]: offset k falls inside a character
+        return (chars_begun - inside_char)[np.maximum(byte_ends, 0)]
+
+    @functools.cached_property
+    def _piece_bytes(self) -> np.ndarray:
+        """UTF-8 length of the text each piece spells ("\u2581" is a space; a byte piece is one byte; control and
+        unk pieces none)."""
+        sp = self.sp
+        return np.array([1 if sp.is_byte(i) else 0 if sp.is_control(i) or sp.is_unknown(i)
+                         else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+                         for i in range(self.vocab_size)], dtype=np.int64)
+
+    @functools.cached_property
+    def _dummy_prefix_bytes(self) -> int:
+        """1 where SentencePiece puts a space in front of the text (add_dummy_prefix, LLaMA's setting), else 0."""
+        return int(self._piece_bytes[self.encode("a")].sum()) - 1
 
 
 def check_tokenizer_matches(config: LlamaConfig, tokenizer: Tokenizer, allow_padded_embedding: bool = False) -> None:

@@ -1,9 +1,9 @@
-"""bench/data_throughput.py runs on a small corpus and prints the promised JSON line."""
+"""bench/data_throughput.py prints the promised JSON line; bench/long_input_corpus.py lengthens task inputs."""
 import importlib.util
 import json
 from pathlib import Path
 
-from data_corpus_helpers import stage1_corpus
+from data_corpus_helpers import stage1_corpus, task_records, write_set
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "data_throughput.py"
 
@@ -17,6 +17,24 @@ def test_data_throughput_bench_prints_one_json_line(tmp_path, tokenizer_path, ca
                 "--batches", "5", "--batch-size", "4", "--max-seq-length", "512", "--packing"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) == {"batches_per_s", "real_tokens_per_s", "padded_tokens_per_s", "real_fraction",
-                           "discarded_tokens", "sp_tokens_per_s"}
+                           "discarded_tokens", "sp_tokens_per_s", "ratio", "cpu_ratio"}
     assert result["discarded_tokens"] == 0 and 0 < result["real_fraction"] <= 1
     assert result["real_tokens_per_s"] > 0 and result["sp_tokens_per_s"] > 0
+
+
+def test_long_input_corpus_puts_other_inputs_before_each_own(tmp_path):
+    spec = importlib.util.spec_from_file_location("long_input_corpus", BENCH.parent / "long_input_corpus.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    stage1_corpus(tmp_path / "in")
+    write_set(tmp_path / "in", "qa", task_records(9, "qa"), n_files=2)
+    tool.main(["--corpus", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--max-parts", "3"])
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    before = [r for name in ("10001", "10002") for r in read(tmp_path / "in" / "qa" / f"{name}.jsonl")]
+    after = [r for name in ("10001", "10002") for r in read(tmp_path / "out" / "qa" / f"{name}.jsonl")]
+    assert [r["output"] for r in after] == [r["output"] for r in before]
+    for i, (old, new) in enumerate(zip(before, after)):
+        passages = new["input"].split("\n\n")
+        assert passages[-1] == old["input"] and len(passages) == 2 + i % 3
+        assert all(p in [r["input"] for r in before] and p != old["input"] for p in passages[:-1])
+    assert read(tmp_path / "out" / "zh" / "10001.jsonl") == read(tmp_path / "in" / "zh" / "10001.jsonl")

@@ -1,6 +1,7 @@
 """The shared DataProcessor machinery through the stages' classes: batch format, exact mix, determinism, exact
 resume, prefetch errors, bad input up front, skip_bad_records."""
 import json
+import random
 import time
 import traceback
 from collections import Counter
@@ -16,6 +17,8 @@ from data_corpus_helpers import (lm_records, settings, sft_records, stage1_corpu
 from llama.tokenization_llama import Tokenizer
 from training.corpus import DataError
 from training.data_processor import READ_AHEAD
+from training.samples import Sample
+from training.set_buffer import SetBuffer
 
 SFT_MIX = {"code-alpaca-en": 1, "cot-en": 2, "leet-code-zh": 1, "mwp-en": 1, "mwp-zh": 1, "others": 6}
 
@@ -31,7 +34,7 @@ class RecordingTokenizer:
     def __init__(self, tok, fail_on=None):
         self.tok, self.fail_on, self.texts, self.calls = tok, fail_on, [], 0
         self.bos_id, self.eos_id, self.pad_id = tok.bos_id, tok.eos_id, tok.pad_id
-        self.encode, self.decode = tok.encode, tok.decode
+        self.encode, self.decode, self.token_ends = tok.encode, tok.decode, tok.token_ends
 
     def encode_batch(self, texts):
         self.calls += 1
@@ -107,12 +110,12 @@ def test_deterministic_per_seed_and_rank(tmp_path, tok):
     assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first(1, 0), first(1, 1)))
 
 
-@pytest.mark.parametrize("stage", ["pretrain_split", "task_packed", "sft_packed"])
+@pytest.mark.parametrize("stage", ["pretrain_split", "pretrain_split_packed", "task_packed", "sft_packed"])
 def test_resume_continues_with_exactly_the_next_batches(tmp_path, tok, stage):
-    if stage == "pretrain_split":  # long documents: split chunks pending across batches
+    if stage.startswith("pretrain_split"):  # long documents: split chunks pending in the set buffers across batches
         split = stage1_corpus(tmp_path, n=80)
         write_set(tmp_path, "en", lm_records(80, "en", length=40))  # ~7 chunks per document
-        module, kwargs = pretrain_main, dict(max_seq_length=24, batch_size=3)
+        module, kwargs = pretrain_main, dict(max_seq_length=24, batch_size=3, packing=stage.endswith("packed"))
     elif stage == "task_packed":
         split = {"zh": 1, "translate": 1, "qa": 2}
         write_set(tmp_path, "zh", lm_records(50, "zh", length=30))
@@ -142,13 +145,65 @@ def test_resume_continues_with_exactly_the_next_batches(tmp_path, tok, stage):
         assert dp.state_dict() == state
         for expected, got in zip(reference[K:], batches(dp, M)):
             same(expected, got)
-    if stage == "pretrain_split":
-        assert any(s["pending"] for s in state["sets"].values())  # a half-used document was carried
-    else:
+    if stage.startswith("pretrain_split"):  # a half-used document was carried
+        assert any(len({doc for _, _, doc in s["pending"]}) < len(s["pending"]) for s in state["sets"].values())
+    if stage.endswith("packed"):
         assert state["packing_pool"]
     with make(rank=0) as other:
         with pytest.raises(DataError, match="rank"):
             other.load_state_dict(state)
+
+
+def test_set_buffer_draws_documents_at_random_chunks_in_order_and_apart():
+    long_doc = [Sample([1, chunk], 1, doc=0) for chunk in range(6)]
+    buffer = SetBuffer()
+    buffer.add(long_doc)
+    for doc in range(1, 10):
+        buffer.add([Sample([2, doc], 1, doc=doc)])
+    assert SetBuffer(buffer.samples()).samples() == buffer.samples()  # the state round trip
+    rng, batches = random.Random(0), []
+    while buffer.samples():
+        taken, batch = set(), []
+        for _ in range(3):
+            batch.append(buffer.draw(rng, taken))
+            taken.add(batch[-1].doc)
+        batches.append(batch)
+    long_per_batch = [[s.ids[1] for s in batch if s.doc == 0] for batch in batches]
+    assert max(map(len, long_per_batch[:3])) == 1  # apart while the set has other documents pending
+    assert sum(long_per_batch, []) == list(range(6))  # its chunks in order
+    assert [s.ids[1] for s in sum(batches, []) if s.doc != 0] != list(range(1, 10))  # drawn, not read order
+
+    buffer = SetBuffer(long_doc)  # nothing else pending: its chunks share the batch, in order
+    taken = set()
+    assert [buffer.draw(rng, taken).ids[1] for _ in range(3)] == [0, 1, 2]
+
+    buffer = SetBuffer(Sample([2, doc], 1, doc=doc) for doc in range(1, 10))  # no RNG: read order
+    assert [buffer.draw(None, set()).doc for _ in range(9)] == list(range(1, 10))
+
+
+def test_chunks_of_a_long_document_spread_over_batches(tmp_path, tok):
+    long_text = " ".join(f"apples {i} oranges" for i in range(10))
+    records = [{"text": long_text}] + [{"text": f"short {i}"} for i in range(200)]
+    write_set(tmp_path, "en", records, n_files=1)
+    full = [tok.bos_id] + tok.encode(long_text) + [tok.eos_id]
+    chunks = [tuple(full[start:start + 16]) for start in range(0, len(full), 16)]
+    assert len(chunks) >= 6 and len(set(chunks)) == len(chunks)
+    with pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=16), tok, 0, 1) as dp:
+        found = []  # per batch: the long document's chunks in it
+        for batch in batches(dp, 40):
+            rows = [tuple(row[:int((row != tok.pad_id).sum())].tolist()) for row in batch["input_ids"]]
+            found.append([chunks.index(row) for row in rows if row in chunks])
+        assert dp.counters["records"] <= len(records)  # read once: its chunks are told apart by their tokens
+    assert max(map(len, found)) == 1  # never two of its chunks in one batch
+    assert sum(found, []) == list(range(len(chunks)))  # every one, in order
+    with_chunk = [index for index, chunks_in in enumerate(found) if chunks_in]
+    assert with_chunk[-1] - with_chunk[0] + 1 > len(chunks)  # spread among batches without it
+
+    # long_text="truncate" (the recipe's): one sample per document, nothing to spread, the files' order kept
+    with pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=16,
+                                              long_text="truncate"), tok, 0, 1) as dp:
+        first = [row[:int((row != tok.pad_id).sum())].tolist() for row in next(dp)["input_ids"]]
+    assert first == [full[:16]] + [[tok.bos_id] + tok.encode(f"short {i}") + [tok.eos_id] for i in range(3)]
 
 
 def test_resume_does_not_reread_or_retokenize(tmp_path, tok):
@@ -297,6 +352,7 @@ def test_stage3_record_without_instruction_or_input_is_bad(tmp_path, tok):
 
 
 @pytest.mark.parametrize("override,needle", [(dict(long_text="cut"), "long_text"),
+                                             (dict(long_prompt="end"), "setting 'long_prompt' must be one of"),
                                              (dict(max_seq_length=1), "max_seq_length"),
                                              (dict(batch_size=0), "batch_size"),
                                              (dict(pretrain_data_split={"zh": -2}), "pretrain_data_split")])

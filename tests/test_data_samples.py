@@ -1,4 +1,7 @@
-"""Exact sample formats and loss-mask positions of every sample kind of the three stages."""
+"""Exact sample formats and loss-mask positions of every sample kind of the three stages.
+
+A set's samples come out of its buffer in random order (training/set_buffer.py), so samples are matched to the
+record they came from rather than zipped with the file's records."""
 import random
 from collections import Counter
 
@@ -8,8 +11,9 @@ import alignment_sft_main
 import pretrain_main
 import task_instruct_tuning_main
 from data_corpus_helpers import (lm_records, settings, task_records, translate_records, write_set,
-                                 write_translate_prompts)
+                                 write_translate_prompts, zh_text)
 from llama.tokenization_llama import Tokenizer
+from training.corpus import DataError
 from training.data_processor import READ_AHEAD
 from training.samples import masked_prefix_length
 
@@ -36,6 +40,23 @@ def prompted(tok, prefix_text, answer_text):
     return prefix + answer, [0] * len(prefix) + [1] * len(answer)
 
 
+def key(sample):
+    ids, mask = sample
+    return tuple(ids), tuple(mask)
+
+
+def match_forms(samples, forms, n_records):
+    """forms: {key(sample): (record index, form)}, every possible form of every record. Each sample must be exactly
+    one of them; returns the matched forms. The buffer's random draws leave at most READ_AHEAD records of a pass
+    pending, so the samples of one pass cover all records but those."""
+    matched = []
+    for sample in samples:
+        assert key(sample) in forms, sample
+        matched.append(forms[key(sample)])
+    assert len({index for index, _ in matched}) >= n_records - READ_AHEAD
+    return matched
+
+
 def test_masked_prefix_length_range_and_short_texts():
     rng = random.Random(0)
     for n in range(1, 60):
@@ -49,9 +70,11 @@ def test_stage1_lm_sample_is_bos_text_eos_with_random_prefix_masked(tmp_path, to
     records = lm_records(30, "zh")
     write_set(tmp_path, "zh", records, n_files=1)
     processor = pretrain_main.DataProcessor(settings(tmp_path, {"zh": 1}, batch_size=1, max_seq_length=512), tok, 0, 1)
+    texts = {tuple([tok.bos_id] + tok.encode(record["text"]) + [tok.eos_id]): i for i, record in enumerate(records)}
     masked = []
-    for record, (ids, mask) in zip(records, take(processor, 30)):
-        assert ids == [tok.bos_id] + tok.encode(record["text"]) + [tok.eos_id]
+    samples = take(processor, 30)
+    assert len({texts[tuple(ids)] for ids, _ in samples}) >= 30 - READ_AHEAD  # each is bos + a record's text + eos
+    for ids, mask in samples:
         n, k = len(ids), mask.index(1)
         assert mask == [0] * k + [1] * (n - k)
         assert int(0.2 * n) + 1 <= k <= int(0.7 * n)
@@ -60,12 +83,10 @@ def test_stage1_lm_sample_is_bos_text_eos_with_random_prefix_masked(tmp_path, to
 
 
 def check_translation(tok, samples, records, fmt, prompts):
-    seen = Counter()
-    for record, (ids, mask) in zip(records, samples):
-        matches = [(d, p) for d in ("en-zh", "zh-en") for p in prompts[d]
-                   if (ids, mask) == prompted(tok, fmt(record[d[:2] + "_text"], p), record[d[3:] + "_text"])]
-        assert len(matches) == 1, tok.decode(ids)
-        seen[matches[0]] += 1
+    forms = {key(prompted(tok, fmt(record[d[:2] + "_text"], p), record[d[3:] + "_text"])): (i, (d, p))
+             for i, record in enumerate(records) for d in ("en-zh", "zh-en") for p in prompts[d]}
+    assert len(forms) == len(records) * 4  # every form tells its record and its direction and prompt apart
+    seen = Counter(form for _, form in match_forms(samples, forms, len(records)))
     assert len(seen) == 4  # both directions, both prompts of each
 
 
@@ -105,15 +126,13 @@ def test_stage2_task_prompt_pre_post_and_none(tmp_path, tok):
         settings(tmp_path, {"zh-qa": {"weight": 1, "file_start": 0}}, batch_size=1, max_seq_length=512), tok, 0, 1)
     pre = {"qa": ["Read and answer:", "Answer this:"], "preonly": ["Only before:"], "": []}
     post = {"qa": ["What is the answer?"], "preonly": [], "": []}
-    seen = Counter()
-    for record, (ids, mask) in zip(records, take(processor, n)):
+    forms = {}
+    for i, record in enumerate(records):
         x, y, t = record["input"], record["output"].rstrip(), record["type"]
-        forms = ([("pre", p, prompted(tok, p + "\n" + x.rstrip() + "\n\n", y)) for p in pre[t]]
-                 + [("post", p, prompted(tok, x.rstrip() + "\n" + p + "\n", y)) for p in post[t]]
-                 + [("none", "", prompted(tok, x + " ", y))])
-        matches = [(kind, p) for kind, p, sample in forms if sample == (ids, mask)]
-        assert len(matches) == 1, tok.decode(ids)
-        seen[(t, *matches[0])] += 1
+        forms.update({key(prompted(tok, p + "\n" + x.rstrip() + "\n\n", y)): (i, (t, "pre", p)) for p in pre[t]})
+        forms.update({key(prompted(tok, x.rstrip() + "\n" + p + "\n", y)): (i, (t, "post", p)) for p in post[t]})
+        forms[key(prompted(tok, x + " ", y))] = (i, (t, "none", ""))
+    seen = Counter(form for _, form in match_forms(take(processor, n), forms, n))
     assert {key[:2] for key in seen} == {("qa", "pre"), ("qa", "post"), ("preonly", "pre"), ("preonly", "none"),
                                          ("", "none")}
     assert ("qa", "pre", "Answer this:") in seen and ("qa", "pre", "Read and answer:") in seen
@@ -129,23 +148,30 @@ def test_stage3_human_assistant_format(tmp_path, tok):
     expected = [prompted(tok, "Human: Add the numbers.\n1 2\nAssistant: ", "3"),
                 prompted(tok, "Human: Say hi.\nAssistant: ", "hi"),
                 prompted(tok, "Human: What is the capital of France?\nAssistant: ", "Paris.")]
-    assert take(processor, 3) == expected
+    assert {key(sample) for sample in take(processor, 8)} == {key(sample) for sample in expected}
 
 
 def test_long_lm_text_split_keeps_every_token_once_with_own_masks(tmp_path, tok):
-    records = [{"text": " ".join(lm_records(12)[i]["text"] for i in range(12))}]  # one long document
+    records = [{"text": " ".join(f"apples {i} oranges" for i in range(40))}]  # one long document
     write_set(tmp_path, "en", records, n_files=1)
     full = [tok.bos_id] + tok.encode(records[0]["text"]) + [tok.eos_id]
     length = 16
     assert len(full) > 5 * length
-    n_chunks = -(-len(full) // length)
+    chunks = [tuple(full[start:start + length]) for start in range(0, len(full), length)]
+    assert len(set(chunks)) == len(chunks)
     processor = pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=1, max_seq_length=length),
                                             tok, 0, 1)
-    samples = take(processor, n_chunks + 1)
-    chunks = samples[:n_chunks]
-    assert sum((ids for ids, _ in chunks), []) == full  # every token exactly once, in order
-    assert samples[n_chunks][0][:length] == full[:length]  # then the document again (wrap-around)
-    for ids, mask in chunks:
+    # The first refill reads READ_AHEAD copies of the one-document corpus; their chunks come out interleaved at
+    # random, each copy's in order, every token of each copy exactly once, before the document is read again.
+    samples = take(processor, READ_AHEAD * len(chunks) + 1)
+    drawn = [chunks.index(tuple(ids)) for ids, _ in samples[:-1]]
+    assert Counter(drawn) == {index: READ_AHEAD for index in range(len(chunks))}
+    for end in range(len(drawn)):  # chunk j of a copy never before chunk j - 1 of it
+        counts = Counter(drawn[:end])
+        assert all(counts[j] >= counts[j + 1] for j in range(len(chunks) - 1))
+    assert drawn[:len(chunks)] != list(range(len(chunks)))  # interleaved, not one copy after the other
+    assert tuple(samples[-1][0]) == chunks[0]  # then the document again (wrap-around)
+    for ids, mask in samples:
         n, k = len(ids), mask.index(1) if 1 in mask else len(ids)
         assert n <= length and mask == [0] * k + [1] * (n - k)
         if n >= 4:
@@ -160,28 +186,173 @@ def test_long_lm_text_split_keeps_every_token_once_with_own_masks(tmp_path, tok)
         assert processor.counters["discarded_tokens"] == READ_AHEAD * (len(full) - length)
 
 
-def test_too_long_prompted_sample_is_cut_on_the_input_side(tmp_path, tok):
-    long_input = " ".join(lm_records(10)[i]["text"] for i in range(10))
-    records = [{"instruction": "Summarise:", "input": long_input, "output": "the fox"},
-               {"instruction": "Summarise:", "input": "short", "output": long_input}]
-    write_set(tmp_path, "others", records, n_files=1)
-    length = 96
-    processor = alignment_sft_main.DataProcessor(
-        settings(tmp_path, {"others": {"weight": 1, "file_start": 0}}, batch_size=1, max_seq_length=length), tok, 0, 1)
+# ---------------------------------------------------------------- too-long prompted samples (long_prompt)
+
+PASSAGE = " ".join(lm_records(16)[i]["text"] for i in range(16))  # a few hundred tokens
+QUESTION = "Question: in what year was it built?"
+ROW = 128  # max_seq_length: with the tests' 400-piece tokenizer, half of what is left of it holds the question
+
+
+class NoReencode:
+    """The tokenizer without encode/decode: a sample may only come from the batch call and piece offsets."""
+
+    def __init__(self, tok):
+        self.bos_id, self.eos_id, self.pad_id = tok.bos_id, tok.eos_id, tok.pad_id
+        self.encode_batch, self.token_ends = tok.encode_batch, tok.token_ends
+
+    def encode(self, *args, **kwargs):
+        raise AssertionError("a sample was re-tokenized")
+
+    decode = encode
+
+
+def inner_tokens(tok, parts, index):
+    """[first, stop): the tokens of the joined parts lying wholly inside parts[index], by SentencePiece's own piece
+    offsets (independent of Tokenizer.token_ends)."""
+    start = len("".join(parts[:index]))
+    end = start + len(parts[index])
+    pieces = tok.sp.encode("".join(parts), out_type="immutable_proto").pieces
+    inside = [k for k, piece in enumerate(pieces) if piece.begin >= start and piece.end <= end]
+    return inside[0], inside[-1] + 1
+
+
+def middle_cut_sample(tok, parts, cut_order, answer, length):
+    """The expected (ids, mask) of a too-long sample under long_prompt="middle": the Cut parts (indices into parts,
+    the first to lose tokens first) each lose tokens from their middle, keeping head and tail (the tail one more
+    where odd), until bos + prefix + answer + eos is exactly `length` tokens."""
+    prefix = tok.encode("".join(parts))
+    answer_ids = tok.encode(answer) + [tok.eos_id]
+    excess = 1 + len(prefix) + len(answer_ids) - length
+    ranges = {index: inner_tokens(tok, parts, index) for index in cut_order}
+    for index in cut_order:  # later parts come first, so earlier ranges stay valid
+        first, stop = ranges[index]
+        drop = min(excess, stop - first)
+        keep = stop - first - drop
+        prefix = prefix[:first + keep // 2] + prefix[stop - (keep - keep // 2):]
+        excess -= drop
+    assert excess == 0
+    ids = [tok.bos_id] + prefix + answer_ids
+    return ids, [0] * (len(ids) - len(answer_ids)) + [1] * len(answer_ids)
+
+
+def stream_samples(module, root, set_name, records, n, tok, **overrides):
+    write_set(root, set_name, records, n_files=1)
+    values = dict(batch_size=1, max_seq_length=ROW)
+    values.update(overrides)
+    processor = module.DataProcessor(settings(root, {set_name: {"weight": 1, "file_start": 0}}, **values),
+                                     NoReencode(tok), 0, 1)
     with processor:
-        (ids, mask), (ids2, mask2) = [(b["input_ids"][0].tolist(), b["loss_mask"][0].tolist())
-                                      for _, b in zip(range(2), processor)]
-        counters = processor.counters
-    answer = tok.encode("the fox") + [tok.eos_id]
-    assert len(ids) <= length and ids[-len(answer):] == answer  # the answer survives whole
-    assert mask == [0] * (len(ids) - len(answer)) + [1] * len(answer)
-    text = tok.decode(ids[1:len(ids) - len(answer)])
-    assert text.startswith("Human: Summarise:\n" + long_input[:7]) and text.endswith("\nAssistant: ")
-    assert len(ids) >= length - 2  # cut no more than needed
+        samples = [(b["input_ids"][0].tolist(), b["loss_mask"][0].tolist()) for _, b in zip(range(n), processor)]
+        return samples, processor.counters
+
+
+def test_long_task_input_loses_its_middle_keeping_prompt_head_question_and_answer(tmp_path, tok):
+    task_input = PASSAGE + "\n" + QUESTION
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "qa.pre.prompt").write_text("Read and answer:\n", encoding="utf-8")
+    (tmp_path / "prompts" / "qa.post.prompt").write_text("What is the answer?\n", encoding="utf-8")
+    samples, counters = stream_samples(task_instruct_tuning_main, tmp_path, "qa",
+                                       [{"input": task_input, "output": "1996", "type": "qa"}], 8, tok)
+    forms = {"pre": ("Read and answer:\n", task_input, "\n\n"), "post": (task_input, "\nWhat is the answer?\n")}
+    expected = {name: middle_cut_sample(tok, parts, [parts.index(task_input)], "1996", ROW)
+                for name, parts in forms.items()}
+    assert {name for sample in samples for name, form in expected.items() if sample == form} == {"pre", "post"}
+    assert all(sample in expected.values() for sample in samples)
+    for ids, mask in expected.values():
+        assert len(ids) == ROW and ids[-3:] == tok.encode("1996")[-2:] + [tok.eos_id]
+        text = tok.decode(ids[:mask.index(1)])
+        assert QUESTION in text and PASSAGE[:12] in text and PASSAGE[40:60] not in text
+    assert tok.decode(expected["pre"][0][:expected["pre"][1].index(1)]).startswith("Read and answer:\n")
+    assert tok.decode(expected["post"][0][:expected["post"][1].index(1)]).endswith("\nWhat is the answer?\n")
+    dropped = len(tok.encode("".join(forms["pre"]))) + 1 + len(tok.encode("1996")) + 1 - ROW
+    assert counters["cut_input_tokens"] >= dropped and counters["cut_answers"] == 0
+
+
+def test_stage3_cuts_the_input_first_and_the_instruction_last(tmp_path, tok):
+    instruction = "Answer briefly."
+    samples, counters = stream_samples(alignment_sft_main, tmp_path, "others",
+                                       [{"instruction": instruction, "input": PASSAGE + "\n" + QUESTION,
+                                         "output": "In 1996."}], 2, tok)
+    parts = ("Human: ", instruction, "\n", PASSAGE + "\n" + QUESTION, "\n", "Assistant: ")
+    assert samples[0] == middle_cut_sample(tok, parts, [3], "In 1996.", ROW)
+    text = tok.decode(samples[0][0][:samples[0][1].index(1)])
+    assert text.startswith(f"Human: {instruction}\n{PASSAGE[:10]}") and text.endswith(f"{QUESTION}\nAssistant: ")
     assert counters["cut_input_tokens"] > 0
-    # the answer cannot fit whole: the prefix keeps at most half the row, the answer its start
-    prefix = [tok.bos_id] + tok.encode("Human: Summarise:\nshort\nAssistant: ")
-    assert len(prefix) <= length // 2
-    assert ids2 == (prefix + tok.encode(long_input))[:length]
-    assert mask2 == [0] * len(prefix) + [1] * (length - len(prefix))
-    assert counters["discarded_tokens"] > 0
+
+    # The input alone cannot make room: it loses every token inside it, then the instruction its middle.
+    long_instruction = "Summarise this text: " + PASSAGE
+    samples, _ = stream_samples(alignment_sft_main, tmp_path / "b", "others",
+                                [{"instruction": long_instruction, "input": PASSAGE, "output": "In 1996."}], 1, tok)
+    parts = ("Human: ", long_instruction, "\n", PASSAGE, "\n", "Assistant: ")
+    assert samples[0] == middle_cut_sample(tok, parts, [3, 1], "In 1996.", ROW)
+    text = tok.decode(samples[0][0][:samples[0][1].index(1)])
+    assert text.startswith("Human: Summarise this text: ") and text.endswith("\nAssistant: ")
+
+
+@pytest.mark.parametrize("module,fmt", [(pretrain_main, lambda source, p: source + "\n" + p),
+                                        (task_instruct_tuning_main, lambda source, p: source + "\n" + p + "\n")],
+                         ids=["stage1", "stage2"])
+def test_long_translation_keeps_its_source_and_cuts_the_target_end(tmp_path, tok, module, fmt):
+    write_translate_prompts(tmp_path, ["Translate into Chinese:"], ["请翻译成英文："])
+    prompts = {"en-zh": "Translate into Chinese:", "zh-en": "请翻译成英文："}
+    record = {"en_text": PASSAGE[:70], "zh_text": zh_text(0, 70)}
+    samples, counters = stream_samples(module, tmp_path, "translate", [record], 6, tok)
+    forms = {}
+    for direction, prompt in prompts.items():
+        source, target = record[direction[:2] + "_text"], record[direction[3:] + "_text"]
+        ids, mask = prompted(tok, fmt(source, prompt), target)
+        assert mask.index(1) < ROW < len(ids)  # the source fits, the pair does not
+        forms[direction] = (ids[:ROW], mask[:ROW])
+    assert {sample in forms.values() for sample in samples} == {True}
+    assert {d for d, form in forms.items() if form in samples} == {"en-zh", "zh-en"}
+    assert counters["cut_answers"] >= 6 and counters["cut_input_tokens"] == 0 and counters["too_long"] == 0
+
+    # a source that alone fills the row: nothing to learn, skipped and counted (here every record: an error)
+    write_translate_prompts(tmp_path / "b", ["Translate into Chinese:"], ["请翻译成英文："])
+    too_long = {"en_text": PASSAGE, "zh_text": zh_text(1, 200)}
+    with pytest.raises(DataError, match=f"too long for max_seq_length={ROW}: [1-9]"):
+        stream_samples(module, tmp_path / "b", "translate", [too_long], 1, tok)
+
+
+def test_long_prompt_recipe_cuts_the_end_of_the_whole_sample(tmp_path, tok):
+    instruction = "Answer briefly."
+    long_output = "It was built in 1996. " * 6
+    records = [{"instruction": instruction, "input": PASSAGE[:40] + "\n" + QUESTION, "output": long_output}]
+    samples, counters = stream_samples(alignment_sft_main, tmp_path, "others", records, 1, tok,
+                                       long_prompt="recipe")
+    ids, mask = prompted(tok, f"Human: {instruction}\n{PASSAGE[:40]}\n{QUESTION}\nAssistant: ", long_output)
+    assert mask.index(1) < ROW < len(ids)
+    assert samples == [(ids[:ROW], mask[:ROW])]  # the answer's end is lost, the input kept whole
+    assert counters["cut_answers"] >= 1 and counters["cut_input_tokens"] == 0
+
+    # An input longer than the row leaves the recipe's sample nothing to learn (its answer is past the end): such a
+    # sample is skipped and counted, where the recipe trained a row whose every token was masked.
+    task = [{"input": PASSAGE + "\n" + QUESTION, "output": "1996", "type": ""},
+            {"input": QUESTION, "output": "1996", "type": ""}]
+    samples, counters = stream_samples(task_instruct_tuning_main, tmp_path / "b", "qa", task, 3, tok,
+                                       long_prompt="recipe")
+    assert samples == [prompted(tok, QUESTION + " ", "1996")] * 3
+    assert counters["too_long"] >= 1 and counters["cut_input_tokens"] == 0
+
+
+def test_answer_longer_than_the_row_keeps_its_start_after_half_a_row_of_prefix(tmp_path, tok):
+    samples, counters = stream_samples(alignment_sft_main, tmp_path, "others",
+                                       [{"instruction": "Summarise:", "input": PASSAGE, "output": PASSAGE}], 1, tok)
+    parts = ("Human: ", "Summarise:", "\n", PASSAGE, "\n", "Assistant: ")
+    prefix = tok.encode("".join(parts))
+    first, stop = inner_tokens(tok, parts, 3)
+    keep = ROW // 2 - 1 - (len(prefix) - (stop - first))  # the prefix takes half the row, bos included
+    prefix = prefix[:first + keep // 2] + prefix[stop - (keep - keep // 2):]
+    ids = [tok.bos_id] + prefix + tok.encode(PASSAGE)
+    assert samples == [(ids[:ROW], [0] * (ROW // 2) + [1] * (ROW // 2))]
+    assert counters["cut_answers"] >= 1 and counters["cut_input_tokens"] > 0
+
+
+def test_token_ends_are_sentencepieces_piece_offsets(tok):
+    texts = ["", "a", " x", "\nabc", "Human: 北京是中国的首都。\n", "naïve café 龍 😀 x\u00a0y  two", PASSAGE[:200]]
+    for text in texts:
+        expected = [piece.end for piece in tok.sp.encode(text, out_type="immutable_proto").pieces]
+        assert tok.token_ends(text, tok.encode(text)).tolist() == expected  # the byte-length table
+        tok.__dict__["_dummy_prefix_bytes"] = 5  # the table's sum no longer comes out: SentencePiece's offsets
+        assert tok.token_ends(text, tok.encode(text)).tolist() == expected
+        del tok.__dict__["_dummy_prefix_bytes"]

@@ -285,7 +285,8 @@ def _load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerSta
 
 
 # Settings whose change makes a resumed run differ from the run that wrote the checkpoint.
-_SETTINGS_THAT_CHANGE_THE_RUN = ("pretrain_data_split", "max_seq_length", "batch_size", "packing", "long_text", "seed",
+_SETTINGS_THAT_CHANGE_THE_RUN = ("pretrain_data_split", "max_seq_length", "batch_size", "packing", "long_text",
+                                 "long_prompt", "seed",
                                  "lr", "min_lr", "warmup_steps", "max_steps", "gradient_accumulation_steps",
                                  "precision", "plugin", "dropout_prob")
 _SCHEDULE_SETTINGS = {"lr", "min_lr", "warmup_steps", "max_steps"}

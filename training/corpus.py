@@ -204,7 +204,8 @@ def load_translate_prompts(root: Path) -> dict[str, list[str]]:
 
 def draw_translation(record: dict, prompts: dict[str, list[str]], rng) -> Optional[tuple[str, str, str]]:
     """(source, prompt, target) of a {"en_text", "zh_text"} record: a direction drawn at random, then one of its
-    prompt lines. None when either side is empty after stripping (the record is skipped and counted)."""
+    prompt lines. None when either side is empty after stripping (the record is skipped and counted). The stages
+    put the source in the fixed prefix text, never cut: a pair too long for a row loses its target's end."""
     texts = {"en": text_field(record, "en_text"), "zh": text_field(record, "zh_text")}
     direction = rng.choice(("en-zh", "zh-en"))
     source, target = (texts[lang] for lang in direction.split("-"))

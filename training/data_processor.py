@@ -4,17 +4,21 @@ A stage subclass overrides build() (record -> LM / Prompted spec, or None for an
 prompt files, prepare(). This class does the rest: settings, corpus checks at start-up, this rank's share of every
 set, the exact weighted cycle, batched tokenization, padding or packing, the prefetch thread, and the state.
 
-State (state_dict(), JSON): per set the reader position (file, byte offset, line) and the samples already built
-from read records but not yet handed out; the cycle cursor; the RNG state; the skip/discard counters; the
-packing pool. It is the position right after the last batch handed out: every produced batch carries a snapshot,
-and a resumed run seeks to it and continues with the exact next batch, without re-reading earlier data.
+Each set's samples wait in a SetBuffer (training/set_buffer.py) from which every slot draws at random, so that
+the chunks of a long document spread over later batches.
+
+State (state_dict(), JSON): per set the reader position (file, byte offset, line) and the buffer (samples already
+built from read records but not yet handed out, with the record each came from); the cycle cursor; the RNG state;
+the skip/discard counters; the packing pool. It is the position right after the last batch handed out: every
+produced batch carries a snapshot, and a resumed run seeks to it and continues with the exact next batch, without
+re-reading earlier data.
 """
 from __future__ import annotations
 
 import logging
 import random
 import sys
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -22,16 +26,18 @@ from training.batching import Prefetcher, first_fit, pack_rows, pad_batch
 from training.corpus import (DataError, Location, RecordError, SetReader, list_set_files, parse_record, parse_split,
                              read_first_lines, SetSpec, weighted_cycle)
 from training.samples import Sample, SampleBuilder, Spec
+from training.set_buffer import SetBuffer
+from training.settings import LONG_PROMPT_MODES, LONG_TEXT_MODES
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: pending samples carry the record they came from (the set buffers); long_prompt
 CHECK_LINES = 16  # lines checked at start-up at the head of every file
 LOG_FIRST_SKIPS = 5  # skipped records logged with file:line; later ones only counted
 PREFETCH_DEPTH = 4  # batches built ahead of the training loop
 READ_AHEAD = 4  # a set that runs short is refilled for this many calls' worth: bigger tokenizer batch calls
 COUNTERS = ("records", "samples", "bad_records", "empty_texts", "blank_lines", "too_long", "discarded_tokens",
-            "cut_input_tokens", "untyped_records")
+            "cut_input_tokens", "cut_answers", "untyped_records")
 _REQUIRED = object()
 
 
@@ -84,14 +90,17 @@ class BaseDataProcessor:
         self.max_seq_length = _setting(settings, "max_seq_length")
         self.batch_size = _setting(settings, "batch_size")
         self.long_text = _setting(settings, "long_text", "split")
+        self.long_prompt = _setting(settings, "long_prompt", "middle")
         self.packing = bool(_setting(settings, "packing", False))
         self.skip_bad_records = bool(_setting(settings, "skip_bad_records", False))
         seed = _setting(settings, "seed", 42)
         for name, value, low in (("max_seq_length", self.max_seq_length, 2), ("batch_size", self.batch_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise DataError(f"setting '{name}' must be an integer >= {low}, got {value!r}")
-        if self.long_text not in ("split", "truncate"):
-            raise DataError(f"setting 'long_text' must be 'split' or 'truncate', got {self.long_text!r}")
+        for name, value, modes in (("long_text", self.long_text, LONG_TEXT_MODES),
+                                   ("long_prompt", self.long_prompt, LONG_PROMPT_MODES)):
+            if value not in modes:
+                raise DataError(f"setting '{name}' must be one of {modes}, got {value!r}")
         if not self.root.is_dir():
             raise DataError(f"setting 'pretrain_data_root_dir': folder {self.root.resolve()} does not exist")
 
@@ -102,12 +111,12 @@ class BaseDataProcessor:
             self._check_first_lines(name, set_files)
         self.readers = {name: SetReader(name, set_files, rank, world_size) for name, set_files in files.items()}
         self.cycle = weighted_cycle({name: spec.weight for name, spec in self.split.items()})
-        self.builder = SampleBuilder(tokenizer, self.max_seq_length, self.long_text)
+        self.builder = SampleBuilder(tokenizer, self.max_seq_length, self.long_text, self.long_prompt)
         logger.info("data: %s", ", ".join(f"{name} x{spec.weight} ({len(self.readers[name].files)} of "
                                            f"{len(files[name])} files)" for name, spec in self.split.items()))
 
         # The stream's mutable state: touched only by the producer thread once iteration starts.
-        self._pending: dict[str, deque[Sample]] = {name: deque() for name in self.split}
+        self._pending = {name: SetBuffer() for name in self.split}
         self._cursor = 0
         self._rng = random.Random(f"data seed={seed} rank={rank}")  # each rank its own stream
         self._counters = dict.fromkeys(COUNTERS, 0)
@@ -183,23 +192,24 @@ class BaseDataProcessor:
             "world_size": self.world_size,
             "max_seq_length": self.max_seq_length,
             "long_text": self.long_text,
+            "long_prompt": self.long_prompt,
             "packing": self.packing,
             "mix": self._mix,
             "sets": {name: {**snap["readers"][name],
                             "last_sample_pass": snap["last_sample_pass"][name],
-                            "pending": [[list(s.ids), s.n_masked] for s in snap["pending"][name]]}
+                            "pending": [[list(s.ids), s.n_masked, s.doc] for s in snap["pending"][name]]}
                      for name in self.split},
             "cycle_cursor": snap["cursor"],
             "rng": [snap["rng"][0], list(snap["rng"][1]), snap["rng"][2]],
             "counters": dict(snap["counters"]),
-            "packing_pool": [[list(s.ids), s.n_masked] for s in snap["pool"]],
+            "packing_pool": [[list(s.ids), s.n_masked, s.doc] for s in snap["pool"]],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a state_dict(): same corpus, ranks, mix, max_seq_length, long_text and packing."""
+        """Continue from a state_dict(): same corpus, ranks, mix, max_seq_length, long_text, long_prompt, packing."""
         expected = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                    "max_seq_length": self.max_seq_length, "long_text": self.long_text, "packing": self.packing,
-                    "mix": self._mix}
+                    "max_seq_length": self.max_seq_length, "long_text": self.long_text,
+                    "long_prompt": self.long_prompt, "packing": self.packing, "mix": self._mix}
         for key, value in expected.items():
             if state.get(key) != value:
                 raise DataError(f"cannot resume the data stream: the saved state has {key}={state.get(key)!r}, "
@@ -209,12 +219,12 @@ class BaseDataProcessor:
             saved = state["sets"][name]
             reader.seek(saved)
             self._last_sample_pass[name] = int(saved["last_sample_pass"])
-            self._pending[name] = deque(Sample(list(ids), int(k)) for ids, k in saved["pending"])
+            self._pending[name] = SetBuffer(Sample(list(ids), int(k), int(doc)) for ids, k, doc in saved["pending"])
         self._cursor = int(state["cycle_cursor"])
         version, internal, gauss = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
         self._counters = {key: int(state["counters"].get(key, 0)) for key in COUNTERS}
-        self._pool = [Sample(list(ids), int(k)) for ids, k in state["packing_pool"]]
+        self._pool = [Sample(list(ids), int(k), int(doc)) for ids, k, doc in state["packing_pool"]]
         self._handed = self._snapshot()
 
     def close(self) -> None:
@@ -238,7 +248,7 @@ class BaseDataProcessor:
     def _snapshot(self) -> dict:
         """The stream's position, cheaply: small dicts, tuples of (immutable-by-use) samples, the RNG tuple."""
         return {"readers": {name: reader.position() for name, reader in self.readers.items()},
-                "pending": {name: tuple(pending) for name, pending in self._pending.items()},
+                "pending": {name: buffer.samples() for name, buffer in self._pending.items()},
                 "cursor": self._cursor, "rng": self._rng.getstate(), "counters": dict(self._counters),
                 "last_sample_pass": dict(self._last_sample_pass), "pool": tuple(self._pool)}
 
@@ -264,20 +274,27 @@ class BaseDataProcessor:
         return pack_rows(rows, self.max_seq_length, self.tokenizer.pad_id)
 
     def _next_samples(self, count: int) -> list[Sample]:
-        """The next `count` samples in cycle order (exact mix)."""
+        """The next `count` samples in cycle order (exact mix), each drawn from its set's buffer from a document not
+        yet in this call nor in the packing pool: the documents of one call, or of one packed batch, differ."""
         slots = [self.cycle[(self._cursor + i) % len(self.cycle)] for i in range(count * READ_AHEAD)]
-        if any(len(self._pending[name]) < n for name, n in Counter(slots[:count]).items()):
-            self._fill(Counter(slots))
-        slots = slots[:count]
+        taken = {sample.doc for sample in self._pool}
+        if any(self._pending[name].documents(taken) < n for name, n in Counter(slots[:count]).items()):
+            self._fill(Counter(slots), taken)
         self._cursor = (self._cursor + count) % len(self.cycle)
         self._counters["samples"] += count
-        return [self._pending[name].popleft() for name in slots]
+        rng = self._rng if self.long_text == "split" else None  # only split documents have chunks to spread
+        samples = []
+        for name in slots[:count]:
+            samples.append(self._pending[name].draw(rng, taken))
+            taken.add(samples[-1].doc)
+        return samples
 
-    def _fill(self, need: Counter) -> None:
-        """Read and tokenize (one batch call per round) until every set has `need` samples pending."""
+    def _fill(self, need: Counter, taken: set[int]) -> None:
+        """Read and tokenize (one batch call per round) until every set has `need` documents pending outside
+        `taken`. Documents, not samples: a long document's many chunks must not stand in for other documents."""
         while True:
-            short = {name: need[name] - len(self._pending[name]) for name in self.split
-                     if need[name] > len(self._pending[name])}
+            short = {name: need[name] - self._pending[name].documents(taken) for name in self.split
+                     if need[name] > self._pending[name].documents(taken)}
             if not short:
                 return
             for name in short:
@@ -287,14 +304,15 @@ class BaseDataProcessor:
                                     f"{self._counters['too_long']} so far)")
             read = [(name, *self._read_spec(name)) for name in short for _ in range(short[name])]
             self._where = (f"records {read[0][2]} ... {read[-1][2]}" if len(read) > 1 else str(read[0][2]))
-            built = self.builder.build([spec for _, spec, _, _ in read], self._rng, self._counters)
-            for (name, _, _, pass_number), samples in zip(read, built):
-                self._pending[name].extend(samples)
+            built = self.builder.build([spec for _, spec, _, _, _ in read], self._rng, self._counters)
+            for (name, _, _, pass_number, doc), samples in zip(read, built):
+                self._pending[name].add([Sample(s.ids, s.n_masked, doc) for s in samples])
                 if samples:
                     self._last_sample_pass[name] = pass_number
 
-    def _read_spec(self, set_name: str) -> tuple[Spec, Location, int]:
-        """The set's next usable record as a spec, with where it came from and its pass over the files."""
+    def _read_spec(self, set_name: str) -> tuple[Spec, Location, int, int]:
+        """The set's next usable record as a spec, with where it came from, its pass over the files and its serial
+        number in the stream (its samples' doc)."""
         reader = self.readers[set_name]
         first_pass = reader.passes
         while True:
@@ -320,7 +338,7 @@ class BaseDataProcessor:
                 self._skip("empty_texts", where, "text empty after stripping")
                 continue
             self._counters["records"] += 1
-            return spec, where, reader.passes
+            return spec, where, reader.passes, self._counters["records"]
 
     def _skip(self, counter: str, where: Location, why: str) -> None:
         self._counters[counter] += 1

@@ -10,10 +10,12 @@ import random
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Cut:
-    """A part of a prompt prefix that may be shortened, from its end, when the sample is too long (the input)."""
+    """A part of a prompt prefix that may lose tokens from its middle when the sample is too long (an input)."""
 
     text: str
 
@@ -27,9 +29,13 @@ class LM:
 
 @dataclass(frozen=True)
 class Prompted:
-    """bos + "".join(prefix) masked, then answer + eos counted. Cut parts absorb a too-long sample, the last
-    one first, so that the answer survives where it fits; an answer that cannot fit whole keeps its start after
-    a prefix cut to at most half the row."""
+    """bos + "".join(prefix) masked, then answer + eos counted. Plain-str parts are always kept whole.
+
+    A too-long sample (long_prompt="middle") loses tokens from the middle of its Cut parts, the last part first,
+    keeping each part's head and tail, so that the answer survives whole where it fits; an answer that cannot fit
+    whole keeps its start after a prefix cut to at most half the row. long_prompt="recipe" cuts the end of the
+    whole sample instead, as the original did.
+    """
 
     prefix: tuple[Union[str, Cut], ...]
     answer: str
@@ -41,6 +47,7 @@ Spec = Union[LM, Prompted]
 class Sample(NamedTuple):
     ids: list[int]
     n_masked: int  # the first n_masked ids are out of the loss; len(ids) > n_masked unless nothing fits
+    doc: int = -1  # the record it came from (the stream's serial), so that chunks of one document can be kept apart
 
 
 def masked_prefix_length(n: int, rng: random.Random) -> int:
@@ -58,15 +65,22 @@ def prefix_text(prefix: tuple[Union[str, Cut], ...]) -> str:
 class SampleBuilder:
     """Tokenizes specs in one batch call and turns them into samples of at most max_seq_length tokens.
 
-    counters gets "discarded_tokens" (LM tokens cut off by long_text="truncate", answer tokens that did not fit),
-    "cut_input_tokens" (prompt-input tokens dropped to make a sample fit) and "too_long" (samples whose fixed
-    prompt text alone fills max_seq_length: nothing left to learn, skipped).
+    A prompted sample's prefix is tokenized whole, as the recipe does, so a sample that fits gets the recipe's ids.
+    One that does not fit is cut in ids, never re-tokenized: the tokenizer's piece offsets (token_ends) say which
+    tokens lie wholly inside a Cut part; those are the ones that may go (a token that straddles a part boundary
+    stays, so fixed text never loses a character), and the kept ones are the very ids of the uncut prefix.
+
+    counters gets "discarded_tokens" (tokens that never reach a sample: LM tokens cut off by long_text="truncate",
+    answer tokens that did not fit), "cut_input_tokens" (prompt-input tokens dropped to make a sample fit),
+    "cut_answers" (samples whose answer, e.g. a translation's target, lost its end) and "too_long" (samples whose
+    prefix, cut as far as it may be, still fills max_seq_length: nothing left to learn, skipped).
     """
 
-    def __init__(self, tokenizer, max_seq_length: int, long_text: str):
+    def __init__(self, tokenizer, max_seq_length: int, long_text: str, long_prompt: str):
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.long_text = long_text
+        self.long_prompt = long_prompt
         self.bos, self.eos = tokenizer.bos_id, tokenizer.eos_id
 
     def build(self, specs: list[Spec], rng: random.Random, counters: dict) -> list[list[Sample]]:
@@ -100,8 +114,8 @@ class SampleBuilder:
     def _prompted(self, spec: Prompted, prefix_ids: list[int], answer_ids: list[int], counters: dict) -> list[Sample]:
         answer = [*answer_ids, self.eos]
         prefix = [self.bos, *prefix_ids]
-        if len(prefix) + len(answer) > self.max_seq_length:
-            shortened = self._cut_inputs(spec, self._prefix_budget(spec, len(answer)))
+        if len(prefix) + len(answer) > self.max_seq_length and self.long_prompt == "middle":
+            shortened = self._cut_inputs(spec, prefix_ids, len(answer))
             counters["cut_input_tokens"] += len(prefix) - len(shortened)
             prefix = shortened
         ids = prefix + answer
@@ -109,32 +123,39 @@ class SampleBuilder:
             counters["too_long"] += 1
             counters["discarded_tokens"] += len(ids)
             return []
-        if len(ids) > self.max_seq_length:  # the answer does not fit whole: keep its start
+        if len(ids) > self.max_seq_length:  # the answer does not fit whole: keep its start (the recipe's end cut)
+            counters["cut_answers"] += 1
             counters["discarded_tokens"] += len(ids) - self.max_seq_length
             ids = ids[:self.max_seq_length]
         return [Sample(ids, len(prefix))]
 
-    def _prefix_budget(self, spec: Prompted, answer_length: int) -> int:
-        """Tokens the prefix (bos included) may keep: all that the whole answer leaves, if the answer fits once
-        the inputs are gone; otherwise half the row, so that the question keeps context and the answer its start."""
-        bare = tuple(Cut("") if isinstance(part, Cut) else part for part in spec.prefix)
-        if 1 + len(self.tokenizer.encode(prefix_text(bare))) + answer_length <= self.max_seq_length:
-            return self.max_seq_length - answer_length
-        return self.max_seq_length // 2
-
-    def _cut_inputs(self, spec: Prompted, budget: int) -> list[int]:
-        """bos + prefix ids with the Cut parts shortened from their ends (last part first) until the prefix takes
-        at most `budget` tokens, or emptied. Rare, so it re-tokenizes: a prefix is tokenized whole, like an uncut
-        one, so the ids are what the text would give."""
-        parts = list(spec.prefix)
-        prefix = [self.bos, *self.tokenizer.encode(prefix_text(tuple(parts)))]
-        for index in reversed([i for i, part in enumerate(parts) if isinstance(part, Cut)]):
-            cut_ids = self.tokenizer.encode(parts[index].text)
-            while len(prefix) > budget and cut_ids:
-                keep = min(len(cut_ids) - 1, max(0, len(cut_ids) - (len(prefix) - budget)))
-                cut_ids = cut_ids[:keep]
-                parts[index] = Cut(self.tokenizer.decode(cut_ids) if cut_ids else "")
-                prefix = [self.bos, *self.tokenizer.encode(prefix_text(tuple(parts)))]
-            if len(prefix) <= budget:
-                break
-        return prefix
+    def _cut_inputs(self, spec: Prompted, prefix_ids: list[int], answer_length: int) -> list[int]:
+        """bos + prefix ids with tokens dropped from the middle of the Cut parts (the last part first, each keeping
+        its head and, one token more where odd, its tail: a question at the end of an input stays) until the prefix
+        leaves room for the whole answer, or, if the answer cannot fit even so, until it takes half the row."""
+        ends = self.tokenizer.token_ends(prefix_text(spec.prefix), prefix_ids)
+        starts = np.concatenate(([0], ends[:-1]))
+        inner = []  # per Cut part: the token range [first, stop) lying wholly inside it
+        offset = 0
+        for part in spec.prefix:
+            text = part.text if isinstance(part, Cut) else part
+            if isinstance(part, Cut):
+                first = int(np.searchsorted(starts, offset, side="left"))
+                stop = int(np.searchsorted(ends, offset + len(text), side="right"))
+                inner.append((first, max(first, stop)))
+            offset += len(text)
+        fixed = 1 + len(prefix_ids) - sum(stop - first for first, stop in inner)  # bos and what no cut removes
+        length = self.max_seq_length
+        budget = length - answer_length if fixed + answer_length <= length else length // 2
+        excess = 1 + len(prefix_ids) - budget
+        drops = []
+        for first, stop in reversed(inner):
+            drop = min(max(excess, 0), stop - first)
+            drops.append(drop)
+            excess -= drop
+        prefix, position = [self.bos], 0
+        for (first, stop), drop in zip(inner, reversed(drops)):
+            keep = stop - first - drop
+            prefix += prefix_ids[position:first + keep // 2]  # everything before, then the head
+            position = stop - (keep - keep // 2)  # the tail
+        return prefix + prefix_ids[position:]

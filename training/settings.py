@@ -19,6 +19,7 @@ from typing import Any, Callable
 PLUGINS = ("gemini", "zero2", "ddp")
 PRECISIONS = ("fp16", "bf16", "fp32")
 LONG_TEXT_MODES = ("split", "truncate")
+LONG_PROMPT_MODES = ("middle", "recipe")
 GEMINI_PLACEMENTS = ("static", "auto")
 
 
@@ -122,6 +123,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "plugin": (lambda v: v in PLUGINS, f"one of {PLUGINS}"),
     "precision": (lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
     "long_text": (lambda v: v in LONG_TEXT_MODES, f"one of {LONG_TEXT_MODES}"),
+    "long_prompt": (lambda v: v in LONG_PROMPT_MODES, f"one of {LONG_PROMPT_MODES}"),
     "gemini_placement_policy": (lambda v: v in GEMINI_PLACEMENTS, f"one of {GEMINI_PLACEMENTS}"),
     "gemini_offload_optim_frac": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
     "gemini_offload_param_frac": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),

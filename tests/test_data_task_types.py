@@ -15,8 +15,11 @@ BILLA_TYPES = ("dureader", "cmrc2018", "ape210k", "cnewsum-gen-abs", "hotpotqa",
 
 
 def stage2(root, set_name, tok, **overrides):
+    # long_text="truncate" keeps a set's samples in file order (split draws them from a buffer), so that the i-th
+    # sample is the i-th record's.
     return task_instruct_tuning_main.DataProcessor(
-        settings(root, {set_name: {"weight": 1, "file_start": 0}}, batch_size=1, max_seq_length=512, **overrides),
+        settings(root, {set_name: {"weight": 1, "file_start": 0}}, batch_size=1, max_seq_length=512,
+                 long_text="truncate", **overrides),
         tok, 0, 1)
 
 

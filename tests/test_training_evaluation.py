@@ -56,7 +56,9 @@ def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(token
     (root / "news-zh").mkdir()
     (root / "news-zh" / "10001.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in (
         "今天的天气非常好，我们去公园散步。", "", "北京是中国的首都，有着悠久的历史。")) + "\n", encoding="utf-8")
-    settings, data = stage1_data(tokenizer_path, root, "eval_sets=['zh', 'translate', 'news-zh']", "seed=7")
+    # 128 tokens: a translation source is never cut, and at 64 some held-out pairs would not fit at all.
+    settings, data = stage1_data(tokenizer_path, root, "eval_sets=['zh', 'translate', 'news-zh']", "seed=7",
+                                 "max_seq_length=128")
     held_out = load_held_out(settings, data, rank=0, world_size=1)
 
     config = LlamaConfig(vocab_size=Tokenizer(tokenizer_path).vocab_size, hidden_size=32, intermediate_size=64,
@@ -94,7 +96,8 @@ def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(token
     assert scores.mix.tokens == scores.sets["zh"].tokens + scores.sets["translate"].tokens
 
     # The samples do not depend on the training seed: another seed builds the same ones.
-    other_settings, other_data = stage1_data(tokenizer_path, root, "eval_sets=['zh', 'translate']", "seed=8")
+    other_settings, other_data = stage1_data(tokenizer_path, root, "eval_sets=['zh', 'translate']", "seed=8",
+                                             "max_seq_length=128")
     other = load_held_out(other_settings, other_data, rank=0, world_size=1)
     for name in ("zh", "translate"):
         assert [b["input_ids"].tolist() for b in other.batches[name]] == \

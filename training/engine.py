@@ -190,7 +190,8 @@ class Engine:
 
     @property
     def checkpoint_optimizer_sharded(self) -> bool:
-        """ColossalAI's sharded optimizer files on GPU plugins; one file on the CPU fallback, whose sharded load fails."""
+        """ColossalAI's sharded optimizer files under ZeRO and on GPU; one file for ddp on the CPU fallback, whose
+        sharded load fails."""
         return self.choice.device.type == "cuda" or self.choice.zero
 
     def autocast(self):

@@ -55,8 +55,8 @@ class NullStream:
 
 
 class TorchCPUAdam:
-    """colossalai/kernel/extensions/csrc/kernel/x86/cpu_adam.cpp (Adam_Optimizer::Step_1) in torch: the kernel HybridAdam
-    calls for parameters on CPU, same constructor and step() signature."""
+    """Adam_Optimizer::Step_1 of colossalai/kernel/extensions/csrc/kernel/x86/cpu_adam.cpp, in torch: the kernel
+    HybridAdam calls for parameters on CPU, with the same constructor and step() signature."""
 
     def __init__(self, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, adamw_mode: bool):
         self.adamw_mode = adamw_mode

@@ -78,6 +78,10 @@ def load_model(settings, inputs: ModelInputs, dtype: torch.dtype, plugin: str) -
     if _loads_after_boost(settings, plugin):
         model = _model_without_weights(inputs.config, dtype, plugin)
     else:
+        if plugin in ("gemini", "zero2"):
+            logger.warning("init_model_path=%s is a transformers dir: every process converts it whole in host memory; "
+                           "convert it once (python -m llama.convert from_hf) to load only each process's share",
+                           settings.init_model_path)
         model = Llama.from_pretrained(settings.init_model_path, dtype=dtype, device="cpu", config=inputs.config)
     model.set_gradient_checkpointing(bool(settings.gradient_checkpointing))
     if plugin == "gemini":

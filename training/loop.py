@@ -140,7 +140,8 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
                 tokens += int(batch["num_tokens"])
                 counted += int(batch["num_target_tokens"] > 0)
 
-            # ---- one all-reduce: the mean loss, whether any rank saw a non-finite loss, tokens, stop requests
+            # ---- one all-reduce: the mean loss, whether any rank saw a non-finite loss, tokens, stop requests, and
+            # the micro-batches that counted a target token
             stats = torch.stack([loss_sum, bad, torch.tensor(float(tokens), device=run.device),
                                  torch.tensor(float(stop.requested), device=run.device),
                                  torch.tensor(float(counted), device=run.device)])

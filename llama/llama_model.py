@@ -9,7 +9,6 @@ the vocabulary only the positions whose target counts. Generation lives in llama
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -20,9 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from llama.configuration_llama import CONFIG_NAME, LlamaConfig
 from llama.loss import LOSS_PATHS
-from llama.model_files import (DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, is_transformers_dir, iter_tensors,
-                               save_tensors)
-from llama.weight_layouts import hf_to_llama_state_dict
+from llama.model_files import DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, save_tensors
+from llama.weight_layouts import llama_tensors
 
 
 class RMSNorm(nn.Module):
@@ -299,11 +297,7 @@ class Llama(nn.Module):
         if not config_path.is_file():
             raise FileNotFoundError(f"LLaMA config not found: {config_path}")
         config = config or LlamaConfig.from_pretrained(config_path)
-        tensors = iter_tensors(directory, dtype, device)
-        if is_transformers_dir(json.loads(config_path.read_text(encoding="utf-8"))):
-            state = hf_to_llama_state_dict(tensors, config, source=str(directory))
-        else:
-            state = dict(tensors)
+        state = dict(llama_tensors(directory, config, dtype, device))
         with torch.device("meta"):
             model = cls(config)
         expected = model.state_dict()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
-from llama.configuration_llama import LlamaConfig
+from llama.configuration_llama import CONFIG_NAME, LlamaConfig
+from llama.model_files import is_transformers_dir, iter_tensors
 
 # transformers name -> our (Meta's) name; "{}" is the layer number.
 _HF_TO_OURS = {
@@ -62,8 +63,13 @@ def hf_to_llama_state_dict(tensors: Iterable[tuple[str, torch.Tensor]] | dict[st
                            config: LlamaConfig, source: str = "transformers checkpoint") -> dict[str, torch.Tensor]:
     """transformers LlamaForCausalLM weights -> ours. Accepts a dict or a lazy (name, tensor) stream."""
     items = tensors.items() if isinstance(tensors, dict) else tensors
-    out = {}
-    for name, t in items:
+    return dict(hf_to_llama_tensors(items, config, source))
+
+
+def hf_to_llama_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: LlamaConfig,
+                        source: str = "transformers checkpoint") -> Iterator[tuple[str, torch.Tensor]]:
+    """hf_to_llama_state_dict one tensor at a time."""
+    for name, t in tensors:
         if name.endswith("rotary_emb.inv_freq"):
             continue  # older transformers saved this buffer; it is recomputed from rope_theta
         ours = _rename(name, _HF_TO_OURS, source)
@@ -71,8 +77,18 @@ def hf_to_llama_state_dict(tensors: Iterable[tuple[str, torch.Tensor]] | dict[st
             t = permute_from_hf(t, config.num_attention_heads)
         elif ours.endswith("attention.wk.weight"):
             t = permute_from_hf(t, config.num_key_value_heads)
-        out[ours] = t
-    return out
+        yield ours, t
+
+
+def llama_tensors(directory: str | Path, config: LlamaConfig, dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, tensor) for every weight of a model dir of this repo or of transformers (converted as read), one
+    tensor at a time, cast to `dtype` (None keeps the stored dtype)."""
+    directory = Path(directory)
+    tensors = iter_tensors(directory, dtype, device)
+    if is_transformers_dir(json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))):
+        return hf_to_llama_tensors(tensors, config, source=str(directory))
+    return tensors
 
 
 def llama_to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:

@@ -12,6 +12,13 @@ Environment:
                               optimizer, rank 0 on the CPU fallback) leaves an empty file and gets the kernel's
                               ENOSPC, by writing its bytes to /dev/full
     HARNESS_RECORD_BATCHES    1: append a hash of every batch to <logdir>/batches.rank<R>.jsonl
+    HARNESS_ZERO_ON_CPU       1: run the settings' plugin (gemini, zero2) and precision on CPU (tests/zero_cpu.py)
+    HARNESS_INF_GRAD_STEPS    "2": on these steps the last rank's gradient of one embedding element is inf (its loss
+                              stays finite); under zero2 that element's shard lives on rank 0
+    HARNESS_EMPTY_BATCHES     "1.0,1.1": these micro-batches (step.micro, every rank) count no target token
+    HARNESS_DUMP_LOADED       DIR: once the fresh model is loaded and boosted, save its weights to DIR/weights and
+                              its fp32 master weights, gathered, to DIR/masters.safetensors
+Steps are the optimizer steps of the run (1-based), counted on from the checkpoint after a resume.
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+
 import training.checkpoint as checkpoint  # noqa: E402
 import training.loop as loop  # noqa: E402
 from training.settings import load_settings  # noqa: E402
@@ -33,6 +42,22 @@ from training.settings import load_settings  # noqa: E402
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+STEP = {"now": 1}  # the optimizer step being computed
+
+
+def track_steps() -> None:
+    class StepTracking(loop.Metrics):
+        def __init__(self, *args, start_step: int, **kwargs):
+            super().__init__(*args, start_step=start_step, **kwargs)
+            STEP["now"] = start_step + 1
+
+        def record(self, *args, **kwargs):
+            super().record(*args, **kwargs)
+            STEP["now"] += 1
+
+    loop.Metrics = StepTracking
 
 
 def kill_after_save(step: int) -> None:
@@ -90,6 +115,91 @@ def nan_at_steps(steps: set[int]) -> None:
     Llama.forward = forward
 
 
+class _InfGradient(torch.autograd.Function):
+    """Identity forward; backward makes one element of the incoming gradient inf."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        grad[0, 0, 0] = float("inf")  # the first token (bos) of the first row: one element of one embedding row
+        return grad
+
+
+def inf_gradient_at_steps(steps: set[int]) -> None:
+    from llama.llama_model import Llama
+
+    original = Llama.forward
+    last_rank = int(os.environ["WORLD_SIZE"]) - 1
+
+    def forward(self, *args, **kwargs):
+        if not (self.training and STEP["now"] in steps and _rank() == last_rank):
+            return original(self, *args, **kwargs)
+        handle = self.tok_embeddings.register_forward_hook(lambda module, inputs, out: _InfGradient.apply(out))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    Llama.forward = forward
+
+
+def emptying(data_processor_cls, which: set[tuple[int, int]]):
+    class Emptying(data_processor_cls):
+        """Zeroes the loss mask of the chosen micro-batches."""
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            batch = super().__next__()
+            step = STEP["now"]
+            self._micro = self._micro + 1 if getattr(self, "_step", None) == step else 0
+            self._step = step
+            if (step, self._micro) in which:
+                batch = dict(batch, loss_mask=torch.zeros_like(batch["loss_mask"]), num_target_tokens=0)
+            return batch
+
+    return Emptying
+
+
+def dump_loaded(directory: Path) -> None:
+    """After load_weights_after_boost: the boosted model's weights, and its fp32 masters gathered into whole tensors
+    straight from ColossalAI's structures (not through training/zero_state.py, which the tests check)."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    original = loop.load_weights_after_boost
+
+    def load_then_dump(engine, settings, inputs):
+        original(engine, settings, inputs)
+        engine.booster.save_model(engine.model, str(directory / "weights"), shard=True, use_safetensors=True)
+        masters = {}
+        if engine.choice.plugin == "zero2":
+            optimizer = engine.optimizer
+            for name, p in engine.model.unwrap().named_parameters():
+                shard = optimizer.working_to_master_param[id(p)]
+                parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, shard)
+                masters[name] = torch.cat(parts)[:p.numel()].view(p.shape)
+        else:
+            from colossalai.zero.gemini.utils import get_temp_total_chunk_on_cuda
+
+            model = engine.model
+            for p, fp32_p in zip(model.fp16_params, model.fp32_params):
+                chunk = model.chunk_manager.get_chunk(fp32_p)
+                info = chunk.tensors_info[fp32_p]
+                whole = get_temp_total_chunk_on_cuda(chunk, torch.float32)
+                masters[model.param2name[p]] = whole[info.offset:info.end].view(p.shape).clone()
+        if _rank() == 0:
+            save_file(masters, str(directory / "masters.safetensors"))
+
+    loop.load_weights_after_boost = load_then_dump
+
+
 def recording(data_processor_cls):
     class Recording(data_processor_cls):
         """Records every batch handed to the loop (not the ones prefetched behind it)."""
@@ -112,6 +222,10 @@ def main() -> None:
     main_module = importlib.import_module(f"{stage}_main")
     settings = load_settings(importlib.import_module(f"{stage}_args"), sys.argv[1:])
     data_processor_cls = main_module.DataProcessor
+    if os.environ.get("HARNESS_ZERO_ON_CPU"):
+        import zero_cpu
+
+        zero_cpu.install()
     if os.environ.get("HARNESS_KILL_AFTER_SAVE"):
         kill_after_save(int(os.environ["HARNESS_KILL_AFTER_SAVE"]))
     if os.environ.get("HARNESS_CRASH_DURING_SAVE"):
@@ -120,6 +234,14 @@ def main() -> None:
         disk_full_at_save(int(os.environ["HARNESS_DISK_FULL_AT_SAVE"]))
     if os.environ.get("HARNESS_NAN_STEPS"):
         nan_at_steps({int(s) for s in os.environ["HARNESS_NAN_STEPS"].split(",")})
+    track_steps()
+    if os.environ.get("HARNESS_INF_GRAD_STEPS"):
+        inf_gradient_at_steps({int(s) for s in os.environ["HARNESS_INF_GRAD_STEPS"].split(",")})
+    if os.environ.get("HARNESS_EMPTY_BATCHES"):
+        which = {tuple(int(n) for n in item.split(".")) for item in os.environ["HARNESS_EMPTY_BATCHES"].split(",")}
+        data_processor_cls = emptying(data_processor_cls, which)
+    if os.environ.get("HARNESS_DUMP_LOADED"):
+        dump_loaded(Path(os.environ["HARNESS_DUMP_LOADED"]))
     if os.environ.get("HARNESS_RECORD_BATCHES"):
         data_processor_cls = recording(data_processor_cls)
         data_processor_cls._harness_logdir = settings.logdir

@@ -3,7 +3,10 @@
 Layout of output_dir/ckpt_step-<step>_loss-<loss>/ (written as <name>.tmp/, renamed when complete):
     config.json, tokenizer.model,                       a loadable model directory: the next stage's init_model_path
     model.safetensors.index.json + model-*.safetensors  (booster.save_model, shard=True, use_safetensors=True)
-    optimizer/  or  optimizer.bin                       ColossalAI sharded save on GPU; one file on the CPU fallback
+    optimizer/  or  optimizer.bin                       ColossalAI sharded save under ZeRO; one file on ddp; or
+    optimizer.none.json                                 instead, when no optimizer step had succeeded yet (ZeRO)
+    master_weights.rank<R>.safetensors                  ZeRO: each rank's fp32 master weight shards (exact resume)
+    loss_scaler.json                                    ZeRO fp16: the dynamic loss scale and its counters
     scheduler.json                                      lr scheduler state
     grad_scaler.json                                    ddp + fp16 only: torch GradScaler's scale and growth tracker
     data_state.rank<R>.json                             each rank's DataProcessor position
@@ -41,8 +44,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from llama.model_files import TOKENIZER_NAME
+from training.zero_state import load_scaler_state, scaler_state
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,9 @@ TMP_SUFFIX = ".tmp"
 TRAINER_STATE = "trainer_state.json"
 GRAD_SCALER = "grad_scaler.json"
 FINAL_DIR = "final"
+NO_OPTIMIZER_STATE = "optimizer.none.json"
+MASTER_WEIGHTS = "master_weights.rank{rank}.safetensors"
+LOSS_SCALER = "loss_scaler.json"
 
 
 class CheckpointError(RuntimeError):
@@ -67,6 +75,7 @@ class TrainerState:
     tokens_seen: int = 0  # real (non-pad) tokens consumed over all ranks
     loss: float = float("nan")  # mean loss of the last logged window
     skipped_steps: int = 0  # steps skipped for non-finite loss or gradients, in total
+    empty_steps: int = 0  # steps skipped because no rank counted a target token, in total
     world_size: int = 1
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -154,16 +163,11 @@ def save_checkpoint(engine, data_processor, state: TrainerState, model_config, t
 
     with _atomic_directory(final, write_trainer_state) as tmp:
         _save_model_dir(engine, tmp, model_config, tokenizer_path)
-        if engine.checkpoint_optimizer_sharded:
-            engine.booster.save_optimizer(engine.checkpoint_optimizer, str(tmp / "optimizer"), shard=True)
-        else:
-            engine.booster.save_optimizer(engine.checkpoint_optimizer, str(tmp / "optimizer.bin"), shard=False)
+        _save_optimizer(engine, tmp, state.step)
         _write_json(tmp / f"data_state.rank{rank}.json", data_processor.state_dict())
         _write_json(tmp / f"rng_state.rank{rank}.json", capture_rng_state())
         if rank == 0:
             _write_json(tmp / "scheduler.json", engine.scheduler.state_dict())
-            if engine.grad_scaler is not None:  # the same on every rank: it sees the all-reduced gradients
-                _write_json(tmp / GRAD_SCALER, engine.grad_scaler.state_dict())
     if rank == 0:
         _prune(output_dir, keep, final)
     _barrier()
@@ -218,6 +222,29 @@ def _save_model_dir(engine, directory: Path, model_config, tokenizer_path: str |
         shutil.copyfile(tokenizer_path, directory / TOKENIZER_NAME)
 
 
+def _save_optimizer(engine, directory: Path, step: int) -> None:
+    """Optimizer state, and under ZeRO what ColossalAI's save leaves out: this rank's fp32 master weights and the fp16
+    loss scaler (training/zero_state.py)."""
+    rank = _rank()
+    if not engine.optimizer_has_state():
+        if rank == 0:
+            _write_json(directory / NO_OPTIMIZER_STATE, {
+                "step": step, "reason": "no optimizer step had succeeded when this checkpoint was written, so the "
+                                        "optimizer held no state; a resume starts it fresh, as the run did"})
+    elif engine.checkpoint_optimizer_sharded:
+        engine.booster.save_optimizer(engine.checkpoint_optimizer, str(directory / "optimizer"), shard=True)
+    else:
+        engine.booster.save_optimizer(engine.checkpoint_optimizer, str(directory / "optimizer.bin"), shard=False)
+    masters = engine.master_weights()
+    if masters:
+        save_file({name: t.detach().to("cpu").contiguous() for name, t in masters.items()},
+                  str(directory / MASTER_WEIGHTS.format(rank=rank)))
+    if engine.loss_scaler is not None and rank == 0:  # the same on every rank: overflows are agreed
+        _write_json(directory / LOSS_SCALER, scaler_state(engine.loss_scaler))
+    if engine.grad_scaler is not None and rank == 0:  # ddp + fp16: the same on every rank (all-reduced gradients)
+        _write_json(directory / GRAD_SCALER, engine.grad_scaler.state_dict())
+
+
 def _prune(output_dir: str | Path, keep: int, just_saved: Path) -> None:
     """Keep the newest `keep` complete checkpoints, the one just saved always among them; also drop `.tmp`
     leftovers of saves that crashed."""
@@ -259,16 +286,7 @@ def _load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerSta
                               f"each rank resumes its own data position, so the world size must match")
     verify_files(path)
     engine.booster.load_model(engine.model, str(path))
-    with weights_only_torch_load():
-        if (path / "optimizer").is_dir():
-            engine.booster.load_optimizer(engine.checkpoint_optimizer, str(path / "optimizer"))
-        else:
-            engine.booster.load_optimizer(engine.checkpoint_optimizer, str(path / "optimizer.bin"))
-    if engine.grad_scaler is not None:
-        if (path / GRAD_SCALER).is_file():
-            engine.grad_scaler.load_state_dict(_read_json(path / GRAD_SCALER))
-        else:
-            logger.warning("%s holds no %s: the fp16 loss scale restarts from initial_loss_scale", path, GRAD_SCALER)
+    _load_optimizer(engine, path)
     changed = {k: (v, getattr(settings, k)) for k, v in state.settings.items()
                if k in settings and getattr(settings, k) != v and k in _SETTINGS_THAT_CHANGE_THE_RUN}
     for name, (old, new) in changed.items():
@@ -279,9 +297,52 @@ def _load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerSta
         logger.warning("lr schedule rebuilt from this run's lr/min_lr/warmup_steps/max_steps at step %d", state.step)
     else:
         engine.scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+        # The optimizer's lr is the schedule's last one (set by scheduler.step); a fresh optimizer (no state saved)
+        # still holds the initial lr.
+        for group, lr in zip(engine.optimizer.param_groups, engine.scheduler.get_last_lr()):
+            group["lr"] = lr
     data_processor.load_state_dict(_read_json(path / f"data_state.rank{rank}.json"))
     restore_rng_state(_read_json(path / f"rng_state.rank{rank}.json"))
     return state
+
+
+def _load_optimizer(engine, path: Path) -> None:
+    """After the booster's model load: the optimizer state, then the fp32 master weights and the loss scaler, which
+    replace what the booster rebuilt from the half-precision weights (training/zero_state.py)."""
+    with weights_only_torch_load():
+        if (path / "optimizer").is_dir():
+            engine.booster.load_optimizer(engine.checkpoint_optimizer, str(path / "optimizer"))
+        elif (path / "optimizer.bin").is_file():
+            engine.booster.load_optimizer(engine.checkpoint_optimizer, str(path / "optimizer.bin"))
+        elif (path / NO_OPTIMIZER_STATE).is_file():
+            logger.info("%s holds no optimizer state (%s): the optimizer starts fresh", path,
+                        _read_json(path / NO_OPTIMIZER_STATE)["reason"])
+        else:
+            raise CheckpointError(f"{path}: no optimizer state (optimizer/, optimizer.bin or {NO_OPTIMIZER_STATE})")
+    masters = engine.master_weights()
+    if masters:
+        masters_file = path / MASTER_WEIGHTS.format(rank=_rank())
+        if masters_file.is_file():
+            saved = load_file(str(masters_file))
+            if saved.keys() != masters.keys() or any(saved[k].shape != masters[k].shape for k in masters):
+                raise CheckpointError(f"{masters_file}: the fp32 master weights do not fit this run (written with "
+                                      f"another plugin, model or number of processes)")
+            with torch.no_grad():
+                for name, master in masters.items():
+                    master.copy_(saved[name])
+        else:
+            logger.warning("%s has no %s: the fp32 master weights are rebuilt from the half-precision weights, so "
+                           "the run will not match an uninterrupted one", path, masters_file.name)
+    if engine.loss_scaler is not None:
+        if (path / LOSS_SCALER).is_file():
+            load_scaler_state(engine.loss_scaler, _read_json(path / LOSS_SCALER))
+        else:
+            logger.warning("%s has no %s: the fp16 loss scale restarts at initial_loss_scale", path, LOSS_SCALER)
+    if engine.grad_scaler is not None:
+        if (path / GRAD_SCALER).is_file():
+            engine.grad_scaler.load_state_dict(_read_json(path / GRAD_SCALER))
+        else:
+            logger.warning("%s holds no %s: the fp16 loss scale restarts from initial_loss_scale", path, GRAD_SCALER)
 
 
 # Settings whose change makes a resumed run differ from the run that wrote the checkpoint.

@@ -8,7 +8,7 @@ On a machine without CUDA the ZeRO plugins and HybridAdam cannot run (they asser
 "ddp" on gloo in fp32 with torch.optim.AdamW, and says so once. Which Adam runs, and its kernels: training/optimizer.py.
 
 What the loop sees: `engine.model(...)` inside `engine.autocast()`, `engine.backward(loss, sync)`, and
-`engine.step(loss_is_finite) -> StepOutcome` which clips, steps or skips, and reports grad norm and loss scale.
+`engine.step(loss_is_finite, empty) -> StepOutcome` which clips, steps or skips, and reports grad norm and loss scale.
 """
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from training.optimizer import build_optimizer, check_toolchain
+from training import zero_state
 from training.settings import SettingsError
 
 logger = logging.getLogger(__name__)
@@ -99,9 +101,7 @@ def choose_engine(settings) -> EngineChoice:
             reason = (f"no CUDA device: plugin={settings.plugin!r} precision={settings.precision!r} cannot run here, "
                       f"falling back to plugin='ddp' on gloo, fp32, torch.optim.AdamW")
         return EngineChoice("ddp", "fp32", torch.device("cpu"), reason)
-    if settings.plugin == "gemini" and settings.precision == "fp32":
-        raise SettingsError("setting 'precision' = 'fp32' is not supported by plugin 'gemini' (fp16 or bf16; "
-                            "or plugin='zero2' / 'ddp' for fp32)")
+    check_engine_settings(settings)
     if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise SettingsError(f"setting 'precision' = 'bf16': {torch.cuda.get_device_name()} has no bf16; use fp16")
     choice = EngineChoice(settings.plugin, settings.precision, torch.device("cuda", torch.cuda.current_device()))
@@ -109,12 +109,20 @@ def choose_engine(settings) -> EngineChoice:
     return choice
 
 
+def check_engine_settings(settings) -> None:
+    """The plugin/precision pairs ColossalAI cannot run, on any device."""
+    if settings.plugin == "gemini" and settings.precision == "fp32":
+        raise SettingsError("setting 'precision' = 'fp32' is not supported by plugin 'gemini' (fp16 or bf16; "
+                            "or plugin='zero2' / 'ddp' for fp32)")
+
+
 @dataclass
 class StepOutcome:
-    skipped: bool  # the optimizer did not update (non-finite loss or gradients)
+    skipped: bool  # the optimizer did not update (non-finite loss or gradients, or an empty step)
     grad_norm: float | None  # global L2 norm before clipping, unscaled; None when not computed
     loss_scale: float | None  # fp16 dynamic loss scale after this step; None without one
     lr: float = float("nan")  # the learning rate this step used
+    empty: bool = False  # skipped because no rank's micro-batches held a target token
 
 
 class Engine:
@@ -129,7 +137,11 @@ class Engine:
         optimizer = build_optimizer(settings, choice, [p for p in model.parameters() if p.requires_grad])
         scheduler = self._schedule(cai, optimizer, settings)
         self.booster = cai.Booster(plugin=plugin, mixed_precision=mixed_precision)
-        self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer, lr_scheduler=scheduler)
+        # Boosting materializes a lazily built model (GeminiDDP._preprocess_param), replaying its random init; its
+        # weights are loaded afterwards, and the RNG streams launch() seeded for dropout are left as they were.
+        with torch.random.fork_rng(devices=[choice.device] if choice.device.type == "cuda" else []):
+            self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer,
+                                                                                 lr_scheduler=scheduler)
         # The fp16 scaler that ZeRO plugins keep inside their optimizer (None for bf16/fp32 and for ddp).
         self._zero_mixin = getattr(self.optimizer, "mix_precision_mixin", None) or getattr(
             self.optimizer, "mixed_precision_mixin", None)
@@ -189,8 +201,9 @@ class Engine:
 
     @property
     def checkpoint_optimizer_sharded(self) -> bool:
-        """ColossalAI's sharded optimizer files on GPU plugins; one file on the CPU fallback, whose sharded load fails."""
-        return self.choice.device.type == "cuda"
+        """ColossalAI's sharded optimizer files under ZeRO and on GPU; one file for ddp on the CPU fallback, whose
+        sharded load fails."""
+        return self.choice.device.type == "cuda" or self.choice.zero
 
     def autocast(self):
         """bf16 autocast for ddp on GPU (fp16 ddp autocasts inside ColossalAI's AMP wrapper; ZeRO casts itself)."""
@@ -217,40 +230,82 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.booster.backward(loss / self.accumulation, self.optimizer)
 
-    def step(self, loss_is_finite: bool) -> StepOutcome:
-        """Clip and update, or skip when the loss (agreed across ranks) or the gradients are not finite."""
+    def step(self, loss_is_finite: bool, empty: bool = False) -> StepOutcome:
+        """Clip and update; or skip when the loss (agreed across ranks) or the gradients are not finite, or when the
+        step is `empty` (no rank counted a target token: an update would only apply Adam's moments and weight
+        decay)."""
         lr = self.optimizer.param_groups[0]["lr"]
         if self.choice.zero:
-            outcome = self._zero_step(loss_is_finite)
+            outcome = self._zero_step(loss_is_finite, empty)
         else:
-            outcome = self._ddp_step(loss_is_finite)
+            outcome = self._ddp_step(loss_is_finite, empty)
         self.optimizer.zero_grad()
         self.scheduler.step()
-        outcome.lr = lr
+        outcome.lr, outcome.empty = lr, empty
         return outcome
 
-    def _zero_step(self, loss_is_finite: bool) -> StepOutcome:
+    def _zero_step(self, loss_is_finite: bool, empty: bool) -> StepOutcome:
         mixin = self._zero_mixin
-        scale = mixin.loss_scale if hasattr(mixin, "loss_scale") else 1.0
-        if not loss_is_finite and mixin is None:  # zero2 in fp32: no mixin; step()'s zero_grad drops the grads
-            return StepOutcome(True, None, None)
-        if not loss_is_finite and not hasattr(mixin, "found_overflow"):
-            # bf16/fp32 have no overflow check of their own: take ColossalAI's skip path, which also restores
-            # Gemini's reused fp16 chunks, by making this one step see an overflow.
-            mixin.should_skip_step = lambda: True
-            try:
-                self.optimizer.step()
-            finally:
-                del mixin.should_skip_step
-            return StepOutcome(True, None, None)
-        self.optimizer.step()
-        skipped = bool(getattr(mixin, "found_overflow", torch.zeros(1)).item() > 0)
+        fp16 = hasattr(mixin, "found_overflow")  # only FP16MixedPrecisionMixin.should_skip_step checks gradients
+        scale = mixin.loss_scale if fp16 else 1.0
+        if not fp16:
+            loss_is_finite = self._zero_grads_finite() and loss_is_finite
+        if empty or (not loss_is_finite and not fp16):
+            self._zero_skip()
+            return StepOutcome(True, None, scale if fp16 else None)
+        self.optimizer.step()  # fp16: skips by itself on inf/NaN gradients and backs the scale off
+        self._end_gemini_accumulation()
+        skipped = fp16 and bool(mixin.found_overflow.item() > 0)
         norm = self.optimizer.get_grad_norm() if not skipped else None
         grad_norm = float(norm) / scale if norm is not None else None
-        return StepOutcome(skipped, grad_norm, mixin.loss_scale if hasattr(mixin, "loss_scale") else None)
+        return StepOutcome(skipped, grad_norm, mixin.loss_scale if fp16 else None)
 
-    def _ddp_step(self, loss_is_finite: bool) -> StepOutcome:
+    def _zero_skip(self) -> None:
+        """ColossalAI's own skip path, taken by making this one step see an overflow: it drops the gradients and
+        restores Gemini's reused fp16 chunks (GeminiOptimizer.step). The fp16 scaler is not updated: it is updated
+        inside the should_skip_step this replaces."""
+        mixin = self._zero_mixin
+        if mixin is None:  # zero2 in fp32: step()'s zero_grad drops the gradients
+            return
+        mixin.should_skip_step = lambda: True
+        try:
+            self.optimizer.step()
+        finally:
+            del mixin.should_skip_step
+        self._end_gemini_accumulation()
+
+    def _end_gemini_accumulation(self) -> None:
+        """GeminiOptimizer.step resets chunk_manager.accumulating_grads on its update path only, not on its skip
+        path; left set, the next step's gradients are added onto the skipped ones (GeminiDDP.grad_handle) and under
+        fp16 every later step overflows. Reset it after every step."""
+        if self.choice.plugin == "gemini":
+            self.optimizer.module.chunk_manager.accumulating_grads = False
+
+    def _zero_grads_finite(self) -> bool:
+        """Whether every rank's gradient shards are finite, under bf16 or fp32, where ColossalAI checks nothing
+        (BF16MixedPrecisionMixin.should_skip_step returns False) and an inf would turn every master into NaN."""
+        if self.choice.plugin == "gemini":
+            # GeminiDDP.grad_handle adds each reduced chunk's has_inf_or_nan to overflow_counter whatever the dtype;
+            # only the fp16 mixin reads and resets it (GeminiFP16MixedPrecisionMixin), so it is reset here.
+            counter = self.optimizer.module.chunk_manager.overflow_counter
+            local_bad = counter.item() > 0
+            counter.zero_()
+        else:
+            # LowLevelZeroFP16MixedPrecisionMixin.check_local_overflow, for any dtype: this rank's reduced shards.
+            from colossalai.zero.low_level._utils import has_inf_or_nan
+
+            optimizer = self.optimizer
+            local_bad = any(has_inf_or_nan(grad) for store in optimizer.pg_to_grad_store.values()
+                            for group_id in range(optimizer.num_param_groups)
+                            for grad in store.get_working_grads_by_group_id(group_id) if grad is not None)
+        flag = torch.tensor([float(local_bad)], device=self.choice.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # each rank holds a different shard
+        return flag.item() == 0
+
+    def _ddp_step(self, loss_is_finite: bool, empty: bool) -> StepOutcome:
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if empty:
+            return StepOutcome(True, None, float(self._amp_scaler.get_scale()) if self._amp_scaler else None)
         if self._amp_scaler is not None:
             # GradScaler: unscale, clip, then scaler.step skips by itself on inf/nan and backs the scale off.
             self.optimizer.unscale_grad()
@@ -268,3 +323,31 @@ class Engine:
 
     def unwrapped_model(self) -> torch.nn.Module:
         return self.model.unwrap() if hasattr(self.model, "unwrap") else self.model
+
+    # ---- the ZeRO state that ColossalAI's checkpoints leave out (training/zero_state.py)
+
+    def master_weights(self) -> dict[str, torch.Tensor]:
+        """This rank's fp32 master weights as live named tensors; {} without ZeRO."""
+        return zero_state.master_views(self.model, self.optimizer, self.choice.plugin)
+
+    def masters_from_source(self, tensors) -> int:
+        """The fp32 masters written from a source model's (name, tensor) stream where it is more precise than the
+        compute dtype; returns the number of parameters written."""
+        if not self.choice.zero:
+            return 0
+        return zero_state.masters_from_source(self.model, self.optimizer, self.choice.plugin, tensors,
+                                              self.choice.load_dtype)
+
+    @property
+    def loss_scaler(self):
+        """The fp16 DynamicGradScaler of the ZeRO plugins (FP16MixedPrecisionMixin.grad_scaler); None otherwise."""
+        return getattr(self._zero_mixin, "grad_scaler", None)
+
+    def optimizer_has_state(self) -> bool:
+        """Whether any rank's optimizer has per-parameter state. Before the first successful step it has none, and
+        LowLevelZeroOptimizer.state_dict_shard then raises KeyError: such a checkpoint is saved without it."""
+        if not self.choice.zero:
+            return True
+        flag = torch.tensor([float(len(self.optimizer.unwrap().state) > 0)], device=self.choice.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0

@@ -19,7 +19,8 @@ from training.engine import Engine, choose_engine
 from training.evaluation import HeldOut, load_held_out
 from training.launch import StopRequest, launch, shutdown
 from training.metrics import Metrics, flops_per_token, peak_tflops_per_gpu, setup_logging
-from training.model_loading import ModelInputError, check_model_inputs, load_model
+from training.model_loading import (ModelInputError, check_model_inputs, load_model, load_weights_after_boost,
+                                    log_host_memory)
 from training.corpus import DataError
 from training.settings import SettingsError, load_settings
 
@@ -83,9 +84,7 @@ def _train(settings, data_processor_cls) -> None:
         fpt = flops_per_token(model, inputs.config.num_hidden_layers, inputs.config.hidden_size,
                               settings.max_seq_length)
         engine = Engine(settings, choice, model)
-        logger.info("engine: plugin=%s precision=%s device=%s optimizer=%s", choice.plugin, choice.precision,
-                    choice.device, type(engine.optimizer.unwrap() if hasattr(engine.optimizer, "unwrap")
-                                        else engine.optimizer).__name__)
+        logger.info("engine: plugin=%s precision=%s device=%s", choice.plugin, choice.precision, choice.device)
 
         # ---- resume: model, optimizer, scheduler, this rank's data position and RNG
         state = TrainerState(world_size=run.world_size, settings=settings.to_dict())
@@ -95,6 +94,9 @@ def _train(settings, data_processor_cls) -> None:
             state.settings = settings.to_dict()
             logger.info("resumed from %s at step %d (%s tokens seen)", resume_from, state.step,
                         f"{state.tokens_seen:,}")
+        else:
+            load_weights_after_boost(engine, settings, inputs)
+        log_host_memory("with the model loaded")
 
         # ---- the loop
         completed = _run_steps(settings, run, engine, data, inputs, state, fpt, held_out)
@@ -112,7 +114,7 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
     metrics = Metrics(settings, run.rank, run.world_size, fpt,
                       peak_tflops_per_gpu(settings.peak_tflops_per_gpu, run.device, engine.choice.precision),
                       start_step=state.step)
-    metrics.skipped_total = state.skipped_steps
+    metrics.skipped_total, metrics.empty_total = state.skipped_steps, state.empty_steps
     batches = iter(data)
     engine.model.train()
     accumulation = settings.gradient_accumulation_steps
@@ -125,6 +127,7 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
             loss_sum = torch.zeros((), device=run.device)  # finite micro-batch losses, summed
             bad = torch.zeros((), device=run.device)  # micro-batches whose loss is not finite
             tokens = 0
+            counted = 0  # micro-batches with a target token (the others' loss is 0 by definition, not a result)
             for micro in range(accumulation):
                 batch = next(batches)
                 doc_ids = batch.get("doc_ids")
@@ -138,19 +141,22 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
                 loss_sum += torch.where(finite, loss.detach().float(), torch.zeros_like(loss_sum))
                 bad += (~finite).float()
                 tokens += int(batch["num_tokens"])
+                counted += int(batch["num_target_tokens"] > 0)
 
-            # ---- one all-reduce: the mean loss, whether any rank saw a non-finite loss, tokens, stop requests
+            # ---- one all-reduce: the mean loss, whether any rank saw a non-finite loss, tokens, stop requests, and
+            # the micro-batches that counted a target token
             stats = torch.stack([loss_sum, bad, torch.tensor(float(tokens), device=run.device),
-                                 torch.tensor(float(stop.requested), device=run.device)])
+                                 torch.tensor(float(stop.requested), device=run.device),
+                                 torch.tensor(float(counted), device=run.device)])
             dist.all_reduce(stats)
-            loss_total, bad_total, global_tokens, stops = stats.tolist()
-            outcome = engine.step(loss_is_finite=bad_total == 0)
+            loss_total, bad_total, global_tokens, stops, global_counted = stats.tolist()
+            outcome = engine.step(loss_is_finite=bad_total == 0, empty=global_counted == 0)
             state.step += 1
             state.tokens_seen += int(global_tokens)
-            mean_loss = loss_total / (run.world_size * accumulation)
+            mean_loss = loss_total / max(global_counted, 1)
             metrics.record(mean_loss, outcome.skipped, outcome.grad_norm, outcome.loss_scale, outcome.lr,
-                           int(global_tokens))
-            state.skipped_steps = metrics.skipped_total
+                           int(global_tokens), empty=outcome.empty)
+            state.skipped_steps, state.empty_steps = metrics.skipped_total, metrics.empty_total
 
             if metrics.consecutive_bad >= settings.max_bad_steps:
                 latest = find_latest(settings.output_dir)

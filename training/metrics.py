@@ -126,6 +126,7 @@ class Metrics:
         self.peak_tflops = peak_tflops
         self._per = "GPU" if torch.cuda.is_available() else "process"  # the unit of the per-device figures
         self.skipped_total = 0
+        self.empty_total = 0  # steps skipped for having no target token: neither an update nor a failure
         self.consecutive_bad = 0
         self._last_window_loss = float("nan")
         self._reset_window(time.perf_counter())
@@ -148,13 +149,18 @@ class Metrics:
         self._norms: list[float] = []
         self._tokens = 0
         self._skipped = 0
+        self._empty = 0
         self._loss_scale = None
         self._lr = float("nan")
 
     def record(self, loss: float, skipped: bool, grad_norm: float | None, loss_scale: float | None, lr: float,
-               global_tokens: int) -> None:
-        """One optimizer step. `loss` is the mean over ranks; `global_tokens` the real tokens of all ranks."""
-        if skipped:
+               global_tokens: int, empty: bool = False) -> None:
+        """One optimizer step. `loss` is the mean over ranks; `global_tokens` the real tokens of all ranks; an
+        `empty` step (no target token anywhere) is counted apart and its loss and grad norm are not figures."""
+        if empty:
+            self._empty += 1
+            self.empty_total += 1
+        elif skipped:
             self._skipped += 1
             self.skipped_total += 1
             self.consecutive_bad += 1
@@ -197,7 +203,8 @@ class Metrics:
         grad_norm = sum(self._norms) / len(self._norms) if self._norms else float("nan")
         figures = {"loss": self.window_loss(), "lr": self._lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                    "tokens_per_s_per_gpu": per_gpu, "tflops_per_gpu": tflops, "skipped_steps": self._skipped,
-                   "skipped_steps_total": self.skipped_total}
+                   "skipped_steps_total": self.skipped_total, "empty_steps": self._empty,
+                   "empty_steps_total": self.empty_total}
         if mfu is not None:
             figures["mfu"] = mfu
         if self._loss_scale is not None:
@@ -209,13 +216,13 @@ class Metrics:
             torch.cuda.reset_peak_memory_stats()
         logger.info(
             "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tokens/s %s (%s/%s) | TFLOPS/%s %.3f | MFU %s"
-            "%s%s | skipped %d (total %d)",
+            "%s%s | skipped %d (total %d)%s",
             step, self.max_steps, figures["loss"], self._lr, grad_norm, f"{tokens_per_s:,.0f}", f"{per_gpu:,.0f}",
             self._per, self._per, tflops, f"{mfu:.1%}" if mfu is not None else "n/a",
             f" | loss_scale {self._loss_scale:g}" if self._loss_scale is not None else "",
             f" | GPU mem {figures['max_memory_gb']:.1f} GB (reserved {figures['max_memory_reserved_gb']:.1f})"
             if "max_memory_gb" in figures else "", self._skipped,
-            self.skipped_total)
+            self.skipped_total, f" | empty {self._empty} (total {self.empty_total})" if self.empty_total else "")
         if self._writer is not None:
             for name, value in figures.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -261,7 +268,7 @@ class Metrics:
 
     def pending(self) -> bool:
         """Steps recorded since the last log line."""
-        return bool(self._losses) or self._skipped > 0
+        return bool(self._losses) or self._skipped > 0 or self._empty > 0
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -1,0 +1,46 @@
+"""training/zero_state.py on gemini's sharded chunk layout, which the ZeRO-on-CPU harness cannot run (its test models
+fit in one chunk that every rank keeps whole): each rank writes exactly its shard of the fp32 masters."""
+import types
+
+import torch
+
+from training.zero_state import master_views, masters_from_source
+
+
+def _gemini(rank: int, world: int, sources: dict[str, torch.Tensor], chunk_size: int):
+    """A GeminiDDP stand-in with the attributes zero_state reads: every parameter in one fp32 chunk, in order, padded
+    to chunk_size, of which this rank holds [shard_begin, shard_end) (colossalai Chunk)."""
+    fp16, fp32, infos, offset = [], [], {}, 0
+    for source in sources.values():
+        p, q = torch.empty(source.shape, dtype=torch.bfloat16), torch.empty(source.shape)
+        fp16.append(p)
+        fp32.append(q)
+        infos[q] = types.SimpleNamespace(offset=offset, end=offset + source.numel())
+        offset += source.numel()
+    shard = chunk_size // world
+    chunk = types.SimpleNamespace(tensors_info=infos, chunk_size=chunk_size, is_gathered=False,
+                                  shard_begin=rank * shard, shard_end=(rank + 1) * shard,
+                                  payload=torch.full((shard,), -1.0))
+    manager = types.SimpleNamespace(get_chunk=lambda tensor: chunk, get_chunks=lambda tensors: (chunk,))
+    return types.SimpleNamespace(fp16_params=fp16, fp32_params=fp32, chunk_manager=manager,
+                                 param2name=dict(zip(fp16, sources)))
+
+
+def test_gemini_masters_from_source_fill_each_ranks_shard():
+    torch.manual_seed(0)
+    sources = {"a": torch.randn(2, 3), "b": torch.randn(10), "c": torch.randn(2, 2)}  # 20 elements, chunk of 24
+    models = [_gemini(rank, 2, sources, chunk_size=24) for rank in range(2)]
+    for model in models:
+        written = masters_from_source(model, None, "gemini", sources.items(), compute_dtype=torch.bfloat16)
+        assert written == 2  # rank 0 holds [0, 12) of the chunk: a and b; rank 1 [12, 24): b and c
+    whole = torch.cat([master_views(model, None, "gemini")["chunk.0"] for model in models])
+    expected = torch.cat([t.reshape(-1) for t in sources.values()])
+    assert torch.equal(whole[:20], expected)
+    assert torch.equal(whole[20:], torch.full((4,), -1.0))  # the chunk's padding is left alone
+
+
+def test_masters_from_source_leaves_what_is_already_exact():
+    sources = {"a": torch.randn(4, dtype=torch.float64).to(torch.bfloat16)}
+    model = _gemini(0, 1, sources, chunk_size=4)
+    assert masters_from_source(model, None, "gemini", sources.items(), compute_dtype=torch.bfloat16) == 0
+    assert torch.equal(model.chunk_manager.get_chunk(None).payload, torch.full((4,), -1.0))

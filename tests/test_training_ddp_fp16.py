@@ -1,9 +1,7 @@
 """plugin=ddp precision=fp16, the GPU wrapper stack built on CPU: TorchAMPModule(TorchDDPModel(Llama)) and
 TorchAMPOptimizer(OptimizerWrapper(AdamW)). Its checkpoint round trip keeps the optimizer state and the GradScaler's
 scale and growth tracker, and no_sync reaches the DDP module under the AMP wrapper."""
-import pytest
 import torch
-import torch.distributed as dist
 
 import pretrain_args
 from llama.configuration_llama import LlamaConfig
@@ -11,7 +9,7 @@ from llama.llama_model import Llama
 from training.checkpoint import GRAD_SCALER, TrainerState, load_checkpoint, save_checkpoint
 from training.engine import Engine, EngineChoice
 from training.settings import load_settings
-from training_runs import free_port, tiny_model  # noqa: F401
+from training_runs import one_process_group, tiny_model  # noqa: F401
 
 
 class _DataPosition:
@@ -25,15 +23,6 @@ class _DataPosition:
 
     def load_state_dict(self, state):
         self.loaded = state
-
-
-@pytest.fixture
-def one_process_group(monkeypatch):
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _settings(model_dir, out, initial_loss_scale: float):

@@ -14,7 +14,6 @@ import types
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import pretrain_args
 import pretrain_main
@@ -23,7 +22,7 @@ from training.evaluation import HeldOut, Score, Scores, held_out_samples, load_h
 from training.metrics import Metrics, setup_logging
 from training.samples import Sample
 from training.settings import load_settings
-from training_runs import HELDOUT, REPO, TINY_RUN, explain, tiny_model  # noqa: F401
+from training_runs import HELDOUT, REPO, TINY_RUN, explain, one_process_group, tiny_model  # noqa: F401
 
 
 def stage1_data(tokenizer_path, eval_root, *overrides):
@@ -34,16 +33,8 @@ def stage1_data(tokenizer_path, eval_root, *overrides):
     return settings, pretrain_main.DataProcessor(settings, Tokenizer(tokenizer_path), 0, 1)
 
 
-@contextlib.contextmanager
-def one_process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/process-group", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(tokenizer_path, tmp_path):
+def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(tokenizer_path, tmp_path,
+                                                                           one_process_group):
     """Stage 1 on zh, translate and a set outside the mix: each set's loss equals the summed token loss of its
     samples, computed here one sample at a time from the logits, over their counted tokens; mix weights 4:2."""
     from llama.configuration_llama import LlamaConfig
@@ -68,8 +59,7 @@ def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(token
     engine = types.SimpleNamespace(model=model, choice=types.SimpleNamespace(device=torch.device("cpu")),
                                    autocast=contextlib.nullcontext, inference_ready=lambda: True)
     torch_rng, python_rng = torch.get_rng_state(), random.getstate()
-    with one_process_group(tmp_path):
-        scores = held_out.evaluate(engine)
+    scores = held_out.evaluate(engine)
     assert model.training
     assert torch.equal(torch.get_rng_state(), torch_rng) and random.getstate() == python_rng
 

@@ -29,6 +29,19 @@ def tiny_model(tmp_path_factory, tokenizer_path) -> Path:
                            max_seq_len=128)
 
 
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """A gloo process group of this test process alone (rank 0 of 1), for engine and evaluation code that calls
+    collectives; on a TCP store at a free port, destroyed after the test."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

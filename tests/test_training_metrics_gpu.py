@@ -55,10 +55,10 @@ def test_peak_memory_is_per_logging_window(tmp_path, monkeypatch):
     memory.use(allocated=9_000_000_000, reserved=12_000_000_000)  # a spike in step 1
     memory.use(allocated=2_000_000_000, reserved=12_000_000_000)
     metrics.record(2.0, False, 1.0, None, 1e-3, 100)
-    first = metrics.log(1)
+    first = metrics.log(1, tokens_seen=100)
     memory.use(allocated=3_000_000_000, reserved=12_000_000_000)
     metrics.record(2.0, False, 1.0, None, 1e-3, 100)
-    second = metrics.log(2)
+    second = metrics.log(2, tokens_seen=200)
     assert (first["max_memory_gb"], first["max_memory_reserved_gb"]) == (9.0, 12.0)
     assert (second["max_memory_gb"], second["max_memory_reserved_gb"]) == (3.0, 12.0)  # step 1's spike is gone
     metrics.close()

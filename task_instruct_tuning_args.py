@@ -52,7 +52,7 @@ max_bad_steps = 50  # stop after this many consecutive non-finite losses
 # ---------------------------------------------------------------- engine
 plugin = "gemini"  # "gemini" (ZeRO-3 chunks, as the recipe; HybridAdam: needs nvcc), "zero2" or "ddp" (fp32 weights, grads and Adam on each GPU: (4+4+8) bytes x 7e9 = 112 GB, no 7B on one GPU); CPU-only machines use "ddp"
 zero2_cpu_offload = False  # zero2 only: keep optimizer states in CPU memory
-gemini_placement_policy = "static"  # gemini only: "static": fixed placement set by the next line; "auto": chunks move with free GPU memory
+gemini_placement_policy = "static"  # gemini only: "static": fixed placement set by the next two lines; "auto": chunks move with free GPU memory
 gemini_offload_optim_frac = 1.0  # gemini static only: 1.0 = all Adam states in CPU memory, the recipe's CPU placement
 gemini_offload_param_frac = 0.0  # 0.0 = params on GPU, faster; 1.0 = in CPU memory as the recipe (needs optim frac 1.0)
 

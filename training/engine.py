@@ -1,7 +1,8 @@
 """The engine: ColossalAI booster + plugin + optimizer + lr schedule, and the plugin-specific parts of one step.
 
 Plugins (setting `plugin`):
-    "gemini"  GeminiPlugin: ZeRO-3 chunks, Adam states placed in CPU memory (gemini_offload_optim_frac), as the recipe
+    "gemini"  GeminiPlugin: ZeRO-3 chunks; Adam states in CPU memory (gemini_offload_optim_frac=1.0, as the recipe),
+              parameters on the GPUs (gemini_offload_param_frac=0.0, faster) or in CPU memory (1.0, the recipe's "cpu")
     "zero2"   LowLevelZeroPlugin(stage=2), optional CPU offload of optimizer states (zero2_cpu_offload)
     "ddp"     TorchDDPPlugin: plain data parallel; fp16 through torch AMP, bf16 through autocast
 On a machine without CUDA the ZeRO plugins and HybridAdam cannot run (they assert a GPU), so the engine falls back to

@@ -541,12 +541,15 @@ class _FailureWatch:
 
     def _exit_together(self, then=None) -> None:
         """Count this rank's line as printed; wait until every rank's is (so no rank still writes), then `then`."""
+        if then is not None:
+            # From atexit, in the main thread. The last rank to print exits at once, and torchrun then sends SIGTERM
+            # to the others: ignore it before counting this rank's line, or it can cut the cleanup short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.store.add(self.printed_key, 1)
         deadline = time.monotonic() + self.EXIT_TIMEOUT_SECONDS
         while self.store.add(self.printed_key, 0) < self.world_size and time.monotonic() < deadline:
             time.sleep(self.POLL_SECONDS / 5)
-        if then is not None:  # from atexit, in the main thread: torchrun's SIGTERM must not cut the cleanup short
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if then is not None:
             then()
 
     def _watch(self) -> None:

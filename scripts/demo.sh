@@ -52,7 +52,6 @@ echo
 
 echo
 "$PY" - "$DEMO_DIR" <<'EOF'
-import json
 import sys
 from pathlib import Path
 
@@ -61,19 +60,18 @@ import torch
 from llama.generation import generate
 from llama.llama_model import Llama
 from llama.tokenization_llama import Tokenizer
+from training.metrics import read_records
 
 demo = Path(sys.argv[1])
 stages = ("pretrain", "task_instruct_tuning", "alignment_sft")
-records = {stage: [json.loads(line) for line in (demo / stage / "logs" / "metrics.jsonl").read_text().splitlines()]
-           for stage in stages}
 print("== training loss per stage (window means from logs/metrics.jsonl)")
 for stage in stages:
-    train = [r for r in records[stage] if "loss" in r]  # training windows; held-out records carry "eval"
+    train = read_records(demo / stage / "logs" / "metrics.jsonl", "loss")
     print(f"  {stage:<22} step {train[0]['step']:>3}: {train[0]['loss']:.3f}  ->  "
           f"step {train[-1]['step']:>3}: {train[-1]['loss']:.3f}")
 print("\n== held-out loss per set, first -> last evaluation (logs/metrics.jsonl)")
 for stage in stages:
-    evals = [r for r in records[stage] if "eval" in r]
+    evals = read_records(demo / stage / "logs" / "metrics.jsonl", "eval")
     first, last = evals[0], evals[-1]
     print(f"  {stage} (step {first['step']} -> step {last['step']})")
     for name, score in first["eval"]["sets"].items():

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # training.metrics reads the runs' metrics.jsonl
 DEVICE = REPO / "scripts" / "gpu_check_device.py"
 CHECKS = ("step1_loss", "finite", "overflow", "resume", "packing", "reload", "mfu")
 
@@ -93,19 +94,11 @@ class Result:
 
 
 def train_records(metrics_path: Path) -> list[dict]:
-    """The training log lines of a run's metrics.jsonl, known by their fields; other records (evaluation, say) and
-    a torn last line are left out. A resumed run appends to the same file: the last record of a step wins."""
-    records: dict[int, dict] = {}
-    if not metrics_path.is_file():
-        return []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and all(k in record for k in ("step", "loss", "skipped_steps", "lr")):
-            records[int(record["step"])] = record
-    return [records[s] for s in sorted(records)]
+    """The training log lines of a run's metrics.jsonl (training.metrics.read_records); none before the run wrote
+    one."""
+    from training.metrics import read_records  # torch: imported when a run's records are judged, not at start-up
+
+    return read_records(metrics_path, "loss") if metrics_path.is_file() else []
 
 
 def finite(x) -> bool:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from training.metrics import read_records
+
 REPO = Path(__file__).resolve().parents[1]
 HARNESS = REPO / "tests" / "training_harness.py"
 CORPUS = REPO / "pretraining_corpora"
@@ -66,12 +68,7 @@ def torchrun(settings: list[str], stage: str = "pretrain", nproc: int = 2, env: 
 def read_metrics(logdir: Path, kind: str = "loss") -> dict[int, dict]:
     """step -> the last metrics.jsonl record of that step (a resumed run appends after the killed one), among the
     records that have the field `kind`: "loss" for training windows, "eval" for held-out evaluations."""
-    records = {}
-    for line in (Path(logdir) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if kind in record:
-            records[record["step"]] = record
-    return records
+    return {record["step"]: record for record in read_records(Path(logdir) / "metrics.jsonl", kind)}
 
 
 def read_batches(logdir: Path, rank: int) -> list[str]:

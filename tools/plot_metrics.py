@@ -12,7 +12,6 @@ without "tokens_seen" (written before it was logged) are drawn against optimizer
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
+
+from training.metrics import read_records
 
 
 @dataclass
@@ -38,21 +39,8 @@ def metrics_file(path: Path) -> Path:
 
 def read_run(path: Path) -> Run:
     source = metrics_file(path)
-    by_kind: dict[str, dict[int, dict]] = {"loss": {}, "eval": {}}
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            step = int(record["step"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{source}:{number}: not a metrics record ({type(e).__name__}: {e})") from None
-        for kind, records in by_kind.items():
-            if kind in record:
-                records[step] = record
     directory = source.parent.parent if source.parent.name == "logs" else source.parent
-    return Run(directory.name, [r for _, r in sorted(by_kind["loss"].items())],
-               [r for _, r in sorted(by_kind["eval"].items())])
+    return Run(directory.name, read_records(source, "loss"), read_records(source, "eval"))
 
 
 def draw(runs: list[Run]) -> Figure:

@@ -322,9 +322,6 @@ class Engine:
         self.optimizer.step()
         return StepOutcome(False, norm.item(), None)
 
-    def unwrapped_model(self) -> torch.nn.Module:
-        return self.model.unwrap() if hasattr(self.model, "unwrap") else self.model
-
     # ---- the ZeRO state that ColossalAI's checkpoints leave out (training/zero_state.py)
 
     def master_weights(self) -> dict[str, torch.Tensor]:

@@ -70,6 +70,29 @@ def peak_tflops_per_gpu(setting: float, device: torch.device, precision: str) ->
     return None
 
 
+def read_records(path: str | Path, kind: str) -> list[dict]:
+    """The records of a metrics.jsonl that carry the field `kind` ("loss": training windows, "eval": held-out
+    scores), one per step in step order. A resumed run appends after the killed one, so the last record of a step
+    wins; a last line cut short by a killed process is left out. Any other unreadable line is a ValueError naming
+    the file and line."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    by_step: dict[int, dict] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            if number == len(lines) and isinstance(e, json.JSONDecodeError):
+                break  # torn by a kill mid-write
+            raise ValueError(f"{path}:{number}: not a metrics record ({type(e).__name__}: {e})") from None
+        if kind in record:
+            by_step[step] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
 class _TqdmHandler(logging.Handler):
     """Console handler that prints above the progress bar instead of through it."""
 
@@ -265,10 +288,6 @@ class Metrics:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"step": step, "tokens_seen": tokens_seen, "eval": record}) + "\n")
             self._jsonl.flush()
-
-    def pending(self) -> bool:
-        """Steps recorded since the last log line."""
-        return bool(self._losses) or self._skipped > 0 or self._empty > 0
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -34,9 +34,10 @@ _HF_IGNORED = {
     "output_hidden_states", "torchscript", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
     "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_p", "top_k",
     "_attn_implementation_autoset", "pad_token", "bos_token", "eos_token",
+    "is_llama_config",  # nanotron's export marker (SmolLM2)
 }
 # transformers keys that change the architecture: accepted only at the value this model implements.
-_HF_REQUIRED = {"hidden_act": "silu", "mlp_bias": False}
+_HF_REQUIRED = {"hidden_act": "silu", "mlp_bias": False, "rope_interleaved": False}  # the last: SmolLM2's
 # Keys whose default differs by family, as each transformers config class sets it when config.json leaves it out
 # (Qwen3Config's head_dim is 128, not hidden_size / heads; Mistral's and Qwen's sliding_window 4096).
 _NO_TOKENS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}  # PretrainedConfig's

@@ -168,7 +168,7 @@ def test_missing_files_are_named(tmp_path, tokenizer_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["llama.convert", "from_hf", "--input", "{tmp}/none", "--output", "{tmp}/out"],
-     "convert: LLaMA config not found: {tmp}/none"),
+     "error: LLaMA config not found: {tmp}/none"),
     (["llama.tiny", "--corpus", "{tmp}/none", "--output", "{tmp}/out"], "tiny: text source not found: {tmp}/none"),
 ])
 def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, argv, message):

@@ -1,0 +1,189 @@
+"""The four transformers families this model implements (Llama with tied embeddings, biases, explicit head_dim and
+RoPE scaling; Mistral; Qwen2; Qwen3), each a tiny random model built from transformers' own config class: the same
+logits and loss as the transformers class, an exact from_hf -> to_hf round trip, and a clear error for the rest."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from llama import Llama, LlamaConfig
+from llama.convert import main as convert_main
+from llama.llama_model import rope_inv_freq
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 120
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, attn_implementation="sdpa")
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}  # 16 positions: every band of a 16-wide head is hit
+FAMILIES = {  # name: (transformers class, its config class, settings beyond COMMON)
+    # Llama 3.2 style: tied, llama3 RoPE scaling, a list of eos ids, no pad.
+    "llama3-tied": ("LlamaForCausalLM", "LlamaConfig",
+                    dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, bos_token_id=1,
+                         eos_token_id=[2, 3])),
+    # Every Llama switch at once: biases on q/k/v/o, head_dim 24 (heads * head_dim != hidden), linear scaling.
+    "llama-bias-headdim": ("LlamaForCausalLM", "LlamaConfig",
+                           dict(attention_bias=True, head_dim=24, rope_scaling={"type": "linear", "factor": 2.0})),
+    # Mistral-Nemo style explicit head_dim; the window is longer than any sequence.
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(head_dim=32, sliding_window=4096, rope_theta=1e6)),
+    # Qwen2.5 small: q/k/v biases without an o bias, tied, bos none, window switched off. (transformers 4.51's sdpa
+    # mask applies sliding_window even with use_sliding_window false, its flash-attention path does not; Qwen2.5's
+    # windows are as long as its context, so a window beyond the test's sequences keeps the comparison fair.)
+    "qwen2-tied": ("Qwen2ForCausalLM", "Qwen2Config",
+                   dict(tie_word_embeddings=True, use_sliding_window=False, sliding_window=64, max_window_layers=2,
+                        bos_token_id=None, eos_token_id=5, rope_theta=1e6)),
+    # Qwen3: per-head q/k RMSNorm, explicit head_dim.
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=32, attention_bias=False, rope_theta=1e6,
+                                                      bos_token_id=4, eos_token_id=5)),
+}
+
+
+def hf_model(name: str):
+    class_name, config_name, extra = FAMILIES[name]
+    config = getattr(transformers, config_name)(**COMMON, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, class_name)(config).eval()
+    with torch.no_grad():  # transformers starts biases at 0 and norms at 1, where a wrong permutation is invisible
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if p.dim() == 1 else 0.02)
+    return model
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request, tmp_path):
+    """(name, transformers model, its saved dir holding a tokenizer, our model loaded from that dir)."""
+    hf = hf_model(request.param)
+    hf_dir = tmp_path / "hf"
+    hf.save_pretrained(hf_dir)
+    (hf_dir / "tokenizer.json").write_text("{}")  # convert copies it; its content is the tokenizer's business
+    return request.param, hf, hf_dir, Llama.from_pretrained(hf_dir).eval()
+
+
+def test_logits_and_loss_match_transformers(family):
+    name, hf, _, ours = family
+    assert ours.config.architecture == FAMILIES[name][0]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (3, 40), generator=g)
+    labels = ids.masked_fill(torch.rand(3, 40, generator=g) < 0.3, -100)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[1], hf(ids).logits, atol=1e-5, rtol=0)
+    expected = hf(ids, labels=labels).loss
+    for path in ("fused", "checkpointed", "plain"):
+        ours.loss_path = path
+        loss, _ = ours(ids, labels=labels)
+        torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(ours.tok_embeddings.weight.grad, hf.model.embed_tokens.weight.grad, atol=1e-6,
+                               rtol=1e-4)
+
+
+def test_tied_model_has_one_parameter_for_embedding_and_output(family):
+    name, hf, _, ours = family
+    tied = FAMILIES[name][2].get("tie_word_embeddings", False)
+    assert ours.config.tie_word_embeddings == tied
+    assert ("output.weight" in ours.state_dict()) == (not tied)
+    assert ours.output.weight is (ours.tok_embeddings.weight if tied else ours.output.weight)
+    n_hf = sum(p.numel() for p in hf.parameters())  # transformers counts the tied matrix once too
+    assert sum(p.numel() for p in ours.parameters()) == n_hf
+
+
+def test_from_hf_to_hf_round_trip_is_exact(family, tmp_path):
+    name, hf, hf_dir, _ = family
+    convert_main(["from_hf", "--input", str(hf_dir), "--output", str(tmp_path / "ours")])
+    convert_main(["to_hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back")])
+    ours_files = _tensors(tmp_path / "ours" / "model.safetensors")
+    assert "output.weight" not in ours_files or not FAMILIES[name][2].get("tie_word_embeddings")
+    source, back = _tensors(hf_dir / "model.safetensors"), _tensors(tmp_path / "back" / "model.safetensors")
+    assert back.keys() == source.keys()  # a tied model writes no lm_head.weight, as transformers saves it
+    for key, t in source.items():
+        assert back[key].dtype == t.dtype and torch.equal(back[key], t), key
+    src_config = json.loads((hf_dir / "config.json").read_text())
+    out_config = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key, value in src_config.items():
+        if key not in ("transformers_version", "torch_dtype"):
+            assert out_config.get(key, "absent") == value, key
+    assert (tmp_path / "back" / "tokenizer.json").is_file()
+    generation = json.loads((tmp_path / "back" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == src_config["eos_token_id"]
+    reloaded = getattr(transformers, FAMILIES[name][0]).from_pretrained(tmp_path / "back").eval()
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, hf(ids).logits, atol=0, rtol=0)
+
+
+def _tensors(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3_ROPE,
+                                     {**LLAMA3_ROPE, "factor": 32.0, "low_freq_factor": 2.0,
+                                      "original_max_position_embeddings": 8192}],
+                         ids=["default", "linear", "llama3", "llama3-8k"])
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_rope_inverse_frequencies_equal_transformers(scaling, head_dim):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = transformers.LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, rope_theta=500000.0,
+                                         rope_scaling=scaling)
+    expected, attention_factor = ROPE_INIT_FUNCTIONS[hf_config.rope_scaling["rope_type"] if scaling else "default"](
+        hf_config, "cpu")
+    ours = LlamaConfig.from_dict(hf_config.to_diff_dict(), source="test")
+    assert attention_factor == 1.0 and torch.equal(rope_inv_freq(ours), expected)
+
+
+def _hf_config_dict(name: str, **changes) -> dict:
+    class_name, config_name, extra = FAMILIES[name]
+    d = getattr(transformers, config_name)(**COMMON, **extra).to_diff_dict()
+    d["architectures"] = [class_name]
+    d.update(changes)
+    return d
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(architectures=["MixtralForCausalLM"], model_type="mixtral"),
+     "architecture MixtralForCausalLM is not supported; supported: LlamaForCausalLM, MistralForCausalLM, "
+     "Qwen2ForCausalLM, Qwen3ForCausalLM"),
+    (dict(architectures=None, model_type="gemma"), "model_type 'gemma' is not supported; supported: llama, mistral"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling type 'yarn' is not supported"),
+    (dict(mlp_bias=True), "mlp_bias=True is not supported"),
+])
+def test_unsupported_configs_are_one_error_line(tmp_path, changes, message):
+    (tmp_path / "config.json").write_text(json.dumps(_hf_config_dict("llama3-tied", **changes)))
+    result = subprocess.run([sys.executable, "-m", "llama.convert", "from_hf", "--input", str(tmp_path),
+                             "--output", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'config.json'}: ") and message in result.stderr
+
+
+@pytest.mark.parametrize("name, changes, length, accepted", [
+    ("mistral", dict(sliding_window=32), 32, True),  # a window as long as the run's sequences cuts nothing
+    ("mistral", dict(sliding_window=32), 33, False),
+    ("mistral", dict(sliding_window=None), 64, True),  # Mistral v0.3: switched off
+    ("qwen2-tied", dict(use_sliding_window=False, sliding_window=8), 64, True),
+    ("qwen2-tied", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), 64, False),
+    ("qwen2-tied", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2), 64, True),  # no layer slides
+])
+def test_sliding_window_is_accepted_only_where_it_cuts_nothing(name, changes, length, accepted):
+    config = LlamaConfig.from_dict(_hf_config_dict(name, **changes), source="x/config.json")
+    if accepted:
+        config.check_sequence_length(length, "max_seq_length", "x/config.json")
+        return
+    with pytest.raises(ValueError, match=rf"max_seq_length={length} is above the sliding_window=\d+ of x/config.json"):
+        config.check_sequence_length(length, "max_seq_length", "x/config.json")
+
+
+def test_our_config_json_records_every_switch(tmp_path):
+    config = LlamaConfig.from_dict(_hf_config_dict("qwen2-tied"), source="test")
+    assert (config.architecture, config.attention_bias, config.attention_output_bias, config.bos_token_id) == (
+        "Qwen2ForCausalLM", True, False, None)
+    config.save_pretrained(tmp_path)
+    assert LlamaConfig.from_pretrained(tmp_path) == config
+    with pytest.raises(ValueError, match="qk_norm=True is not possible in LlamaForCausalLM"):
+        LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, qk_norm=True)

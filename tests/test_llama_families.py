@@ -187,3 +187,43 @@ def test_our_config_json_records_every_switch(tmp_path):
     assert LlamaConfig.from_pretrained(tmp_path) == config
     with pytest.raises(ValueError, match="qk_norm=True is not possible in LlamaForCausalLM"):
         LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, qk_norm=True)
+
+
+def test_stage1_from_a_transformers_dir_trains_as_the_transformers_class(tmp_path, tokenizer_path):
+    """A Llama-3.2-style transformers dir (tied, llama3 RoPE, grouped-query attention) trained by stage 1 straight from
+    the dir: every step's loss, lr and gradient norm equal those of transformers' own class trained by the same loop
+    on the same batches (HARNESS_TRANSFORMERS swaps the model in), to fp32 summation order."""
+    from llama.tokenization_llama import Tokenizer
+    from training_runs import TINY_RUN, explain, read_metrics, torchrun
+
+    tokenizer = Tokenizer(tokenizer_path)
+    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": tokenizer.vocab_size, "max_position_embeddings": 128},
+                                      tie_word_embeddings=True, rope_theta=500000.0,
+                                      rope_scaling={**LLAMA3_ROPE, "original_max_position_embeddings": 32},
+                                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    run = [*TINY_RUN, f"init_model_path={tmp_path / 'hf'}", "dropout_prob=0.0", "plugin=ddp", "max_steps=3",
+           "saving_steps=100"]
+    losses = {}
+    for who, env in (("ours", {}), ("transformers", {"HARNESS_TRANSFORMERS": "1"})):
+        result = torchrun(run + [f"output_dir={tmp_path / who}", f"logdir={tmp_path / who}/logs"], nproc=1, env=env)
+        assert result.returncode == 0, explain(result)
+        # our load_model logs the model it built; the transformers run replaces it
+        assert ("M parameters, 2 layers, dim 64" in result.stdout + result.stderr) == (who == "ours")
+        losses[who] = read_metrics(tmp_path / who / "logs")
+    assert sorted(losses["ours"]) == sorted(losses["transformers"]) == [1, 2, 3]
+    for step, expected in losses["transformers"].items():
+        for key in ("loss", "lr", "grad_norm"):
+            assert losses["ours"][step][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), (step, key)
+    assert losses["ours"][3]["loss"] != losses["ours"][1]["loss"]  # the weights did move
+
+
+def test_flops_per_token_count_the_tied_output_projection():
+    from training.metrics import flops_per_token
+
+    shapes = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    with torch.device("meta"):
+        untied, tied = Llama(LlamaConfig(**shapes)), Llama(LlamaConfig(**shapes, tie_word_embeddings=True))
+    assert flops_per_token(tied, 2, 32, 64) == flops_per_token(untied, 2, 32, 64)

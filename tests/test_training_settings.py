@@ -162,3 +162,26 @@ def test_loaded_model_trains_with_the_runs_dropout_not_the_checkpoints(tiny_mode
     dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(p == 0.05 for p in dropouts)
     assert model.config.dropout_prob == 0.05 and model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"architecture": "MistralForCausalLM", "sliding_window": 32},
+     r"max_seq_length=64 is above the sliding_window=32 of .*/config.json: this model has no sliding-window "
+     r"attention; use sequences of at most 32, or set sliding_window to null there"),
+    ({"architecture": "GemmaForCausalLM"},
+     r"init_model_path=.*config.json: architecture 'GemmaForCausalLM' is not supported; supported: LlamaForCausalLM, "
+     r"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+])
+def test_model_inputs_refuse_what_this_model_cannot_compute(tiny_model, tmp_path, changes, message):
+    import json
+    import shutil
+
+    from training.model_loading import ModelInputError, check_model_inputs
+
+    model_dir = shutil.copytree(tiny_model, tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(ModelInputError, match=message):
+        check_model_inputs(_inputs_settings(model_dir))
+    if "sliding_window" in changes:  # a window as long as the run's sequences cuts nothing
+        check_model_inputs(_inputs_settings(model_dir, max_seq_length=32))

@@ -34,7 +34,7 @@ _HF_IGNORED = {
     "output_hidden_states", "torchscript", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
     "max_length", "min_length", "do_sample", "num_beams", "temperature", "top_p", "top_k",
     "_attn_implementation_autoset", "pad_token", "bos_token", "eos_token",
-    "is_llama_config",  # nanotron's export marker (SmolLM2)
+    "is_llama_config", "transformers.js_config",  # SmolLM2's: nanotron's export marker, a browser runtime's
 }
 # transformers keys that change the architecture: accepted only at the value this model implements.
 _HF_REQUIRED = {"hidden_act": "silu", "mlp_bias": False, "rope_interleaved": False}  # the last: SmolLM2's

@@ -227,3 +227,44 @@ def test_flops_per_token_count_the_tied_output_projection():
     with torch.device("meta"):
         untied, tied = Llama(LlamaConfig(**shapes)), Llama(LlamaConfig(**shapes, tie_word_embeddings=True))
     assert flops_per_token(tied, 2, 32, 64) == flops_per_token(untied, 2, 32, 64)
+
+
+def test_kv_cache_decoding_equals_the_full_forward_for_every_switch(family):
+    """Biases, q/k norms, explicit head_dim, scaled RoPE and the tied output in generation's cached path."""
+    _, _, _, ours = family
+    ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = ours(ids)[1]
+        cache = ours.new_cache(2, 14)
+        ours.forward_with_cache(ids[:, :9], cache, 0)
+        torch.testing.assert_close(ours.forward_with_cache(ids[:, 9:13], cache, 9), full[:, 12], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.forward_with_cache(ids[:, 13:], cache, 13), full[:, 13], atol=1e-5, rtol=0)
+
+
+def test_tied_output_stays_the_embedding_through_meta_and_to_empty():
+    """zero2's lazy load (training/model_loading._model_without_weights) builds on meta, then to_empty() makes new
+    parameters: the output follows the embedding, with nothing to re-tie."""
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = Llama(config)
+    model = model.to(torch.bfloat16).to_empty(device="cpu")
+    assert model.output.weight is model.tok_embeddings.weight and model.output.weight.device.type == "cpu"
+    assert [name for name, _ in model.named_parameters()].count("tok_embeddings.weight") == 1
+    assert not any("output" in name for name, _ in model.named_parameters())
+
+
+def test_smollm2_config_as_published_is_read():
+    """SmolLM2-135M-Instruct's config.json keys (nanotron's and transformers.js's extras included)."""
+    published = {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041,
+        "intermediate_size": 1536, "is_llama_config": True, "max_position_embeddings": 8192, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3,
+        "pad_token_id": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": False,
+        "rope_scaling": None, "rope_theta": 100000, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "transformers.js_config": {"kv_cache_dtype": {"q4f16": "float16", "fp16": "float16"}},
+        "transformers_version": "4.42.3", "use_cache": True, "vocab_size": 49152}
+    config = LlamaConfig.from_dict(published, source="SmolLM2/config.json")
+    assert (config.head_dim, config.num_key_value_heads, config.tie_word_embeddings, config.pad_token_id) == (
+        64, 3, True, 2)

@@ -201,13 +201,13 @@ def run_sentencepiece(args: argparse.Namespace, out) -> dict:
 
 
 def read_model_config(directory: Path) -> dict:
+    """config.json as a dict, to write back with only vocab_size changed (this repo's keys or transformers').
+    Read raw rather than through LlamaConfig, which refuses tie_word_embeddings until tied support lands."""
     path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"model config not found: {path}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the model config ({e})") from None
     if not isinstance(config, dict) or not isinstance(config.get("vocab_size"), int):
         raise ValueError(f"{path}: no integer vocab_size")
     return config

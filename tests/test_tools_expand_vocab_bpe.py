@@ -246,3 +246,18 @@ def test_bad_input_is_one_error_line(tmp_path, bpe_path, zh_corpus, capsys):
     assert main([*argv, "--zh-corpus", str(zh_corpus)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "vocab_size" in err and not (tmp_path / "out").exists()
+
+
+def test_a_bpe_that_ignores_merges_for_whole_words_keeps_english(tmp_path, bpe_path):
+    """Llama 3's BPE sets ignore_merges: a word that is itself a token skips the merges. New tokens all hold a CJK
+    byte, so no English word becomes one."""
+    spec = json.loads(bpe_path.read_text())
+    spec["model"]["ignore_merges"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    base = bpe_merge.load_bpe(tmp_path / "tokenizer.json")
+    learned = bpe_merge.learn_merges(base, CHINESE, max_new=10_000)
+    new = Tokenizer.from_str(json.dumps(bpe_merge.expanded_spec(base, learned)))
+    english = corpus_texts(REPO / "pretraining_corpora" / "en")
+    assert bpe_merge.encode_ids(new, english) == bpe_merge.encode_ids(base.tokenizer, english)
+    before, after = (sum(map(len, bpe_merge.encode_ids(t, CHINESE))) for t in (base.tokenizer, new))
+    assert after < 0.7 * before

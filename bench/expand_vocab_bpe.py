@@ -8,7 +8,7 @@ The tokenizer.json is rebuilt from the GGUF's metadata (tokenizer.ggml.tokens / 
 "smollm" pre-tokenizer: single digits, then GPT-2's byte-level split), or given with --tokenizer. New merges are
 learned on --zh-corpus (default: the bundled pretraining_corpora/zh) and measured on that text, on the held-out
 zh, and on the bundled and held-out en (whose ids must be identical). Prints one JSON line:
-  vocab, zh_chars          the tokenizer's size and the learning text's characters
+  vocab, learn_chars       the tokenizer's size and the learning text's characters
   runs[]                   one per --new-tokens: added (fewer when the best pair falls under --min-frequency),
                            learn_s / learn_cpu_s (wall / CPU seconds to learn, pre-tokenizing included; the CPU
                            figure is the steadier one on a shared machine), tokens_per_char_{set} [before, after],
@@ -93,7 +93,7 @@ def main() -> None:
         zh = run["tokens_per_char_zh"]
         run["zh_reduction"] = round(1 - zh[1] / zh[0], 4)
         runs.append(run)
-    print(json.dumps({"vocab": base.next_id(), "zh_chars": sum(map(len, learn)), "runs": runs}))
+    print(json.dumps({"vocab": base.next_id(), "learn_chars": sum(map(len, learn)), "runs": runs}))
 
 
 if __name__ == "__main__":

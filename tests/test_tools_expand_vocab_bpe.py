@@ -261,3 +261,19 @@ def test_a_bpe_that_ignores_merges_for_whole_words_keeps_english(tmp_path, bpe_p
     assert bpe_merge.encode_ids(new, english) == bpe_merge.encode_ids(base.tokenizer, english)
     before, after = (sum(map(len, bpe_merge.encode_ids(t, CHINESE))) for t in (base.tokenizer, new))
     assert after < 0.7 * before
+
+
+def test_merges_written_as_strings_stay_strings(bpe_path):
+    """Older tokenizer.json files (and many on the hub) hold merges as "a b" strings, newer ones as [a, b]."""
+    spec = json.loads(bpe_path.read_text())
+    assert isinstance(spec["model"]["merges"][0], list)
+    base = bpe_merge.load_bpe(bpe_path)
+    learned = bpe_merge.learn_merges(base, CHINESE, max_new=10_000)
+    spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]
+    base.spec = spec
+    as_strings = bpe_merge.expanded_spec(base, learned)
+    assert all(isinstance(m, str) for m in as_strings["model"]["merges"])
+    texts = [*CHINESE, *ENGLISH]
+    assert bpe_merge.encode_ids(Tokenizer.from_str(json.dumps(as_strings)), texts) == \
+        bpe_merge.encode_ids(Tokenizer.from_str(json.dumps(bpe_merge.expanded_spec(
+            bpe_merge.load_bpe(bpe_path), learned))), texts)

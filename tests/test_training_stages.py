@@ -42,6 +42,9 @@ def test_stage_1_then_2_then_3(tiny_model, tmp_path):
         assert "eval step 4 (" in (out / "logs" / "log.txt.1").read_text()  # every rank's log file
         final = out / "final"
         assert {"config.json", "tokenizer.model", "model.safetensors.index.json"} <= {p.name for p in final.iterdir()}
+        # Stage 3 stores its chat format with the model (tools.chat and tools.eval_ppl follow it).
+        assert (json.loads((final / "chat_format.json").read_text()) == {"chat_format": "billa"}
+                if stage == "alignment_sft" else not (final / "chat_format.json").exists())
         # Checkpoints carry the settings they ran with, the stage's data mix included.
         checkpoint = next(out.glob("ckpt_step-4_*"))
         settings = json.loads((checkpoint / "trainer_state.json").read_text())["settings"]

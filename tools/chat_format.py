@@ -26,6 +26,12 @@ def _sft_stage():
     return data_processor_class("alignment_sft").for_checking(".", ["chat"])
 
 
+def sft_record_chat(record: dict) -> Chat | None:
+    """A stage-3 record ({"messages"} or {"instruction", "input", "output"}) as the stage reads it: a Chat, None
+    when its answer is empty; RecordError when it is bad."""
+    return _sft_stage().build("chat", record, random.Random(0))
+
+
 def conversation(history: list[tuple[str, str]], message: str, system: str = "") -> Chat:
     """Past (question, answer) turns and the new question as the stage reads them (texts stripped), the new
     question's answer left open. A past turn whose answer is empty (the model ended at once) is left out: training
@@ -33,7 +39,7 @@ def conversation(history: list[tuple[str, str]], message: str, system: str = "")
     messages = [{"role": "system", "content": system}] if system.strip() else []
     for question, answer in [*[(q, a) for q, a in history if a.strip()], (message, "-")]:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    chat = _sft_stage().build("chat", {"messages": messages}, random.Random(0))
+    chat = sft_record_chat({"messages": messages})
     return Chat(chat.system, chat.turns[:-1] + ((chat.turns[-1][0], None),))
 
 

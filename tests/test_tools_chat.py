@@ -142,7 +142,8 @@ def test_chat_prompt_is_what_training_puts_before_the_answer(model, tokenizer_pa
     """The ids tools.chat generates from == the stage-3 sample of the same conversation up to its last answer."""
     tok = Tokenizer(tokenizer_path) if chat_format == "billa" else bpe_tok
     system = "You answer in one sentence."
-    turns = [("北京是哪里？", "中国的首都。"), ("And Paris? ", " The capital of France.\n"), ("最后一个问题", "好的。")]
+    turns = [("北京是哪里？", "中国的首都。"), ("And Paris? ", " The capital of France.\n"),
+             ("最后一个问题", "好的。")]
     record = {"messages": [{"role": "system", "content": system}] + [
         {"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))]}
     spec = alignment_sft_main.DataProcessor.for_checking(".", ["x"]).build("x", record, random.Random(0))

@@ -10,9 +10,9 @@ CJK characters counts as "zh", any other as "en"). Each text becomes bos + its t
 authors evaluated on Pile and WuDao. A line may also be a stage-3 record ({"messages": [...]} or {"instruction",
 "input", "output"}): it is rendered in the chat format stored with the model dir (chat_format.json; "billa" when
 there is none) exactly as stage 3 renders it, and only its answers and their end tokens count; one longer than the
-maximum length loses its earliest turns as in training. Perplexity = exp(total loss / counted tokens), over all texts and per
-language. The loss is the model's own loss_mask path; a batch holds texts of one language, so its mean loss times
-its counted tokens is exactly that language's share of the sum.
+maximum length loses its earliest turns as in training. Perplexity = exp(total loss / counted tokens), over all texts
+and per language. The loss is the model's own loss_mask path; a batch holds texts of one language, so its mean loss
+times its counted tokens is exactly that language's share of the sum.
 """
 from __future__ import annotations
 

@@ -5,9 +5,11 @@ prompt is exactly what training saw before an answer, end tokens included.
 Formats (setting chat_format):
   "billa"     the recipe's. Each turn's question is one masked piece, each answer one counted piece followed by the
               end token (tokenizer.eos_id), and the next question follows the end token directly:
-                  bos [system "\\n"] "Human: " q1 "\\n" "Assistant: " | a1 eos | "Human: " q2 "\\n" "Assistant: " | a2 eos
-              (| separates pieces). Pieces are tokenized one by one, as the recipe tokenizes its prefix and answer
-              apart, so a single-turn conversation gets the recipe's very ids.
+                  bos [system "\\n"] "Human: " q1 "\\n" "Assistant: " | a1 eos |
+                  "Human: " q2 "\\n" "Assistant: " | a2 eos
+              (| separates pieces; no "\\n" after an end token). Pieces are tokenized one by one, as the recipe
+              tokenizes its prefix and answer apart, so a single-turn conversation gets the recipe's very ids. A
+              system turn is its text and one "\\n", in the first piece.
   "template"  the tokenizer's chat template, rendered as transformers' apply_chat_template renders it
               (llama/chat_template.py). Turn boundaries come from rendering the growing conversation: the render of
               the messages before an answer with add_generation_prompt=True ends where the answer starts, the render
@@ -16,7 +18,9 @@ Formats (setting chat_format):
               DataError). The counted piece is the answer up to and including the tokenizer's eos_token text where
               the template writes one (Qwen's "<|im_end|>"); what follows it up to the next turn ("\\n") is masked.
               A render that starts with the bos_token text gets bos_id instead (a SentencePiece tokenizer does not
-              read "<s>" as text).
+              read "<s>" as text). Pieces are tokenized one by one here too; for byte-level BPE templates (Llama 3,
+              Qwen, SmolLM2) the piece boundaries fall between pre-tokens, so the ids are those of the whole render
+              (tests/test_data_messages.py checks them against transformers' own).
 Loss falls on every answer and its end token, and on nothing else.
 """
 from __future__ import annotations
@@ -132,8 +136,8 @@ class ChatRenderer:
             self.template = getattr(tokenizer, "chat_template", None)
             if not self.template:
                 raise DataError(f"setting 'chat_format' = 'template': the tokenizer {where_of(tokenizer)} has no chat "
-                                f"template ('chat_template' in its tokenizer_config.json); use chat_format='billa' or a "
-                                f"tokenizer that has one")
+                                f"template ('chat_template' in its tokenizer_config.json); use chat_format='billa' or "
+                                f"a tokenizer that has one")
             try:
                 self.render(Chat("s", ((("u1",), "a1"), (("u2",), "a2"))))  # a template that cannot work: now
             except DataError as e:
@@ -148,12 +152,10 @@ class ChatRenderer:
         return self._template(chat)
 
     def _billa(self, chat: Chat) -> Rendered:
-        from training.samples import prefix_text
-
         pieces = []
         masked = f"{chat.system}\n" if chat.system else ""
         for parts, answer in chat.turns:
-            pieces.append(Piece(masked + prefix_text(billa_question(parts)), False))
+            pieces.append(Piece(masked + "".join(billa_question(parts)), False))  # str parts: plain text
             masked = ""
             if answer is not None:
                 pieces.append(Piece(answer, True, True))

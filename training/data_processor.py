@@ -1,6 +1,6 @@
 """The shared base of the three stages' DataProcessor: everything but turning one record into a sample spec.
 
-A stage subclass overrides build() (record -> LM / Prompted spec, or None for an empty text) and, where it needs
+A stage subclass overrides build() (record -> LM / Prompted / Chat spec, or None for an empty text) and, where it needs
 prompt files, prepare(). This class does the rest: settings, corpus checks at start-up, this rank's share of every
 set, the exact weighted cycle, batched tokenization, padding or packing, the prefetch thread, and the state.
 
@@ -58,7 +58,7 @@ class BaseDataProcessor:
         """Load what records will need (prompt files), raising DataError; runs before the records are checked."""
 
     def build(self, set_name: str, record: dict, rng: random.Random) -> Optional[Spec]:
-        """One record -> LM(text) or Prompted(prefix, answer); None for a text empty after stripping.
+        """One record -> LM(text), Prompted(prefix, answer) or Chat (stage 3); None for a text empty after stripping.
         Raise RecordError for a bad record (the caller adds set, file and line)."""
         raise NotImplementedError
 

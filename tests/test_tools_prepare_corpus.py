@@ -168,8 +168,12 @@ def test_sharegpt_becomes_messages_that_stage_3_reads(tmp_path, tokenizer_path):
 
     write_jsonl(tmp_path / "sharegpt.jsonl", SHAREGPT)
     out = tmp_path / "c" / "chat"
-    stats = prepare([tmp_path / "sharegpt.jsonl", "--out", out, "--kind", "sft", "--num-files", "1"])
+    stats = prepare([tmp_path / "sharegpt.jsonl", "--out", out, "--kind", "sft", "--num-files", "1",
+                     "--tokenizer", tokenizer_path])
     assert stats["records"] == 12 and stats["converted"] == 12 and stats["bad_records"] == 0
+    tok = Tokenizer(tokenizer_path)  # the messages' texts are counted (and the other string fields, as for any kind)
+    assert stats["tokens"] == sum(len(tok.encode(text)) for r in SHAREGPT
+                                  for text in [r["id"]] + [t["value"] for t in r["conversations"]])
     written = sorted((json.loads(line) for line in output_lines(out)), key=lambda r: int(r["id"][1:]))
     for record, source in zip(written, SHAREGPT):
         assert record == {"id": source["id"], "messages": [

@@ -115,3 +115,12 @@ def write_chat_format(model_dir: str | Path, chat_format: str) -> None:
         raise ValueError(f"chat_format {chat_format!r} is not one of {CHAT_FORMATS}")
     (Path(model_dir) / CHAT_FORMAT_FILE).write_text(json.dumps({"chat_format": chat_format}) + "\n",
                                                      encoding="utf-8")
+
+
+def chat_template_for_export(model_dir: str | Path, source_template: str | None) -> str | None:
+    """The chat template to_hf writes into tokenizer_config.json: BILLA_CHAT_TEMPLATE for a model stage 3 trained
+    with chat_format="billa", else the tokenizer's own (source_template; None when it has none). A dir without
+    chat_format.json (stages 1 and 2, a converted base) keeps the source's: it was not trained on any format."""
+    if not (Path(model_dir) / CHAT_FORMAT_FILE).is_file():
+        return source_template
+    return BILLA_CHAT_TEMPLATE if stored_chat_format(model_dir) == "billa" else source_template

@@ -199,3 +199,14 @@ def test_template_format_needs_a_template_that_renders_turn_by_turn(tmp_path, to
     with pytest.raises(DataError, match="does not render turn by turn"):
         alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, chat_format="template"),
                                          BpeTokenizer(bpe_path, rewriting), 0, 1)
+
+
+def test_chat_format_setting_is_checked_by_name():
+    import alignment_sft_args
+    from training.settings import SettingsError, load_settings
+
+    assert load_settings(alignment_sft_args, []).chat_format == "billa"  # the recipe's by default
+    assert load_settings(alignment_sft_args, ["chat_format=template"]).chat_format == "template"
+    with pytest.raises(SettingsError, match=r"setting 'chat_format' = 'chatml' is invalid: it must be one of "
+                                            r"\('billa', 'template'\)"):
+        load_settings(alignment_sft_args, ["chat_format=chatml"])

@@ -5,7 +5,8 @@ import pytest
 
 from chat_tokenizers import FEATURES, LLAMA3, QWEN25, SMOLLM2, BpeTokenizer, train_bpe
 from conftest import TOKENIZER_TEXT
-from llama.chat_template import BILLA_CHAT_TEMPLATE, render_chat, stored_chat_format, write_chat_format
+from llama.chat_template import (BILLA_CHAT_TEMPLATE, chat_template_for_export, render_chat, stored_chat_format,
+                                 write_chat_format)
 from training.conversation import Chat, ChatRenderer
 
 CONVERSATIONS = [
@@ -62,10 +63,15 @@ def test_billa_template_renders_exactly_the_training_format(bpe_path, chat):
         assert ours == "</s>".join(["<s>Human: " + "".join(p + "\n" for p in parts) + "Assistant: " + answer, ""])
 
 
-def test_chat_format_file_round_trip_and_errors(tmp_path):
+def test_chat_format_file_round_trip_export_template_and_errors(tmp_path):
     assert stored_chat_format(tmp_path) == "billa"  # no file: stages 1 and 2, the recipe's format
+    assert chat_template_for_export(tmp_path, QWEN25) == QWEN25  # ... but never trained on it: the source's
+    assert chat_template_for_export(tmp_path, None) is None
+    write_chat_format(tmp_path, "billa")
+    assert chat_template_for_export(tmp_path, QWEN25) == BILLA_CHAT_TEMPLATE
     write_chat_format(tmp_path, "template")
     assert stored_chat_format(tmp_path) == "template"
+    assert chat_template_for_export(tmp_path, QWEN25) == QWEN25
     (tmp_path / "chat_format.json").write_text('{"chat_format": "chatml"}')
     with pytest.raises(ValueError, match="chat_format.json: chat_format 'chatml' is not one of"):
         stored_chat_format(tmp_path)

@@ -24,6 +24,7 @@ max_seq_length = 1024  # tokens per sample, bos and eos included
 batch_size = 24  # samples per GPU: 24 x 2 GPUs x 1024 tokens = 49,152 tokens/step at most
 long_text = "split"  # LM sets only; a prompted sample that is too long is cut on the input side
 long_prompt = "middle"  # too long: the input's, then the instruction's middle goes, answer stays; "recipe": the original's end cut
+chat_format = "billa"  # "billa": the recipe's "Human: q\nAssistant: " + answer + eos per turn; "template": the tokenizer's chat template (tokenizer_config.json), for a base with its own format
 packing = False  # True: pack samples into rows of max_seq_length; SFT batches are mostly padding otherwise
 skip_bad_records = False  # True: count, log and skip bad records instead of stopping
 seed = 42  # data order; each rank derives its own stream from it

@@ -101,7 +101,8 @@ def _train(settings, data_processor_cls) -> None:
         # ---- the loop
         completed = _run_steps(settings, run, engine, data, inputs, state, fpt, held_out)
         if completed:
-            final = save_final(engine, inputs.config, inputs.tokenizer_path, settings.output_dir)
+            final = save_final(engine, inputs.config, inputs.tokenizer_path, settings.output_dir,
+                               settings.chat_format if "chat_format" in settings else None)  # stage 3 only
             logger.info("finished %d steps; model saved to %s", state.step, final)
     finally:
         data.close()

@@ -16,6 +16,8 @@ import types
 from pathlib import Path
 from typing import Any, Callable
 
+from llama.chat_template import CHAT_FORMATS
+
 PLUGINS = ("gemini", "zero2", "ddp")
 PRECISIONS = ("fp16", "bf16", "fp32")
 LONG_TEXT_MODES = ("split", "truncate")
@@ -124,6 +126,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "precision": (lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
     "long_text": (lambda v: v in LONG_TEXT_MODES, f"one of {LONG_TEXT_MODES}"),
     "long_prompt": (lambda v: v in LONG_PROMPT_MODES, f"one of {LONG_PROMPT_MODES}"),
+    "chat_format": (lambda v: v in CHAT_FORMATS, f"one of {CHAT_FORMATS}"),
     "gemini_placement_policy": (lambda v: v in GEMINI_PLACEMENTS, f"one of {GEMINI_PLACEMENTS}"),
     "gemini_offload_optim_frac": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
     "gemini_offload_param_frac": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),

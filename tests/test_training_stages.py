@@ -16,7 +16,7 @@ EVAL = [f"eval_data_root_dir={HELDOUT}", "eval_steps=3", "eval_samples_per_set=4
 def test_stage_1_then_2_then_3(tiny_model, tmp_path):
     init = tiny_model
     for stage, extra in (("pretrain", []),
-                         ("task_instruct_tuning", ["gradient_accumulation_steps=2"]),
+                         ("task_instruct_tuning", ["global_batch_size=8"]),  # 2 per GPU x 2 processes x 2
                          ("alignment_sft", ["packing=True"])):
         out = tmp_path / stage
         asked, scored = EVAL_SETS[stage]
@@ -39,6 +39,9 @@ def test_stage_1_then_2_then_3(tiny_model, tmp_path):
                    {name: s["tokens"] for name, s in evals[0]["eval"]["sets"].items()}
             assert math.isfinite(record["eval"]["mix"]["loss"])
         assert "eval step 0 | " in result.stdout  # the compact console line
+        if stage == "task_instruct_tuning":  # the log's first lines: the batch of a step, accumulation derived
+            assert ("batch: 2 per GPU x 2 processes x 2 accumulation = 8 samples per optimizer step "
+                    "(global_batch_size=8); x 64 tokens = 512 tokens per step at most") in result.stdout
         assert "eval step 4 (" in (out / "logs" / "log.txt.1").read_text()  # every rank's log file
         final = out / "final"
         assert {"config.json", "tokenizer.model", "model.safetensors.index.json"} <= {p.name for p in final.iterdir()}

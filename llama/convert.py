@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from llama.chat_template import chat_template_for_export
 from llama.configuration_llama import LlamaConfig
 from llama.model_files import DEFAULT_MAX_SHARD_SIZE, iter_tensors, save_tensors
 from llama.pretrained import DTYPES
@@ -43,14 +44,22 @@ def tokenizer_files(candidates: list[Path]) -> list[Path]:
                             f"(pass --tokenizer PATH)")
 
 
-def write_tokenizer(candidates: list[Path], output: Path) -> None:
-    """The one place convert writes a tokenizer.
-    TODO(lead, contract 1): once llama.load_tokenizer lands, replace the copy with
+def write_tokenizer(candidates: list[Path], output: Path, chat_template_from: Path | None = None) -> None:
+    """The one place convert writes a tokenizer. With chat_template_from (to_hf: the model dir), tokenizer_config.json
+    carries the template the model answers in (llama.chat_template.chat_template_for_export).
+    TODO(lead, contract 1): once llama.load_tokenizer lands, replace the copy (and the template patch) with
         load_tokenizer(tokenizer_files(candidates)[0]).save(output)
-    so that to_hf writes tokenizer_config.json with bos/eos and the chat template."""
+    given that template, so that to_hf writes tokenizer_config.json with bos/eos and the chat template."""
     for f in tokenizer_files(candidates):
         if f.resolve() != (output / f.name).resolve():
             shutil.copyfile(f, output / f.name)
+    if chat_template_from is None:
+        return
+    path = output / "tokenizer_config.json"
+    tokenizer_config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    template = chat_template_for_export(chat_template_from, tokenizer_config.get("chat_template"))
+    if template is not None and template != tokenizer_config.get("chat_template"):
+        _write_json(path, {**tokenizer_config, "chat_template": template})
 
 
 def generation_config(config: LlamaConfig, source: Path | None = None) -> dict:
@@ -91,7 +100,7 @@ def to_hf(args) -> None:
     _write_json(args.output / "config.json", hf_config_dict(config, stored))
     _write_json(args.output / GENERATION_CONFIG_NAME,
                 generation_config(config, args.input / GENERATION_CONFIG_NAME))
-    write_tokenizer(candidates, args.output)
+    write_tokenizer(candidates, args.output, chat_template_from=args.input)
 
 
 def from_meta(args) -> None:

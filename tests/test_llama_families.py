@@ -43,6 +43,9 @@ FAMILIES = {  # name: (transformers class, its config class, settings beyond COM
 }
 
 
+SOURCE_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+
+
 def hf_model(name: str):
     class_name, config_name, extra = FAMILIES[name]
     config = getattr(transformers, config_name)(**COMMON, **extra)
@@ -61,6 +64,7 @@ def family(request, tmp_path):
     hf_dir = tmp_path / "hf"
     hf.save_pretrained(hf_dir)
     (hf_dir / "tokenizer.json").write_text("{}")  # convert copies it; its content is the tokenizer's business
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": SOURCE_TEMPLATE}))
     return request.param, hf, hf_dir, Llama.from_pretrained(hf_dir).eval()
 
 
@@ -109,6 +113,7 @@ def test_from_hf_to_hf_round_trip_is_exact(family, tmp_path):
         if key not in ("transformers_version", "torch_dtype"):
             assert out_config.get(key, "absent") == value, key
     assert (tmp_path / "back" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["chat_template"] == SOURCE_TEMPLATE
     generation = json.loads((tmp_path / "back" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == src_config["eos_token_id"]
     reloaded = getattr(transformers, FAMILIES[name][0]).from_pretrained(tmp_path / "back").eval()
@@ -268,3 +273,19 @@ def test_smollm2_config_as_published_is_read():
     config = LlamaConfig.from_dict(published, source="SmolLM2/config.json")
     assert (config.head_dim, config.num_key_value_heads, config.tie_word_embeddings, config.pad_token_id) == (
         64, 3, True, 2)
+
+
+def test_to_hf_after_a_billa_stage3_writes_the_billa_template(tmp_path):
+    from llama.chat_template import BILLA_CHAT_TEMPLATE, write_chat_format
+
+    hf_dir = tmp_path / "tokenizer"
+    hf_dir.mkdir()
+    (hf_dir / "tokenizer.json").write_text("{}")
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": SOURCE_TEMPLATE}))
+    Llama(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      tie_word_embeddings=True)).save_pretrained(tmp_path / "ours")
+    write_chat_format(tmp_path / "ours", "billa")  # as save_final after stage 3 with chat_format="billa"
+    convert_main(["to_hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "back"),
+                  "--tokenizer", str(hf_dir)])
+    written = json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())
+    assert written["chat_template"] == BILLA_CHAT_TEMPLATE

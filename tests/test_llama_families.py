@@ -46,9 +46,9 @@ FAMILIES = {  # name: (transformers class, its config class, settings beyond COM
 SOURCE_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
 
 
-def hf_model(name: str):
+def hf_model(name: str, **changes):
     class_name, config_name, extra = FAMILIES[name]
-    config = getattr(transformers, config_name)(**COMMON, **extra)
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, **changes})
     torch.manual_seed(0)
     model = getattr(transformers, class_name)(config).eval()
     with torch.no_grad():  # transformers starts biases at 0 and norms at 1, where a wrong permutation is invisible
@@ -194,20 +194,21 @@ def test_our_config_json_records_every_switch(tmp_path):
         LlamaConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, qk_norm=True)
 
 
-def test_stage1_from_a_transformers_dir_trains_as_the_transformers_class(tmp_path, tokenizer_path):
-    """A Llama-3.2-style transformers dir (tied, llama3 RoPE, grouped-query attention) trained by stage 1 straight from
-    the dir: every step's loss, lr and gradient norm equal those of transformers' own class trained by the same loop
-    on the same batches (HARNESS_TRANSFORMERS swaps the model in), to fp32 summation order."""
+@pytest.mark.parametrize("name", ["llama3-tied", "mistral", "qwen2-tied", "qwen3"])
+def test_stage1_from_a_transformers_dir_trains_as_the_transformers_class(tmp_path, tokenizer_path, name):
+    """A transformers dir of each family trained by stage 1 straight from the dir: every step's loss, lr and
+    gradient norm equal those of transformers' own class trained by the same loop on the same batches
+    (HARNESS_TRANSFORMERS swaps the model in), to fp32 summation order. The tokenizer is the session's SentencePiece
+    one (its bos/eos ids written into the config), until the tokenizer.json kind lands."""
     from llama.tokenization_llama import Tokenizer
     from training_runs import TINY_RUN, explain, read_metrics, torchrun
 
     tokenizer = Tokenizer(tokenizer_path)
-    config = transformers.LlamaConfig(**{**COMMON, "vocab_size": tokenizer.vocab_size, "max_position_embeddings": 128},
-                                      tie_word_embeddings=True, rope_theta=500000.0,
-                                      rope_scaling={**LLAMA3_ROPE, "original_max_position_embeddings": 32},
-                                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    changes = dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=128, bos_token_id=tokenizer.bos_id,
+                   eos_token_id=tokenizer.eos_id)
+    if "rope_scaling" in FAMILIES[name][2]:  # llama3 scaling over this run's 64 positions
+        changes["rope_scaling"] = {**LLAMA3_ROPE, "original_max_position_embeddings": 32}
+    hf_model(name, **changes).save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
     run = [*TINY_RUN, f"init_model_path={tmp_path / 'hf'}", "dropout_prob=0.0", "plugin=ddp", "max_steps=3",
            "saving_steps=100"]

@@ -4,7 +4,9 @@
     python -m llama.convert to_hf     --input OUR_DIR  --output HF_DIR
     python -m llama.convert from_meta --input META_DIR --output OUR_DIR   (consolidated.*.pth + params.json)
 
-The layouts and the wq/wk permutation live in llama/weight_layouts.py; this is the command line.
+transformers dirs of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM are read; the class
+is recorded in config.json (`architecture`), so to_hf writes the same class back. The layouts and the q/k permutation
+live in llama/weight_layouts.py; this is the command line. Each direction is one function in DIRECTIONS.
 """
 from __future__ import annotations
 
@@ -14,57 +16,121 @@ import shutil
 import sys
 from pathlib import Path
 
+from llama.chat_template import chat_template_for_export
 from llama.configuration_llama import LlamaConfig
-from llama.model_files import DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, iter_tensors, save_tensors
+from llama.model_files import DEFAULT_MAX_SHARD_SIZE, iter_tensors, save_tensors
 from llama.pretrained import DTYPES
 from llama.weight_layouts import hf_config_dict, hf_to_llama_state_dict, llama_to_hf_state_dict, load_meta_checkpoint
 
-
-def _find_tokenizer(candidates: list[Path]) -> Path:
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"{TOKENIZER_NAME} not found; looked at {[str(c) for c in candidates]} "
-                            f"(pass --tokenizer PATH)")
-
+GENERATION_CONFIG_NAME = "generation_config.json"
+# A dir's tokenizer: the model file of either kind (SentencePiece tokenizer.model, tokenizers-library tokenizer.json),
+# and the files transformers' AutoTokenizer reads beside it.
+TOKENIZER_MODEL_FILES = ("tokenizer.model", "tokenizer.json")
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 _DTYPES = {"keep": None, **DTYPES}
 
 
+def tokenizer_files(candidates: list[Path]) -> list[Path]:
+    """The tokenizer files of the first candidate that has one: a dir (tokenizer.model and/or tokenizer.json, with
+    tokenizer_config.json / special_tokens_map.json), or a tokenizer file itself (with those beside it)."""
+    for c in candidates:
+        folder = c if c.is_dir() else c.parent
+        models = [folder / n for n in TOKENIZER_MODEL_FILES if (folder / n).is_file()] if c.is_dir() else (
+            [c] if c.is_file() else [])
+        if models:
+            return models + [folder / n for n in TOKENIZER_SIDE_FILES if (folder / n).is_file()]
+    raise FileNotFoundError(f"no tokenizer ({' or '.join(TOKENIZER_MODEL_FILES)}) at {[str(c) for c in candidates]} "
+                            f"(pass --tokenizer PATH)")
+
+
+def write_tokenizer(candidates: list[Path], output: Path, chat_template_from: Path | None = None) -> None:
+    """The one place convert writes a tokenizer. With chat_template_from (to_hf: the model dir), tokenizer_config.json
+    carries the template the model answers in (llama.chat_template.chat_template_for_export).
+    TODO(lead, contract 1): once llama.load_tokenizer lands, replace the copy (and the template patch) with
+        load_tokenizer(tokenizer_files(candidates)[0]).save(output)
+    given that template, so that to_hf writes tokenizer_config.json with bos/eos and the chat template."""
+    for f in tokenizer_files(candidates):
+        if f.resolve() != (output / f.name).resolve():
+            shutil.copyfile(f, output / f.name)
+    if chat_template_from is None:
+        return
+    path = output / "tokenizer_config.json"
+    tokenizer_config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    template = chat_template_for_export(chat_template_from, tokenizer_config.get("chat_template"))
+    if template is not None and template != tokenizer_config.get("chat_template"):
+        _write_json(path, {**tokenizer_config, "chat_template": template})
+
+
+def generation_config(config: LlamaConfig, source: Path | None = None) -> dict:
+    """generation_config.json: the source's (sampling defaults, Llama 3.1's list of stop ids) when it has one, with
+    bos/eos/pad from config.json where it leaves them out."""
+    d = {}
+    if source is not None and source.is_file():
+        d = json.loads(source.read_text(encoding="utf-8"))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if d.get(key) is None and getattr(config, key) is not None:
+            d[key] = getattr(config, key)
+    return d
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def from_hf(args) -> None:
+    config = LlamaConfig.from_pretrained(args.input)
+    candidates = [args.tokenizer or args.input]
+    tokenizer_files(candidates)  # a missing tokenizer stops the run before any weight is read
+    state = hf_to_llama_state_dict(iter_tensors(args.input, args.dtype), config, source=str(args.input))
+    save_tensors(state, args.output, args.max_shard_size)
+    config.save_pretrained(args.output)
+    if (args.input / GENERATION_CONFIG_NAME).is_file():  # kept for to_hf
+        shutil.copyfile(args.input / GENERATION_CONFIG_NAME, args.output / GENERATION_CONFIG_NAME)
+    write_tokenizer(candidates, args.output)
+
+
+def to_hf(args) -> None:
+    config = LlamaConfig.from_pretrained(args.input)
+    candidates = [args.tokenizer or args.input]
+    tokenizer_files(candidates)
+    state = llama_to_hf_state_dict(dict(iter_tensors(args.input, args.dtype)), config)
+    save_tensors(state, args.output, args.max_shard_size)
+    stored = next(iter(state.values())).dtype
+    _write_json(args.output / "config.json", hf_config_dict(config, stored))
+    _write_json(args.output / GENERATION_CONFIG_NAME,
+                generation_config(config, args.input / GENERATION_CONFIG_NAME))
+    write_tokenizer(candidates, args.output, chat_template_from=args.input)
+
+
+def from_meta(args) -> None:
+    candidates = [args.tokenizer] if args.tokenizer else [args.input, args.input.parent]
+    tokenizer_files(candidates)
+    config, state = load_meta_checkpoint(args.input, args.dtype)
+    save_tensors(state, args.output, args.max_shard_size)
+    config.save_pretrained(args.output)
+    write_tokenizer(candidates, args.output)
+
+
+# direction -> function(args); args has input, output, tokenizer (Path or None), dtype (torch dtype or None for
+# "keep") and max_shard_size.
+DIRECTIONS = {"from_hf": from_hf, "to_hf": to_hf, "from_meta": from_meta}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("direction", choices=["from_hf", "to_hf", "from_meta"])
+    parser.add_argument("direction", choices=list(DIRECTIONS))
     parser.add_argument("--input", required=True, type=Path)
     parser.add_argument("--output", required=True, type=Path)
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: next to the input weights)")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="tokenizer.model, tokenizer.json or a dir holding one (default: the input dir)")
     parser.add_argument("--dtype", choices=list(_DTYPES), default="keep")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE)
     args = parser.parse_args(argv)
-    dtype = _DTYPES[args.dtype]
+    args.dtype = _DTYPES[args.dtype]
     if args.output.resolve() == args.input.resolve():
         parser.error("--output must differ from --input")
-
-    if args.direction == "from_meta":
-        config, state = load_meta_checkpoint(args.input, dtype)
-        tokenizer = _find_tokenizer([args.tokenizer] if args.tokenizer else
-                                    [args.input / TOKENIZER_NAME, args.input.parent / TOKENIZER_NAME])
-        save_tensors(state, args.output, args.max_shard_size)
-        config.save_pretrained(args.output)
-    elif args.direction == "from_hf":
-        config = LlamaConfig.from_pretrained(args.input)
-        tokenizer = _find_tokenizer([args.tokenizer or args.input / TOKENIZER_NAME])
-        state = hf_to_llama_state_dict(iter_tensors(args.input, dtype), config, source=str(args.input))
-        save_tensors(state, args.output, args.max_shard_size)
-        config.save_pretrained(args.output)
-    else:
-        config = LlamaConfig.from_pretrained(args.input)
-        tokenizer = _find_tokenizer([args.tokenizer or args.input / TOKENIZER_NAME])
-        state = llama_to_hf_state_dict(dict(iter_tensors(args.input, dtype)), config)
-        save_tensors(state, args.output, args.max_shard_size)
-        stored = next(iter(state.values())).dtype
-        (args.output / "config.json").write_text(json.dumps(hf_config_dict(config, stored), indent=2) + "\n",
-                                                 encoding="utf-8")
-    shutil.copyfile(tokenizer, args.output / TOKENIZER_NAME)
+    DIRECTIONS[args.direction](args)
     print(f"wrote {args.output} ({args.direction})", file=sys.stderr)
 
 
@@ -72,4 +138,4 @@ if __name__ == "__main__":
     try:
         main()
     except (FileNotFoundError, ValueError, KeyError) as e:  # bad input: one line, exit code 1
-        sys.exit(f"convert: {e}")
+        sys.exit(f"error: {e}")

@@ -135,7 +135,6 @@ def save_tensors(state_dict: dict[str, torch.Tensor], directory: str | Path,
 
 
 def is_transformers_dir(config_dict: dict) -> bool:
-    """A transformers LLaMA config.json (its weights use transformers' names and q/k layout)."""
-    return ("LlamaForCausalLM" in (config_dict.get("architectures") or [])
-            or config_dict.get("model_type") == "llama"
-            or "max_position_embeddings" in config_dict)
+    """A transformers config.json (its weights use transformers' names and q/k layout); this repo's own config.json
+    has none of these keys (its class is in `architecture`)."""
+    return any(key in config_dict for key in ("architectures", "model_type", "max_position_embeddings"))

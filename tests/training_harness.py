@@ -18,6 +18,9 @@ Environment:
     HARNESS_EMPTY_BATCHES     "1.0,1.1": these micro-batches (step.micro, every rank) count no target token
     HARNESS_DUMP_LOADED       DIR: once the fresh model is loaded and boosted, save its weights to DIR/weights and
                               its fp32 master weights, gathered, to DIR/masters.safetensors
+    HARNESS_TRANSFORMERS      1: train transformers' own class (AutoModelForCausalLM of init_model_path, a transformers
+                              dir) in place of ours, behind our forward's signature: the reference a run of ours
+                              from that dir must equal (unpacked rows, no dropout)
 Steps are the optimizer steps of the run (1-based), counted on from the checkpoint after a resume.
 """
 from __future__ import annotations
@@ -200,6 +203,34 @@ def dump_loaded(directory: Path) -> None:
     loop.load_weights_after_boost = load_then_dump
 
 
+class TransformersAsOurs(torch.nn.Module):
+    """transformers' causal LM behind Llama.forward's (loss, logits) signature: loss_mask -> labels (-100 where a
+    token is no target; transformers shifts them as we do)."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids, loss_mask=None, labels=None, doc_ids=None):
+        assert doc_ids is None, "transformers' class has no packed rows"
+        if loss_mask is not None:
+            labels = input_ids.masked_fill(loss_mask == 0, -100)
+        return self.hf(input_ids, labels=labels).loss, None
+
+
+def train_transformers_class() -> None:
+    from transformers import AutoModelForCausalLM
+
+    def load_model(settings, inputs, dtype, plugin):
+        assert plugin == "ddp" and float(settings.dropout_prob) == 0.0
+        return TransformersAsOurs(AutoModelForCausalLM.from_pretrained(settings.init_model_path, torch_dtype=dtype,
+                                                                       attn_implementation="sdpa"))
+
+    loop.load_model = load_model
+    loop.load_weights_after_boost = lambda engine, settings, inputs: None  # loaded whole above
+    loop.save_final = lambda *args: None  # a reference run: its weights (transformers' names) are not a model dir
+
+
 def recording(data_processor_cls):
     class Recording(data_processor_cls):
         """Records every batch handed to the loop (not the ones prefetched behind it)."""
@@ -242,6 +273,8 @@ def main() -> None:
         data_processor_cls = emptying(data_processor_cls, which)
     if os.environ.get("HARNESS_DUMP_LOADED"):
         dump_loaded(Path(os.environ["HARNESS_DUMP_LOADED"]))
+    if os.environ.get("HARNESS_TRANSFORMERS"):
+        train_transformers_class()
     if os.environ.get("HARNESS_RECORD_BATCHES"):
         data_processor_cls = recording(data_processor_cls)
         data_processor_cls._harness_logdir = settings.logdir

@@ -62,9 +62,10 @@ def check_model_inputs(settings) -> ModelInputs:
         check_tokenizer_matches(config, tokenizer)
     except ValueError as e:
         raise ModelInputError(f"tokenizer_path / init_model_path: {e}") from None
-    if settings.max_seq_length > config.max_sequence_length:
-        raise ModelInputError(f"max_seq_length={settings.max_seq_length} is above the model's max_sequence_length="
-                              f"{config.max_sequence_length} ({init / 'config.json'})")
+    try:  # the model's length, and a sliding window (Mistral, Qwen) that would cut the run's sequences
+        config.check_sequence_length(settings.max_seq_length, "max_seq_length", str(init / CONFIG_NAME))
+    except ValueError as e:
+        raise ModelInputError(str(e)) from None
     config.dropout_prob = float(settings.dropout_prob)
     return ModelInputs(config, tokenizer, tokenizer_path)
 

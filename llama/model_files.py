@@ -23,7 +23,10 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 BIN_WEIGHTS_NAME = "pytorch_model.bin"
 BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-TOKENIZER_NAME = "tokenizer.model"
+TOKENIZER_NAME = "tokenizer.model"  # SentencePiece (LLaMA 1/2, the recipe's)
+TOKENIZER_JSON_NAME = "tokenizer.json"  # the `tokenizers` library's (Llama 3, Qwen, Mistral, SmolLM2)
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"  # transformers': bos/eos tokens, chat template, tokenizer class
+SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
 
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 

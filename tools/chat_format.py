@@ -45,7 +45,7 @@ def fit_prompt(tokenizer, history: list[tuple[str, str]], message: str, budget: 
     """(bos + prompt ids, number of oldest turns dropped): the most recent whole turns that fit in `budget`
     tokens with the new message. Turns are dropped oldest first and never cut in the middle."""
     for dropped in range(len(history) + 1):
-        ids = [tokenizer.bos_id, *tokenizer.encode(render(history[dropped:], message))]
+        ids = tokenizer.encode(render(history[dropped:], message), bos=True)
         if len(ids) <= budget:
             return ids, dropped
     raise MessageTooLong(f"the message takes {len(ids)} tokens with its format; the prompt may take {budget} "

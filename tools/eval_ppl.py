@@ -76,14 +76,13 @@ def prepare_texts(tokenizer, items: list[tuple[str, str]], max_seq_length: int, 
                   ) -> tuple[list[Text], dict]:
     """Tokenized texts to score, and counts of what was cut or left out."""
     notes = {"truncated": 0, "too_short": 0}
-    encoded = tokenizer.encode_batch([text for text, _ in items])
+    encoded = tokenizer.encode_batch([text for text, _ in items], bos=True)  # bos where the tokenizer adds one
     texts = []
-    for (_, lang), tokens in zip(items, encoded):
-        ids = [tokenizer.bos_id, *tokens]
+    for (_, lang), ids in zip(items, encoded):
         if len(ids) > max_seq_length:
             notes["truncated"] += 1
             ids = ids[:max_seq_length]
-        n = len(ids) - 1  # text tokens
+        n = len(ids) - 1  # tokens with one before them: the text's (after bos), or all but the first
         n_context = 1 + n // 2 if conditional else 1
         if n < (2 if conditional else 1):
             notes["too_short"] += 1  # nothing (or no condition) to count

@@ -41,6 +41,17 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object (config.json, tokenizer_config.json); ValueError naming the file and line."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
+
+
 def weight_files(directory: str | Path) -> list[Path]:
     """The weight files of `directory` in index order; a clear error if none or a listed shard is missing."""
     directory = Path(directory)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from llama.model_files import (SPECIAL_TOKENS_MAP_NAME, TOKENIZER_CONFIG_NAME, TOKENIZER_JSON_NAME,
-                               TOKENIZER_NAME)
+                               TOKENIZER_NAME, read_json_object)
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers versions keep the template instead
 
@@ -49,12 +49,7 @@ def read_tokenizer_config(directory: Path) -> dict:
     path = directory / TOKENIZER_CONFIG_NAME
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    config = read_json_object(path)
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}]: transformers uses the one named "default"
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)

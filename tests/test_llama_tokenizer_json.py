@@ -272,3 +272,41 @@ def test_eos_token_setting_is_checked_as_a_setting():
     assert load_settings(pretrain_args, []).eos_token == ""
     with pytest.raises(SettingsError, match="'eos_token'"):
         load_settings(pretrain_args, ["eos_token=' </s>'"])
+
+
+def test_stage_1_from_a_tokenizer_json_dir_keeps_the_runs_end_token(tmp_path, bpe_tokenizer_dirs):
+    """Stage 1 from a Llama-3-Instruct-style dir with eos_token=<|end_of_text|>: its final dir holds the same
+    tokenizer.json and names that end token in tokenizer_config.json and config.json, so that the next stage needs no
+    setting. An eos_token that is no token stops the launch with one error line."""
+    from training.model_loading import check_model_inputs
+    from training_runs import TINY_RUN, explain, torchrun
+
+    model = make_tiny_model(tmp_path / "m", bpe_tokenizer_dirs["llama3-instruct"], dim=32, max_seq_len=128)
+    bad = torchrun(TINY_RUN + [f"init_model_path={model}", "eos_token=<|im_end|>", f"output_dir={tmp_path}/bad"],
+                   nproc=1)
+    assert bad.returncode != 0
+    assert "error: ModelInputError: setting eos_token='<|im_end|>' is not a token of" in bad.stdout + bad.stderr
+    out = tmp_path / "out"
+    result = torchrun(TINY_RUN + ["eos_token=<|end_of_text|>", f"init_model_path={model}", "max_steps=3",
+                                  "saving_steps=3", f"output_dir={out}", f"logdir={out}/logs"], nproc=1)
+    assert result.returncode == 0, explain(result)
+    final = out / "final"
+    assert (final / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
+    following = check_model_inputs(_inputs_settings(final))
+    tok = following.tokenizer
+    assert tok.eos_token == "<|end_of_text|>" and tok.bos_id == load_tokenizer(model).bos_id
+    assert following.config.eos_token_id == tok.eos_id
+    assert json.loads((final / "config.json").read_text())["eos_token_id"] == tok.eos_id
+
+
+def test_tiny_cli_trains_a_bpe_tokenizer_json_model_dir(tmp_path):
+    from conftest import TOKENIZER_TEXT
+    from llama.pretrained import load_pretrained
+    from llama.tiny import main as tiny_main
+
+    (tmp_path / "corpus.txt").write_text("\n".join(TOKENIZER_TEXT), encoding="utf-8")
+    tiny_main(["--corpus", str(tmp_path / "corpus.txt"), "--output", str(tmp_path / "m"), "--bpe-family", "smollm2",
+               "--vocab-size", "400", "--dim", "32", "--layers", "1"])
+    model, tok = load_pretrained(tmp_path / "m")
+    assert isinstance(tok, TokenizerJson) and tok.bos_id is None and tok.eos_token == "<|im_end|>"
+    assert model.config.vocab_size == tok.vocab_size == 400 and not (tmp_path / "m" / "tokenizer.model").exists()

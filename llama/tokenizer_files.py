@@ -67,7 +67,8 @@ def token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def end_token_id(tokenizer_path: Path, eos_token: str, config: dict, token_to_id, default: str | None) -> tuple[int, int]:
+def end_token_id(tokenizer_path: Path, eos_token: str, config: dict, token_to_id,
+                 default: str | None) -> tuple[int, int]:
     """(own eos id, end token id): the tokenizer's eos (tokenizer_config.json's eos_token, else `default`) and the
     one the eos_token setting names instead, if any. token_to_id(text) is the id, or None when text is no token."""
     own = token_text(config.get("eos_token")) or default

@@ -53,8 +53,8 @@ def check_model_inputs(settings) -> ModelInputs:
     if not init.is_dir():
         raise ModelInputError(
             f"init_model_path={settings.init_model_path!r}: no such model directory. It must hold config.json, "
-            f"{TOKENIZER_NAME} or {TOKENIZER_JSON_NAME}, and safetensors weights (this repo's format or a transformers LLaMA dir); stages 2 and "
-            f"3 start from the previous stage's <output_dir>/final")
+            f"{TOKENIZER_NAME} or {TOKENIZER_JSON_NAME}, and safetensors weights (this repo's format or a "
+            f"transformers LLaMA dir); stages 2 and 3 start from the previous stage's <output_dir>/final")
     try:
         config = LlamaConfig.from_pretrained(init)
         weight_files(init)

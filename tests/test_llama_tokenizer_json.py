@@ -160,16 +160,19 @@ def test_samples_have_bos_only_where_the_tokenizer_adds_one(bpe_tokenizer_dirs):
         assert (tok.bos_id in lm.ids[:1]) == has_bos
 
 
-def test_eval_and_chat_prompts_follow_the_tokenizers_bos(bpe_tokenizer_dirs):
-    from tools.chat_format import fit_prompt, render
+def test_eval_and_chat_prompts_follow_the_tokenizers_bos(bpe_tokenizer_dirs, hf_tokenizers):
+    from tools.chat_format import fit_prompt, turn_prompt
     from tools.eval_ppl import prepare_texts
+    from training.conversation import ChatRenderer
 
     for family in ("llama3", "qwen2"):
         tok = load_tokenizer(bpe_tokenizer_dirs[family])
-        ids, dropped = fit_prompt(tok, [("q", "a")], "你好", 100)
-        assert ids == tok.encode(render([("q", "a")], "你好"), bos=True) and dropped == 0
+        ids, dropped = fit_prompt(ChatRenderer(tok, "billa"), [("q", "a")], "你好", 100)
+        assert ids[:len(tok.encode("", bos=True))] == tok.encode("", bos=True) and dropped == 0
+        assert ids[-len(tok.encode(turn_prompt("你好"))):] == tok.encode(turn_prompt("你好"))
+        assert (tok.bos_id is None) == (family == "qwen2") and (tok.bos_id in ids) == (family == "llama3")
         [text], _ = prepare_texts(tok, [("北京是中国的首都。", "zh")], 64, conditional=False)
-        assert text.ids == tok.encode("北京是中国的首都。", bos=True)
+        assert text.ids == tok.encode("北京是中国的首都。", bos=True) == hf_tokenizers[family]("北京是中国的首都。").input_ids
 
 
 # ---- saving -----------------------------------------------------------------------------------------------------

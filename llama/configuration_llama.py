@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama.model_files import read_json_object
+
 CONFIG_NAME = "config.json"
 
 # The transformers classes this model implements -> their model_type. Each is the dense LLaMA block with its own
@@ -272,13 +274,7 @@ class LlamaConfig:
             path = path / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"LLaMA config not found: {path}")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

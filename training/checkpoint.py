@@ -1,7 +1,7 @@
 """Checkpoints: atomic save, "latest" discovery, exact resume, and the final model directory.
 
 Layout of output_dir/ckpt_step-<step>_loss-<loss>/ (written as <name>.tmp/, renamed when complete):
-    config.json, tokenizer.model,                       a loadable model directory: the next stage's init_model_path
+    config.json, tokenizer files (.model or .json),     a loadable model directory: the next stage's init_model_path
     model.safetensors.index.json + model-*.safetensors  (booster.save_model, shard=True, use_safetensors=True)
     optimizer/  or  optimizer.bin                       ColossalAI sharded save under ZeRO; one file on ddp; or
     optimizer.none.json                                 instead, when no optimizer step had succeeded yet (ZeRO)
@@ -46,7 +46,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from llama.model_files import TOKENIZER_NAME
 from training.zero_state import load_scaler_state, scaler_state
 
 logger = logging.getLogger(__name__)
@@ -151,7 +150,7 @@ def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------- save
 
 
-def save_checkpoint(engine, data_processor, state: TrainerState, model_config, tokenizer_path: str | Path,
+def save_checkpoint(engine, data_processor, state: TrainerState, model_config, tokenizer,
                     output_dir: str | Path, keep: int) -> Path:
     """Collective: every rank calls it. Writes <name>.tmp/, then rank 0 renames it to <name>/ and prunes old ones."""
     rank, world_size = _rank(), _world_size()
@@ -162,7 +161,7 @@ def save_checkpoint(engine, data_processor, state: TrainerState, model_config, t
         _write_json(tmp / TRAINER_STATE, asdict(state))
 
     with _atomic_directory(final, write_trainer_state) as tmp:
-        _save_model_dir(engine, tmp, model_config, tokenizer_path)
+        _save_model_dir(engine, tmp, model_config, tokenizer)
         _save_optimizer(engine, tmp, state.step)
         _write_json(tmp / f"data_state.rank{rank}.json", data_processor.state_dict())
         _write_json(tmp / f"rng_state.rank{rank}.json", capture_rng_state())
@@ -174,7 +173,7 @@ def save_checkpoint(engine, data_processor, state: TrainerState, model_config, t
     return final
 
 
-def save_final(engine, model_config, tokenizer_path: str | Path, output_dir: str | Path,
+def save_final(engine, model_config, tokenizer, output_dir: str | Path,
                chat_format: str | None = None) -> Path:
     """The finished stage's model directory, output_dir/final/ (atomic too: final.tmp/ then rename). Stage 3 passes
     its chat_format: written as chat_format.json, which tools.chat and tools.eval_ppl follow."""
@@ -183,7 +182,7 @@ def save_final(engine, model_config, tokenizer_path: str | Path, output_dir: str
     final = Path(output_dir) / FINAL_DIR
     finish = None if chat_format is None else (lambda tmp: write_chat_format(tmp, chat_format))
     with _atomic_directory(final, finish) as tmp:
-        _save_model_dir(engine, tmp, model_config, tokenizer_path)
+        _save_model_dir(engine, tmp, model_config, tokenizer)
     return final
 
 
@@ -219,12 +218,13 @@ def _atomic_directory(final: Path, finish=None):
             _fsync_dir(final.parent)
 
 
-def _save_model_dir(engine, directory: Path, model_config, tokenizer_path: str | Path) -> None:
-    """config.json + tokenizer.model + safetensors shards with their index: what Llama.from_pretrained reads."""
+def _save_model_dir(engine, directory: Path, model_config, tokenizer) -> None:
+    """config.json + the tokenizer's files (Tokenizer.save) + safetensors shards with their index: what
+    Llama.from_pretrained and llama.load_tokenizer read."""
     engine.booster.save_model(engine.model, str(directory), shard=True, use_safetensors=True)
     if _rank() == 0:
         model_config.save_pretrained(directory)
-        shutil.copyfile(tokenizer_path, directory / TOKENIZER_NAME)
+        tokenizer.save(directory)
 
 
 def _save_optimizer(engine, directory: Path, step: int) -> None:

@@ -11,13 +11,16 @@ Environment:
     HARNESS_DISK_FULL_AT_SAVE N: the disk is full while the step-N checkpoint is written: torch.save into it (the
                               optimizer, rank 0 on the CPU fallback) leaves an empty file and gets the kernel's
                               ENOSPC, by writing its bytes to /dev/full
-    HARNESS_RECORD_BATCHES    1: append a hash of every batch to <logdir>/batches.rank<R>.jsonl
+    HARNESS_RECORD_BATCHES    1: append a hash of every batch to <logdir>/batches.rank<R>.jsonl; 2: also the text of
+                              each row (the tokenizer's decode), for tests that trace which records were trained on
     HARNESS_ZERO_ON_CPU       1: run the settings' plugin (gemini, zero2) and precision on CPU (tests/zero_cpu.py)
     HARNESS_INF_GRAD_STEPS    "2": on these steps the last rank's gradient of one embedding element is inf (its loss
                               stays finite); under zero2 that element's shard lives on rank 0
     HARNESS_EMPTY_BATCHES     "1.0,1.1": these micro-batches (step.micro, every rank) count no target token
     HARNESS_DUMP_LOADED       DIR: once the fresh model is loaded and boosted, save its weights to DIR/weights and
                               its fp32 master weights, gathered, to DIR/masters.safetensors
+    HARNESS_SAVE_AFTER_RESUME DIR: right after a resume, write a checkpoint of what was loaded into DIR (the same
+                              save_checkpoint), to compare it with the checkpoint resumed from
 Steps are the optimizer steps of the run (1-based), counted on from the checkpoint after a resume.
 """
 from __future__ import annotations
@@ -200,7 +203,27 @@ def dump_loaded(directory: Path) -> None:
     loop.load_weights_after_boost = load_then_dump
 
 
-def recording(data_processor_cls):
+def save_after_resume(directory: Path) -> None:
+    original = loop.load_checkpoint
+
+    class ConfigFrom:
+        def __init__(self, path):
+            self.path = path
+
+        def save_pretrained(self, target):
+            import shutil
+            shutil.copyfile(self.path / "config.json", Path(target) / "config.json")
+
+    def load_then_save(path, engine, data, settings):
+        state = original(path, engine, data, settings)
+        checkpoint.save_checkpoint(engine, data, state, ConfigFrom(path), path / checkpoint.TOKENIZER_NAME, directory,
+                                   1)
+        return state
+
+    loop.load_checkpoint = load_then_save
+
+
+def recording(data_processor_cls, texts: bool):
     class Recording(data_processor_cls):
         """Records every batch handed to the loop (not the ones prefetched behind it)."""
 
@@ -210,8 +233,13 @@ def recording(data_processor_cls):
         def __next__(self):
             batch = super().__next__()
             digest = hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()
+            record = {"sha1": digest, "num_tokens": batch["num_tokens"]}
+            if texts:
+                pad = self.tokenizer.pad_id
+                record["texts"] = [self.tokenizer.decode([t for t in row if t != pad])
+                                   for row in batch["input_ids"].tolist()]
             with open(Path(self._harness_logdir) / f"batches.rank{_rank()}.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"sha1": digest, "num_tokens": batch["num_tokens"]}) + "\n")
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
             return batch
 
     return Recording
@@ -242,8 +270,10 @@ def main() -> None:
         data_processor_cls = emptying(data_processor_cls, which)
     if os.environ.get("HARNESS_DUMP_LOADED"):
         dump_loaded(Path(os.environ["HARNESS_DUMP_LOADED"]))
+    if os.environ.get("HARNESS_SAVE_AFTER_RESUME"):
+        save_after_resume(Path(os.environ["HARNESS_SAVE_AFTER_RESUME"]))
     if os.environ.get("HARNESS_RECORD_BATCHES"):
-        data_processor_cls = recording(data_processor_cls)
+        data_processor_cls = recording(data_processor_cls, texts=os.environ["HARNESS_RECORD_BATCHES"] == "2")
         data_processor_cls._harness_logdir = settings.logdir
     loop.train(settings, data_processor_cls)
 

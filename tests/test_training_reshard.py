@@ -91,8 +91,9 @@ def assert_loaded_equals_saved(saved, loaded, plugin):
         ma, mb = whole_masters(saved), whole_masters(loaded)
         assert ma.keys() == mb.keys() == a.keys()
         assert all(torch.equal(ma[k], mb[k]) for k in ma)
-        # The masters are not the bf16 weights rounded back up: the fp32 values came through.
-        assert any(not torch.equal(ma[k], a[k].float().flatten()) for k in ma)
+        if any(t.dtype != torch.float32 for t in a.values()):  # zero2 saves the bf16 weights, gemini the masters
+            # The masters are not the bf16 weights rounded back up: the fp32 values came through.
+            assert any(not torch.equal(ma[k], a[k].float().flatten()) for k in ma)
     assert json.loads((saved / "scheduler.json").read_text()) == json.loads((loaded / "scheduler.json").read_text())
     assert in_flight(saved) == in_flight(loaded)
     assert sum(in_flight(saved)[0].values()) > 0

@@ -210,13 +210,7 @@ class BaseDataProcessor:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a state_dict(): same corpus, ranks, mix, max_seq_length, long_text, long_prompt, packing."""
-        expected = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                    "max_seq_length": self.max_seq_length, "long_text": self.long_text,
-                    "long_prompt": self.long_prompt, "packing": self.packing, "mix": self._mix}
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise DataError(f"cannot resume the data stream: the saved state has {key}={state.get(key)!r}, "
-                                f"this run has {value!r}")
+        self._check_saved(state, self.rank, self.world_size, "")
         self._stop_prefetch()
         for name, reader in self.readers.items():
             saved = state["sets"][name]
@@ -247,14 +241,8 @@ class BaseDataProcessor:
         - The skip/discard counters: old rank r's go to new rank r % world_size, so their sum is kept.
         """
         old_world = len(states)
-        expected = {"version": STATE_VERSION, "max_seq_length": self.max_seq_length, "long_text": self.long_text,
-                    "long_prompt": self.long_prompt, "packing": self.packing, "mix": self._mix}
         for rank, state in enumerate(states):
-            got = {**expected, "rank": rank, "world_size": old_world}
-            for key, value in got.items():
-                if state.get(key) != value:
-                    raise DataError(f"cannot resume the data stream of {old_world} ranks: rank {rank}'s saved state "
-                                    f"has {key}={state.get(key)!r}, expected {value!r}")
+            self._check_saved(state, rank, old_world, f" of {old_world} ranks (rank {rank}'s state)")
         self._stop_prefetch()
         for name, reader in self.readers.items():
             reader.resume_from([{**state["sets"][name], "rank": rank, "world_size": old_world}
@@ -298,6 +286,17 @@ class BaseDataProcessor:
                     ", ".join(f"{name} {v['samples']} samples" + (f" of {v['documents']} records" if "documents" in v
                                                                    else "") for name, v in in_flight.items()))
         return in_flight
+
+    def _check_saved(self, state: dict, rank: int, world_size: int, whose: str) -> None:
+        """A saved state continues this stream only with the same version, mix, lengths and modes (and the rank
+        and world size it says)."""
+        expected = {"version": STATE_VERSION, "rank": rank, "world_size": world_size,
+                    "max_seq_length": self.max_seq_length, "long_text": self.long_text,
+                    "long_prompt": self.long_prompt, "packing": self.packing, "mix": self._mix}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise DataError(f"cannot resume the data stream{whose}: the saved state has {key}="
+                                f"{state.get(key)!r}, this run has {value!r}")
 
     def close(self) -> None:
         self._stop_prefetch()

@@ -78,10 +78,10 @@ def kill_after_save(step: int) -> None:
 def crash_during_save(step: int) -> None:
     original = checkpoint._write_json
 
-    def write_or_die(path, obj):
+    def write_or_die(path, obj, **kwargs):
         if path.name == checkpoint.TRAINER_STATE and f"ckpt_step-{step}_" in path.parent.name:
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(path, obj)
+        return original(path, obj, **kwargs)
 
     checkpoint._write_json = write_or_die
 

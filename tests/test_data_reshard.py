@@ -115,3 +115,24 @@ def test_load_resharded_reads_no_line_again_and_deals_out_the_samples_in_flight(
     assert sum(len(dp.lines) for dp in new) == len(read_after)  # no two new ranks read one line
     for dp in old + new:
         dp.close()
+
+
+def test_a_rank_starts_at_the_first_pass_its_files_have_unread(tmp_path):
+    """Old rank 0 went over its small files 5 times while rank 1 read a few lines of its big ones: the new rank that
+    gets a small file starts at pass 5, not at pass 0 with 5 passes to skip (which the data processor would take
+    for a set that gives nothing)."""
+    files = write_set(tmp_path, "s", [{"t": i} for i in range(40)], n_files=4)
+    for path, size in zip(files, (1, 9, 1, 9)):
+        path.write_text("".join(json.dumps({"t": f"{path.stem}-{k}"}) + "\n" for k in range(size)))
+    old = [SetReader("s", files, rank, 2) for rank in range(2)]
+    for _ in range(11):
+        old[0].next_line()  # files 0 and 2, one line each: 5 passes and a half
+    old[1].next_line()
+    positions = old_positions(old)
+    new = [SetReader("s", files, rank, 4) for rank in range(4)]
+    for reader in new:
+        reader.resume_from(positions)
+    assert [reader.passes for reader in new] == [5, 0, 5, 0]
+    assert json.loads(new[0].next_line()[0])["t"] == "10001-0" and new[0].passes == 6  # read in pass 5: skipped
+    assert json.loads(new[2].next_line()[0])["t"] == "10003-0" and new[2].passes == 5
+    assert json.loads(new[1].next_line()[0])["t"] == "10002-1"

@@ -341,9 +341,23 @@ class SetReader:
                 if claim not in claims:
                     claims.append(claim)
         self.claims = claims
-        # The first pass in which some claim leaves a line unread; every line of earlier passes is read.
-        self.passes = min(claim["passes"] for claim in claims)
+        # The first pass in which the claims may leave a line of this rank's files unread: every line of the passes
+        # before it was read. (Old ranks can be passes apart: starting from the lowest could mean passes that give
+        # nothing, which the data processor takes for an unusable set.)
+        self.passes = min(self._first_open_pass(self._set_index(index)) for index in range(len(self.files)))
         self.file_index = self.byte_offset = self.line = self.pass_line = self.pass_returned = 0
+
+    def _first_open_pass(self, j: int) -> int:
+        """A pass before which the claims cover every line of set file j: that of a file-sharing claim on it (one
+        more if it had gone past the file), or the lowest of a by-line world whose every rank has a claim."""
+        first, by_line = 0, {}
+        for claim in self.claims:
+            world = claim["world_size"]
+            if len(self.set_files) < world:
+                by_line.setdefault(world, []).append(claim["passes"])
+            elif j % world == claim["rank"]:
+                first = max(first, claim["passes"] + (j // world < claim["file_index"]))
+        return max([first] + [min(passes) for world, passes in by_line.items() if len(passes) == world])
 
     def _checked_claim(self, claim: dict) -> dict:
         keys = ("rank", "world_size", "file", "file_index", "byte_offset", "line", "pass_line", "passes")

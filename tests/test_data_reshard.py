@@ -5,8 +5,9 @@ from collections import Counter
 
 import pytest
 
+import alignment_sft_main
 import pretrain_main
-from data_corpus_helpers import lm_records, settings, write_set
+from data_corpus_helpers import lm_records, messages_records, settings, write_set
 from llama.tokenization_llama import Tokenizer
 from training.corpus import SetReader
 
@@ -79,8 +80,8 @@ class Traced(pretrain_main.DataProcessor):
 
 
 def in_flight(states):
-    return Counter(tuple(ids) for state in states for entries in
-                   [s["pending"] for s in state["sets"].values()] + [state["packing_pool"]] for ids, _, _ in entries)
+    return Counter(tuple(row[0]) for state in states for entries in
+                   [s["pending"] for s in state["sets"].values()] + [state["packing_pool"]] for row in entries)
 
 
 @pytest.mark.parametrize("old_world, new_world, packing", [(2, 1, False), (1, 3, True), (3, 2, True)])
@@ -94,7 +95,7 @@ def test_load_resharded_reads_no_line_again_and_deals_out_the_samples_in_flight(
         dp.take(4)
     states = [json.loads(json.dumps(dp.state_dict())) for dp in old]
     read_before = {line for dp in old for line in dp.lines}
-    assert any(len({doc for _, _, doc in s["pending"]}) < len(s["pending"])
+    assert any(len({row[2] for row in s["pending"]}) < len(s["pending"])
                for state in states for s in state["sets"].values())  # a half-used document is in flight
 
     with caplog.at_level("INFO"):
@@ -136,3 +137,22 @@ def test_a_rank_starts_at_the_first_pass_its_files_have_unread(tmp_path):
     assert json.loads(new[0].next_line()[0])["t"] == "10001-0" and new[0].passes == 6  # read in pass 5: skipped
     assert json.loads(new[2].next_line()[0])["t"] == "10003-0" and new[2].passes == 5
     assert json.loads(new[1].next_line()[0])["t"] == "10002-1"
+
+
+def test_conversation_samples_keep_their_counted_spans_when_dealt_out(tmp_path, tok):
+    """Stage 3's samples in flight carry their answer spans to the new ranks."""
+    write_set(tmp_path, "chat", messages_records(60), n_files=3)
+    config = settings(tmp_path, {"chat": 1}, max_seq_length=128, batch_size=2, packing=True)
+    old = [alignment_sft_main.DataProcessor(config, tok, rank, 2) for rank in range(2)]
+    for dp in old:
+        next(dp)
+    states = [json.loads(json.dumps(dp.state_dict())) for dp in old]
+    new = alignment_sft_main.DataProcessor(config, tok, 0, 1)
+    new.load_resharded(states)
+    saved = sorted(row for state in states for row in state["sets"]["chat"]["pending"] + state["packing_pool"])
+    carried = new.state_dict()
+    got = sorted(row for row in carried["sets"]["chat"]["pending"] + carried["packing_pool"])
+    assert [row[:2] + row[3:] for row in got] == [row[:2] + row[3:] for row in saved]  # all but the doc numbers
+    assert any(len(row) > 3 for row in saved)  # conversations: their spans in the state
+    for dp in old + [new]:
+        dp.close()

@@ -72,7 +72,7 @@ def in_flight(ckpt):
         assert "\n" not in text and ": " not in text  # written compactly
         state = json.loads(text)
         for entries in [s["pending"] for s in state["sets"].values()] + [state["packing_pool"]]:
-            samples.update(tuple(ids) for ids, _, _ in entries)
+            samples.update(tuple(row[0]) for row in entries)
         counters.update(state["counters"])
     return samples, counters
 

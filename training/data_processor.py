@@ -260,17 +260,17 @@ class BaseDataProcessor:
             return (-2 - new_doc[old_rank, doc]) % self.world_size == self.rank
 
         def carried(old_rank: int, entries) -> list[Sample]:
-            return [Sample(list(ids), int(k), new_doc[old_rank, int(doc)]) for ids, k, doc in entries
-                    if mine(old_rank, int(doc))]
+            return [s._replace(doc=new_doc[old_rank, s.doc]) for s in map(sample_from_json, entries)
+                    if mine(old_rank, s.doc)]
 
         self._pool = [s for rank, state in enumerate(states) for s in carried(rank, state["packing_pool"])]
         in_flight = {}
         for name in self.split:
-            mine_samples = [s for rank, state in enumerate(states) for s in carried(rank, state["sets"][name]["pending"])]
-            self._pending[name] = SetBuffer(mine_samples)
+            self._pending[name] = SetBuffer(s for rank, state in enumerate(states)
+                                            for s in carried(rank, state["sets"][name]["pending"]))
             in_flight[name] = {"samples": sum(len(state["sets"][name]["pending"]) for state in states),
-                               "documents": len({(rank, doc) for rank, state in enumerate(states)
-                                                 for _, _, doc in state["sets"][name]["pending"]}),
+                               "documents": len({(rank, row[2]) for rank, state in enumerate(states)
+                                                 for row in state["sets"][name]["pending"]}),
                                "read_again": 0}
         in_flight["packing_pool"] = {"samples": sum(len(state["packing_pool"]) for state in states), "read_again": 0}
         self._cursor = 0  # the cycle restarts: every window of one period still holds the exact mix

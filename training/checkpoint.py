@@ -310,6 +310,13 @@ def _load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerSta
     for name, (old, new) in changed.items():
         logger.warning("resuming with %s=%r (the checkpoint ran with %r): the run will not match an uninterrupted one",
                        name, new, old)
+    # Accumulation is derived from global_batch_size and the world size, so it may change on another GPU count while
+    # the samples per optimizer step (what the recipe fixes) stay the same: compare those.
+    old_samples = state.settings.get("batch_size", 0) * old_world * state.settings.get("gradient_accumulation_steps", 1)
+    new_samples = settings.batch_size * world_size * settings.gradient_accumulation_steps
+    if old_samples != new_samples:
+        logger.warning("resuming with %d samples per optimizer step (the checkpoint ran with %d): set global_batch_size "
+                       "to keep the recipe's batch on another GPU count", new_samples, old_samples)
     if changed.keys() & _SCHEDULE_SETTINGS:
         engine.restart_schedule(settings, state.step)
         logger.warning("lr schedule rebuilt from this run's lr/min_lr/warmup_steps/max_steps at step %d", state.step)
@@ -397,7 +404,7 @@ def _load_resharded_masters(engine, path: Path, old_world: int) -> None:
 # Settings whose change makes a resumed run differ from the run that wrote the checkpoint.
 _SETTINGS_THAT_CHANGE_THE_RUN = ("pretrain_data_split", "max_seq_length", "batch_size", "packing", "long_text",
                                  "long_prompt", "seed",
-                                 "lr", "min_lr", "warmup_steps", "max_steps", "gradient_accumulation_steps",
+                                 "lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "weight_decay_skip",
                                  "precision", "plugin", "dropout_prob")
 _SCHEDULE_SETTINGS = {"lr", "min_lr", "warmup_steps", "max_steps"}
 

@@ -12,7 +12,11 @@ HybridAdam's kernels: the colossalai wheel ships none (colossalai/_C/ holds only
 (colossalai/kernel/kernel_loader.py) compiles them on first use. Before every load, even of a kernel built earlier,
 `_CudaExtension.assert_compatible` (colossalai/kernel/extensions/cuda_extension.py) asserts CUDA_HOME and an nvcc
 whose major version equals torch's CUDA (`check_system_pytorch_cuda_match` in .../extensions/utils.py), and torch's
-`cpp_extension.load` needs ninja and a C++ compiler. `check_toolchain` checks all of that before the model is built.
+`cpp_extension.load` needs ninja and a C++ compiler. The CPU Adam's header (csrc/kernel/x86/cpu_adam.h) includes
+cublas_v2.h, cuda.h, cuda_fp16.h and cuda_runtime_api.h from CUDA_HOME/include (`_CudaExtension.include_dirs`), and
+the fused CUDA Adam links libcudart from CUDA_HOME/lib64 (torch's `_prepare_ldflags`): an nvcc wrapper in
+/usr/local/bin makes torch take CUDA_HOME=/usr/local, where neither is. `check_toolchain` checks all of that before
+the model is built.
 
     python -m training.optimizer --build-kernels     compile them once per node, before the first run (minutes)
 """
@@ -77,6 +81,26 @@ def _nvcc_release(nvcc: Path) -> str:
     return f"{match.group(1)}.{match.group(2)}" if match else ""
 
 
+# What the kernels' build reads from CUDA_HOME (see the module docstring); a library counts in any of its versions.
+CUDA_HEADERS = ("cublas_v2.h", "cuda.h", "cuda_fp16.h", "cuda_runtime.h", "cuda_runtime_api.h")
+CUDA_LIBRARIES = ("libcudart.so", "libcublas.so")
+CUDA_LIBRARY_DIRS = ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")
+
+
+def cuda_home_problem(cuda_home: str) -> str | None:
+    """The headers and libraries of CUDA_HEADERS and CUDA_LIBRARIES that CUDA_HOME lacks, in words, or None."""
+    home = Path(cuda_home)
+    headers = [h for h in CUDA_HEADERS if not (home / "include" / h).is_file()]
+    libraries = [lib for lib in CUDA_LIBRARIES
+                 if not any(any((home / d).glob(lib + "*")) for d in CUDA_LIBRARY_DIRS)]
+    if not headers and not libraries:
+        return None
+    missing = ([f"{', '.join(headers)} in {home / 'include'}"] if headers else []) + (
+        [f"{', '.join(libraries)} in {home}/{{{','.join(CUDA_LIBRARY_DIRS)}}}"] if libraries else [])
+    return (f"CUDA_HOME={cuda_home} lacks the CUDA toolkit's {' and '.join(missing)} (an nvcc wrapper outside a "
+            f"toolkit? set CUDA_HOME to the toolkit's directory)")
+
+
 def toolchain_problem() -> str | None:
     """What stops HybridAdam's kernels from building here, in words, or None when nothing does."""
     from torch.utils import cpp_extension
@@ -99,6 +123,9 @@ def toolchain_problem() -> str | None:
     if release.split(".")[0] != torch_cuda.split(".")[0]:
         return (f"{nvcc} is CUDA {release} but torch was built with CUDA {torch_cuda}: the major versions must "
                 f"match")
+    missing = cuda_home_problem(cuda_home)
+    if missing:
+        return missing
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     compiler = os.environ.get("CXX", "c++")
@@ -122,6 +149,17 @@ def check_toolchain(settings, choice) -> None:
         f"which runs torch's fused AdamW and needs no compiler")
 
 
+def gencode_for_this_node() -> list[str]:
+    """nvcc's -gencode flags for the GPUs of this node only, for the fused CUDA Adam.
+
+    ColossalAI's FusedOptimizerCudaExtension.nvcc_flags adds one -gencode per arch of torch's own build list up to this
+    GPU's (`get_cuda_cc_flag`, colossalai/kernel/extensions/utils.py), whatever TORCH_CUDA_ARCH_LIST says: on an H200
+    under a CUDA 13 torch that is sm_75, 80, 86 and 90, four builds of every kernel. The kernel cache is per node
+    already (see main's --build-kernels help)."""
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return [flag for major, minor in caps for flag in ("-gencode", f"arch=compute_{major}{minor},code=sm_{major}{minor}")]
+
+
 def load_kernels() -> None:
     """Load HybridAdam's two kernels, compiling them into ColossalAI's cache (~/.cache/colossalai/torch_extensions)
     where they are not there yet: the CPU Adam (`CPUAdam.__init__`) and the fused CUDA Adam (`HybridAdam.__init__`)."""
@@ -129,6 +167,12 @@ def load_kernels() -> None:
 
     CPUAdamLoader().load()
     if torch.cuda.is_available():  # as HybridAdam.__init__, which loads the CUDA kernel only where CUDA is
+        from colossalai.kernel.extensions.pybind.optimizer import fused_optimizer_cuda
+
+        # For the rest of this process, so that HybridAdam's own load passes the same flags: torch's JIT loader
+        # rebuilds a kernel whose flags changed.
+        flags = gencode_for_this_node()
+        fused_optimizer_cuda.get_cuda_cc_flag = lambda: flags
         FusedOptimizerLoader().load()
 
 

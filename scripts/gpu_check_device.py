@@ -34,6 +34,38 @@ import torch  # noqa: E402
 
 from llama.llama_model import Llama  # noqa: E402
 
+
+def bitsandbytes_stand_in() -> bool:
+    """Where bitsandbytes is not installed (the carried wheels leave out its 43 MB), register a module that holds
+    only what `import colossalai.nn.optimizer` needs of it: colossalai/nn/optimizer/galore.py and
+    distributed_galore.py subclass `bitsandbytes.optim.optimizer.Optimizer2State` at import, for GaLore's 8-bit
+    Adam, which the check never builds (HybridAdam and torch's AdamW are what it runs). True when registered."""
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    try:
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            return False
+    except (ImportError, ValueError):
+        pass
+
+    class Optimizer2State(torch.optim.Optimizer):
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("bitsandbytes is not installed (gpu_check_device.py's import stand-in)")
+
+    for name in ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name != "bitsandbytes.optim.optimizer")
+        sys.modules[name] = module
+    sys.modules["bitsandbytes.optim.optimizer"].Optimizer2State = Optimizer2State
+    sys.modules["bitsandbytes"].optim = sys.modules["bitsandbytes.optim"]
+    sys.modules["bitsandbytes.optim"].optimizer = sys.modules["bitsandbytes.optim.optimizer"]
+    return True
+
+
+BITSANDBYTES_STAND_IN = bitsandbytes_stand_in()  # before anything imports colossalai
+
 FIRST_BATCH = "first_batch.rank{rank}.pt"
 TRAINED_LOGITS = "trained_logits.pt"
 BATCH_KEYS = ("input_ids", "loss_mask", "doc_ids")
@@ -66,7 +98,8 @@ def facts() -> dict:
     nvcc = shutil.which("nvcc") or (str(Path(CUDA_HOME) / "bin" / "nvcc") if CUDA_HOME else None)
     found = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
              "cpus": os.cpu_count(), "nvcc": nvcc if nvcc and Path(nvcc).is_file() else None,
-             "python": sys.version.split()[0], "toolchain_problem": toolchain_problem()}
+             "python": sys.version.split()[0], "toolchain_problem": toolchain_problem(),
+             "bitsandbytes": "stand-in" if BITSANDBYTES_STAND_IN else "installed"}
     if REHEARSE:  # what the plan reads, as the stand-in device presents it; the CPU Adam is the stand-in's
         found.update(gpus=1, gpu_name="CPU (ZeRO-on-CPU stand-ins), planned as one H200",
                      gpu_memory_gb=REHEARSAL_GPU_GB, capability=None, bf16=True, toolchain_problem=None,

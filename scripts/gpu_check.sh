@@ -34,6 +34,32 @@ if [[ -n "$wheels" ]]; then
   echo "{\"wheels\": \"$wheels\", \"site\": \"$site\", \"install_seconds\": $((SECONDS - start))}"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
 fi
+# HybridAdam's kernel build reads CUDA_HOME. Unset, torch takes nvcc's directory's parent, /usr/local for an nvcc
+# wrapper in /usr/local/bin: take the toolkit nvcc itself runs from instead (its --dryrun names it). A toolkit
+# without cuBLAS (nvcc and cudart only) takes cuBLAS's header and library from torch's own CUDA wheels
+# (site-packages/nvidia/cu13), through the compiler's and linker's search paths; training.optimizer's toolchain
+# check looks there too.
+if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null; then
+  here=$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n 1 || true)
+  [[ -n "$here" && -d "$here/.." ]] && export CUDA_HOME=$(cd "$here/.." && pwd)
+fi
+if [[ -n "${CUDA_HOME:-}" && ! -f "$CUDA_HOME/include/cublas_v2.h" ]]; then
+  cublas=$("$PY" - <<'PY' 2>/dev/null || true
+import glob, os
+try:
+    import nvidia
+    for root in nvidia.__path__:
+        for header in glob.glob(os.path.join(root, "*", "include", "cublas_v2.h")):
+            print(os.path.dirname(os.path.dirname(header)))
+            raise SystemExit
+except ImportError:
+    pass
+PY
+)
+  if [[ -n "$cublas" ]]; then
+    export CPATH="$cublas/include${CPATH:+:$CPATH}" LIBRARY_PATH="$cublas/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
+  fi
+fi
 if ((setup_only)); then
   "$PY" scripts/gpu_check_device.py facts
   exec "$PY" scripts/gpu_check_device.py imports

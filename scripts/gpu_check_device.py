@@ -98,7 +98,8 @@ def facts() -> dict:
     nvcc = shutil.which("nvcc") or (str(Path(CUDA_HOME) / "bin" / "nvcc") if CUDA_HOME else None)
     found = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
              "cpus": os.cpu_count(), "nvcc": nvcc if nvcc and Path(nvcc).is_file() else None,
-             "python": sys.version.split()[0], "toolchain_problem": toolchain_problem(),
+             "python": sys.version.split()[0], "cuda_home": CUDA_HOME, "cpath": os.environ.get("CPATH"),
+             "toolchain_problem": toolchain_problem(),
              "bitsandbytes": "stand-in" if BITSANDBYTES_STAND_IN else "installed"}
     if REHEARSE:  # what the plan reads, as the stand-in device presents it; the CPU Adam is the stand-in's
         found.update(gpus=1, gpu_name="CPU (ZeRO-on-CPU stand-ins), planned as one H200",

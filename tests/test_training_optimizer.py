@@ -117,6 +117,8 @@ def test_an_nvcc_wrapper_outside_the_toolkit_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
     monkeypatch.setenv("CXX", sys.executable)
+    for variable in ("CPATH", "CPLUS_INCLUDE_PATH", "LIBRARY_PATH"):
+        monkeypatch.delenv(variable, raising=False)
     problem = optimizer.toolchain_problem()
     assert problem is not None and f"CUDA_HOME={tmp_path} lacks" in problem
     assert "cublas_v2.h" in problem and "libcudart.so" in problem and "libcublas.so" in problem
@@ -128,6 +130,30 @@ def test_an_nvcc_wrapper_outside_the_toolkit_is_reported(tmp_path, monkeypatch):
     problem = optimizer.toolchain_problem()  # headers there now, one library still missing
     assert "cublas_v2.h" not in problem and "libcudart" not in problem and "libcublas.so" in problem
     (tmp_path / "targets" / "x86_64-linux" / "lib" / "libcublas.so.12").touch()
+    assert optimizer.toolchain_problem() is None
+
+
+def test_cublas_from_torchs_cuda_wheels_counts_through_the_compilers_search_paths(tmp_path, monkeypatch):
+    """A toolkit of nvcc and cudart only, cuBLAS's header and library in torch's nvidia/cu13 wheel directory, named
+    by CPATH and LIBRARY_PATH (as scripts/gpu_check.sh sets them)."""
+    home = tmp_path / "cuda"
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", _fake_cuda_home(home, "13.0"))
+    (home / "include" / "cublas_v2.h").unlink()
+    (home / "lib64" / "libcublas.so").unlink()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setenv("CXX", sys.executable)
+    monkeypatch.delenv("CPATH", raising=False)
+    monkeypatch.delenv("CPLUS_INCLUDE_PATH", raising=False)
+    monkeypatch.delenv("LIBRARY_PATH", raising=False)
+    problem = optimizer.toolchain_problem()
+    assert "cublas_v2.h" in problem and "libcublas.so" in problem and "cuda.h" not in problem
+    wheel = tmp_path / "site-packages" / "nvidia" / "cu13"
+    for path in ("include/cublas_v2.h", "lib/libcublas.so.13"):
+        (wheel / path).parent.mkdir(parents=True, exist_ok=True)
+        (wheel / path).touch()
+    monkeypatch.setenv("CPATH", f"/nonexistent:{wheel / 'include'}")
+    monkeypatch.setenv("LIBRARY_PATH", str(wheel / "lib"))
     assert optimizer.toolchain_problem() is None
 
 

@@ -87,16 +87,23 @@ CUDA_LIBRARIES = ("libcudart.so", "libcublas.so")
 CUDA_LIBRARY_DIRS = ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")
 
 
+def _search_path(variable: str) -> list[Path]:
+    return [Path(d) for d in os.environ.get(variable, "").split(os.pathsep) if d]
+
+
 def cuda_home_problem(cuda_home: str) -> str | None:
-    """The headers and libraries of CUDA_HEADERS and CUDA_LIBRARIES that CUDA_HOME lacks, in words, or None."""
+    """The headers and libraries of CUDA_HEADERS and CUDA_LIBRARIES that neither CUDA_HOME nor the compiler's and
+    linker's search paths (CPATH, CPLUS_INCLUDE_PATH; LIBRARY_PATH) hold, in words, or None. A toolkit without cuBLAS
+    may take it from torch's own CUDA wheels (site-packages/nvidia/cu13) through those variables."""
     home = Path(cuda_home)
-    headers = [h for h in CUDA_HEADERS if not (home / "include" / h).is_file()]
-    libraries = [lib for lib in CUDA_LIBRARIES
-                 if not any(any((home / d).glob(lib + "*")) for d in CUDA_LIBRARY_DIRS)]
+    include_dirs = [home / "include", *_search_path("CPATH"), *_search_path("CPLUS_INCLUDE_PATH")]
+    library_dirs = [home / d for d in CUDA_LIBRARY_DIRS] + _search_path("LIBRARY_PATH")
+    headers = [h for h in CUDA_HEADERS if not any((d / h).is_file() for d in include_dirs)]
+    libraries = [lib for lib in CUDA_LIBRARIES if not any(any(d.glob(lib + "*")) for d in library_dirs)]
     if not headers and not libraries:
         return None
-    missing = ([f"{', '.join(headers)} in {home / 'include'}"] if headers else []) + (
-        [f"{', '.join(libraries)} in {home}/{{{','.join(CUDA_LIBRARY_DIRS)}}}"] if libraries else [])
+    missing = ([f"{', '.join(headers)} in {home / 'include'} (or CPATH)"] if headers else []) + (
+        [f"{', '.join(libraries)} in {home}/{{{','.join(CUDA_LIBRARY_DIRS)}}} (or LIBRARY_PATH)"] if libraries else [])
     return (f"CUDA_HOME={cuda_home} lacks the CUDA toolkit's {' and '.join(missing)} (an nvcc wrapper outside a "
             f"toolkit? set CUDA_HOME to the toolkit's directory)")
 
@@ -160,17 +167,38 @@ def gencode_for_this_node() -> list[str]:
     return [flag for major, minor in caps for flag in ("-gencode", f"arch=compute_{major}{minor},code=sm_{major}{minor}")]
 
 
+def _without_std_flags(cls) -> None:
+    """Drop the -std= flags from an extension's compiler flags, leaving torch's own (once per class)."""
+    for method in ("cxx_flags", "nvcc_flags"):
+        original = getattr(cls, method)
+        if getattr(original, "torch_std", False):
+            continue
+
+        def flags(self, original=original):
+            return [flag for flag in original(self) if not flag.startswith("-std=")]
+
+        flags.torch_std = True
+        setattr(cls, method, flags)
+
+
 def load_kernels() -> None:
     """Load HybridAdam's two kernels, compiling them into ColossalAI's cache (~/.cache/colossalai/torch_extensions)
-    where they are not there yet: the CPU Adam (`CPUAdam.__init__`) and the fused CUDA Adam (`HybridAdam.__init__`)."""
+    where they are not there yet: the CPU Adam (`CPUAdam.__init__`) and the fused CUDA Adam (`HybridAdam.__init__`).
+
+    Two of ColossalAI 0.5.0's build flags are adapted, for the rest of this process, so that HybridAdam's own loads
+    pass the same flags (torch's JIT loader rebuilds a kernel whose flags changed): the CPU Adam's compiler flags
+    end in -std=c++14 -std=c++17 (CpuAdamX86Extension.cxx_flags), after torch's own -std, and torch 2.14's headers
+    stop with "#error C++20 or later compatible compiler is required": they are dropped, torch's -std stays; and the
+    fused Adam is built for this node's GPUs only (gencode_for_this_node)."""
+    from colossalai.kernel.extensions.pybind.cpu_adam import cpu_adam_arm, cpu_adam_x86
     from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
 
+    _without_std_flags(cpu_adam_x86.CpuAdamX86Extension)
+    _without_std_flags(cpu_adam_arm.CpuAdamArmExtension)
     CPUAdamLoader().load()
     if torch.cuda.is_available():  # as HybridAdam.__init__, which loads the CUDA kernel only where CUDA is
         from colossalai.kernel.extensions.pybind.optimizer import fused_optimizer_cuda
 
-        # For the rest of this process, so that HybridAdam's own load passes the same flags: torch's JIT loader
-        # rebuilds a kernel whose flags changed.
         flags = gencode_for_this_node()
         fused_optimizer_cuda.get_cuda_cc_flag = lambda: flags
         FusedOptimizerLoader().load()

@@ -257,7 +257,8 @@ def flash_probe(model: Llama, batch: dict) -> dict:
         return {"ok": False, "error": "no CUDA device"}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    half = model.to(torch.bfloat16 if REHEARSE or torch.cuda.is_bf16_supported() else torch.float16)  # in place: its last use
+    bf16 = REHEARSE or torch.cuda.is_bf16_supported()  # the CPU kernel of the rehearsal takes bf16
+    half = model.to(torch.bfloat16 if bf16 else torch.float16)  # in place: its last use
     ids = batch["input_ids"]
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):

@@ -11,9 +11,9 @@ from training.engine import import_colossalai
 from training.lr_schedule import WarmupCosineLR, warmup_cosine_factor
 
 
-def lrs(make, lr, steps, state=None):
-    """The lr of each optimizer step under the scheduler make(optimizer), as training.engine steps it; with `state`
-    (epoch, state_dict) the scheduler first loads a state saved after `epoch` steps."""
+def lrs(make, lr, steps):
+    """The lr of each optimizer step under the scheduler make(optimizer), as training.engine steps it, and the
+    scheduler after them."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     scheduler = make(optimizer)
     out = []

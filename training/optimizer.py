@@ -164,7 +164,8 @@ def gencode_for_this_node() -> list[str]:
     under a CUDA 13 torch that is sm_75, 80, 86 and 90, four builds of every kernel. The kernel cache is per node
     already (see main's --build-kernels help)."""
     caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-    return [flag for major, minor in caps for flag in ("-gencode", f"arch=compute_{major}{minor},code=sm_{major}{minor}")]
+    return [flag for major, minor in caps
+            for flag in ("-gencode", f"arch=compute_{major}{minor},code=sm_{major}{minor}")]
 
 
 def _without_std_flags(cls) -> None:

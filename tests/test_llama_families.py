@@ -218,21 +218,24 @@ def test_our_config_json_records_every_switch(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama3-tied", "mistral", "qwen2-tied", "qwen3"])
-def test_stage1_from_a_transformers_dir_trains_as_the_transformers_class(tmp_path, tokenizer_path, name):
-    """A transformers dir of each family trained by stage 1 straight from the dir: every step's loss, lr and
-    gradient norm equal those of transformers' own class trained by the same loop on the same batches
-    (HARNESS_TRANSFORMERS swaps the model in), to fp32 summation order. The tokenizer is the session's SentencePiece
-    one (its bos/eos ids written into the config), until the tokenizer.json kind lands."""
-    from llama.tokenization_llama import Tokenizer
+def test_stage1_from_a_transformers_dir_trains_as_the_transformers_class(tmp_path, bpe_tokenizer_dirs, name):
+    """A transformers dir of each family, with the family's tokenizer.json (Llama 3's for Llama and Mistral,
+    Qwen2's for Qwen2/3; its bos/eos ids written into the config as the family's checkpoints have them), trained by
+    stage 1 straight from the dir: every step's loss, lr and gradient norm equal those of transformers' own class
+    trained by the same loop on the same batches (HARNESS_TRANSFORMERS swaps the model in), to fp32 summation
+    order."""
     from training_runs import TINY_RUN, explain, read_metrics, torchrun
 
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(bpe_tokenizer_dirs[bpe_family(name)])
+    eos = tokenizer.eos_id
+    if isinstance(FAMILIES[name][2].get("eos_token_id"), list):  # Llama 3.1+: the end of text and of a turn
+        eos = [eos, tokenizer.tk.token_to_id("<|eot_id|>")]
     changes = dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=128, bos_token_id=tokenizer.bos_id,
-                   eos_token_id=tokenizer.eos_id)
+                   eos_token_id=eos)
     if "rope_scaling" in FAMILIES[name][2]:  # llama3 scaling over this run's 64 positions
         changes["rope_scaling"] = {**LLAMA3_ROPE, "original_max_position_embeddings": 32}
     hf_model(name, **changes).save_pretrained(tmp_path / "hf")
-    (tmp_path / "hf" / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    save_hf_tokenizer(bpe_tokenizer_dirs[bpe_family(name)], tmp_path / "hf")
     run = [*TINY_RUN, f"init_model_path={tmp_path / 'hf'}", "dropout_prob=0.0", "plugin=ddp", "max_steps=3",
            "saving_steps=100"]
     losses = {}

@@ -7,7 +7,7 @@ import pytest
 
 import alignment_sft_main
 from chat_tokenizers import QWEN25, SMOLLM2
-from data_corpus_helpers import messages_records, settings, write_set
+from data_corpus_helpers import messages_records, settings, take, write_set
 from llama.tokenization_llama import Tokenizer
 from training.batching import pack_rows
 from training.conversation import Chat, ChatRenderer, chat_from_messages
@@ -19,15 +19,6 @@ from training.samples import Sample, SampleBuilder
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
     return Tokenizer(tokenizer_path)
-
-
-def rows(processor, n):
-    """n samples as (ids, loss_mask): batch_size 1, no padding."""
-    out = []
-    with processor:
-        for _, batch in zip(range(n), processor):
-            out.append((batch["input_ids"][0].tolist(), batch["loss_mask"][0].tolist()))
-    return out
 
 
 def billa_layout(tok, system, turns):
@@ -67,7 +58,7 @@ def test_billa_conversation_counts_every_answer_and_its_eos_and_nothing_else(tmp
     records = messages_records(24)
     write_set(tmp_path, "chat", records)
     forms = {tuple(billa_layout(tok, *record_turns(r))[0]): i for i, r in enumerate(records)}
-    samples = rows(alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, batch_size=1,
+    samples = take(alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, batch_size=1,
                                                              max_seq_length=512), tok, 0, 1), 24)
     seen = set()
     for ids, mask in samples:
@@ -99,7 +90,7 @@ def test_template_conversation_is_transformers_render_with_answers_and_end_token
     assert (tok.bos_id, tok.eos_token) == (None, "<|im_end|>")  # Qwen: no bos
     records = messages_records(12)
     write_set(tmp_path, "chat", records, n_files=1)
-    samples = rows(alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, batch_size=1, max_seq_length=512,
+    samples = take(alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, batch_size=1, max_seq_length=512,
                                                              chat_format="template"), tok, 0, 1), 12)
     forms = {tuple(hf.apply_chat_template(r["messages"], tokenize=True)): r for r in records}
     for ids, mask in samples:

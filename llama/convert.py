@@ -18,7 +18,8 @@ from pathlib import Path
 
 from llama.chat_template import chat_template_for_export
 from llama.configuration_llama import LlamaConfig
-from llama.model_files import DEFAULT_MAX_SHARD_SIZE, TOKENIZER_JSON_NAME, TOKENIZER_NAME, iter_tensors, save_tensors
+from llama.model_files import (DEFAULT_MAX_SHARD_SIZE, TOKENIZER_JSON_NAME, TOKENIZER_NAME, iter_tensors,
+                               read_json_object, save_tensors)
 from llama.pretrained import DTYPES
 from llama.tokenizer_files import load_tokenizer, tokenizer_file
 from llama.weight_layouts import hf_config_dict, hf_to_llama_state_dict, llama_to_hf_state_dict, load_meta_checkpoint
@@ -56,7 +57,7 @@ def generation_config(config: LlamaConfig, source: Path | None = None) -> dict:
     bos/eos/pad from config.json where it leaves them out."""
     d = {}
     if source is not None and source.is_file():
-        d = json.loads(source.read_text(encoding="utf-8"))
+        d = read_json_object(source)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if d.get(key) is None and getattr(config, key) is not None:
             d[key] = getattr(config, key)

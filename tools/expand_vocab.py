@@ -11,7 +11,8 @@ Chinese vocabulary"), made reproducible.
 3. tok_embeddings and output grow to the new size: old rows are copied unchanged, and each new row starts as the
    mean of the old rows of the pieces the OLD tokenizer splits the new piece into (so a new piece starts where
    the model's reading of its text already is).
-4. A complete model dir is written: config.json with the new vocab_size, tokenizer.model, weights.
+4. A complete model dir is written: config.json with the new vocab_size, tokenizer.model (with the source's
+   tokenizer_config.json and special_tokens_map.json), weights.
 
 A model whose tokenizer is a byte-level BPE tokenizer.json (Llama 3, Qwen, SmolLM2; a dir with no tokenizer.model,
 or --tokenizer X.json) is widened by continued BPE training instead (tools/bpe_merge.py):
@@ -171,7 +172,9 @@ def run_sentencepiece(args: argparse.Namespace, out) -> dict:
     splits = [old_ids_of(splitter, piece)
               for piece in tqdm(merge.added, desc="split new pieces", disable=args.quiet, file=sys.stderr)]
     expanded = expand_model(model, splits)
-    args.output.mkdir(parents=True, exist_ok=True)
+    # The source's tokenizer_config.json (bos/eos, chat template) and special_tokens_map.json stay valid (old ids
+    # keep their meaning): written by the tokenizer's save, then the widened tokenizer.model replaces the old.
+    tokenizer.save(args.output)
     (args.output / TOKENIZER_NAME).write_bytes(merge.proto.SerializeToString())
     expanded.save_pretrained(args.output, max_shard_size=args.max_shard_size)
 

@@ -18,48 +18,38 @@ from pathlib import Path
 
 from llama.chat_template import chat_template_for_export
 from llama.configuration_llama import LlamaConfig
-from llama.model_files import DEFAULT_MAX_SHARD_SIZE, iter_tensors, save_tensors
+from llama.model_files import (DEFAULT_MAX_SHARD_SIZE, TOKENIZER_JSON_NAME, TOKENIZER_NAME, iter_tensors,
+                               read_json_object, save_tensors)
 from llama.pretrained import DTYPES
+from llama.tokenizer_files import load_tokenizer, tokenizer_file
 from llama.weight_layouts import hf_config_dict, hf_to_llama_state_dict, llama_to_hf_state_dict, load_meta_checkpoint
 
 GENERATION_CONFIG_NAME = "generation_config.json"
-# A dir's tokenizer: the model file of either kind (SentencePiece tokenizer.model, tokenizers-library tokenizer.json),
-# and the files transformers' AutoTokenizer reads beside it.
-TOKENIZER_MODEL_FILES = ("tokenizer.model", "tokenizer.json")
-TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 _DTYPES = {"keep": None, **DTYPES}
 
 
-def tokenizer_files(candidates: list[Path]) -> list[Path]:
-    """The tokenizer files of the first candidate that has one: a dir (tokenizer.model and/or tokenizer.json, with
-    tokenizer_config.json / special_tokens_map.json), or a tokenizer file itself (with those beside it)."""
+def source_tokenizer(candidates: list[Path]):
+    """The tokenizer of the first candidate that has one (a dir, a tokenizer.model or a tokenizer.json), loaded by
+    llama.load_tokenizer: read before any weight, so a missing or unreadable tokenizer stops the run first."""
     for c in candidates:
-        folder = c if c.is_dir() else c.parent
-        models = [folder / n for n in TOKENIZER_MODEL_FILES if (folder / n).is_file()] if c.is_dir() else (
-            [c] if c.is_file() else [])
-        if models:
-            return models + [folder / n for n in TOKENIZER_SIDE_FILES if (folder / n).is_file()]
-    raise FileNotFoundError(f"no tokenizer ({' or '.join(TOKENIZER_MODEL_FILES)}) at {[str(c) for c in candidates]} "
-                            f"(pass --tokenizer PATH)")
+        try:
+            file = tokenizer_file(c)
+        except FileNotFoundError:
+            continue
+        return load_tokenizer(file)
+    raise FileNotFoundError(f"no tokenizer ({TOKENIZER_NAME} or {TOKENIZER_JSON_NAME}) at "
+                            f"{[str(c) for c in candidates]} (pass --tokenizer PATH)")
 
 
-def write_tokenizer(candidates: list[Path], output: Path, chat_template_from: Path | None = None) -> None:
-    """The one place convert writes a tokenizer. With chat_template_from (to_hf: the model dir), tokenizer_config.json
-    carries the template the model answers in (llama.chat_template.chat_template_for_export).
-    TODO(lead, contract 1): once llama.load_tokenizer lands, replace the copy (and the template patch) with
-        load_tokenizer(tokenizer_files(candidates)[0]).save(output)
-    given that template, so that to_hf writes tokenizer_config.json with bos/eos and the chat template."""
-    for f in tokenizer_files(candidates):
-        if f.resolve() != (output / f.name).resolve():
-            shutil.copyfile(f, output / f.name)
-    if chat_template_from is None:
-        return
-    path = output / "tokenizer_config.json"
-    tokenizer_config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    template = chat_template_for_export(chat_template_from, tokenizer_config.get("chat_template"))
-    if template is not None and template != tokenizer_config.get("chat_template"):
-        _write_json(path, {**tokenizer_config, "chat_template": template})
+def write_tokenizer(tokenizer, output: Path, chat_template_from: Path | None = None) -> None:
+    """The one place convert writes a tokenizer: Tokenizer.save (the tokenizer file, tokenizer_config.json with
+    bos/eos and the chat template, special_tokens_map.json). With chat_template_from (to_hf: the model dir), the
+    template is the one the model answers in (llama.chat_template.chat_template_for_export)."""
+    template = tokenizer.chat_template
+    if chat_template_from is not None:
+        template = chat_template_for_export(chat_template_from, template)
+    tokenizer.save(output, chat_template=template)
 
 
 def generation_config(config: LlamaConfig, source: Path | None = None) -> dict:
@@ -67,7 +57,7 @@ def generation_config(config: LlamaConfig, source: Path | None = None) -> dict:
     bos/eos/pad from config.json where it leaves them out."""
     d = {}
     if source is not None and source.is_file():
-        d = json.loads(source.read_text(encoding="utf-8"))
+        d = read_json_object(source)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if d.get(key) is None and getattr(config, key) is not None:
             d[key] = getattr(config, key)
@@ -80,36 +70,33 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def from_hf(args) -> None:
     config = LlamaConfig.from_pretrained(args.input)
-    candidates = [args.tokenizer or args.input]
-    tokenizer_files(candidates)  # a missing tokenizer stops the run before any weight is read
+    tokenizer = source_tokenizer([args.tokenizer or args.input])
     state = hf_to_llama_state_dict(iter_tensors(args.input, args.dtype), config, source=str(args.input))
     save_tensors(state, args.output, args.max_shard_size)
     config.save_pretrained(args.output)
     if (args.input / GENERATION_CONFIG_NAME).is_file():  # kept for to_hf
         shutil.copyfile(args.input / GENERATION_CONFIG_NAME, args.output / GENERATION_CONFIG_NAME)
-    write_tokenizer(candidates, args.output)
+    write_tokenizer(tokenizer, args.output)
 
 
 def to_hf(args) -> None:
     config = LlamaConfig.from_pretrained(args.input)
-    candidates = [args.tokenizer or args.input]
-    tokenizer_files(candidates)
+    tokenizer = source_tokenizer([args.tokenizer or args.input])
     state = llama_to_hf_state_dict(dict(iter_tensors(args.input, args.dtype)), config)
     save_tensors(state, args.output, args.max_shard_size)
     stored = next(iter(state.values())).dtype
     _write_json(args.output / "config.json", hf_config_dict(config, stored))
     _write_json(args.output / GENERATION_CONFIG_NAME,
                 generation_config(config, args.input / GENERATION_CONFIG_NAME))
-    write_tokenizer(candidates, args.output, chat_template_from=args.input)
+    write_tokenizer(tokenizer, args.output, chat_template_from=args.input)
 
 
 def from_meta(args) -> None:
-    candidates = [args.tokenizer] if args.tokenizer else [args.input, args.input.parent]
-    tokenizer_files(candidates)
+    tokenizer = source_tokenizer([args.tokenizer] if args.tokenizer else [args.input, args.input.parent])
     config, state = load_meta_checkpoint(args.input, args.dtype)
     save_tensors(state, args.output, args.max_shard_size)
     config.save_pretrained(args.output)
-    write_tokenizer(candidates, args.output)
+    write_tokenizer(tokenizer, args.output)
 
 
 # direction -> function(args); args has input, output, tokenizer (Path or None), dtype (torch dtype or None for

@@ -10,7 +10,6 @@ the vocabulary only the positions whose target counts. Generation lives in llama
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llama.configuration_llama import CONFIG_NAME, LlamaConfig
 from llama.loss import LOSS_PATHS
-from llama.model_files import DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, save_tensors
+from llama.model_files import DEFAULT_MAX_SHARD_SIZE, save_tensors
 from llama.weight_layouts import llama_tensors
 
 
@@ -367,14 +366,11 @@ class Llama(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model
 
-    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                        tokenizer_path: str | Path | None = None) -> Path:
-        """Write config.json + model.safetensors (or shards + index above max_shard_size); copy tokenizer_path to
-        tokenizer.model when given, so the dir is complete."""
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+        """Write config.json + model.safetensors (or shards + index above max_shard_size). The tokenizer's files are
+        its own business: tokenizer.save(directory) completes the dir."""
         directory = Path(directory)
         save_tensors(self.state_dict(), directory, max_shard_size)
         self.config.save_pretrained(directory)
-        if tokenizer_path is not None and Path(tokenizer_path).resolve() != (directory / TOKENIZER_NAME).resolve():
-            shutil.copyfile(tokenizer_path, directory / TOKENIZER_NAME)
         return directory
 

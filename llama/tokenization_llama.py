@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from sentencepiece import SentencePieceProcessor
 
 from llama.configuration_llama import LlamaConfig
 from llama.model_files import TOKENIZER_NAME
-from llama.tokenizer_files import end_token_id, read_tokenizer_config, write_tokenizer_config
+from llama.tokenizer_files import copy_tokenizer_file, end_token_id, read_tokenizer_config, write_tokenizer_config
 
 
 class Tokenizer:
@@ -108,10 +107,7 @@ class Tokenizer:
         """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json into `directory`, so that
         transformers' AutoTokenizer loads it (as LlamaTokenizerFast). chat_template replaces the tokenizer's own."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / TOKENIZER_NAME
-        if target.resolve() != self.model_path.resolve():
-            shutil.copyfile(self.model_path, target)
+        copy_tokenizer_file(self.model_path, directory / TOKENIZER_NAME)
         unk = self.sp.unk_id()
         config = {"tokenizer_class": "LlamaTokenizer", "add_eos_token": False, "legacy": True, **self.config,
                   "add_bos_token": self.bos_id is not None}

@@ -8,6 +8,7 @@ names the bos/eos tokens and holds the chat template; both kinds read and write 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from llama.model_files import (SPECIAL_TOKENS_MAP_NAME, TOKENIZER_CONFIG_NAME, TOKENIZER_JSON_NAME,
@@ -86,6 +87,14 @@ def end_token_id(tokenizer_path: Path, eos_token: str, config: dict, token_to_id
         raise ValueError(f"setting eos_token={eos_token!r} is not a token of {tokenizer_path}; leave it empty for the "
                          f"tokenizer's own eos {own!r}")
     return own_id, end_id
+
+
+def copy_tokenizer_file(source: Path, target: Path) -> None:
+    """A tokenizer file copied byte for byte to target (its dir made if missing); nothing to do when saving in
+    place (target is source)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.resolve() != source.resolve():
+        shutil.copyfile(source, target)
 
 
 def write_tokenizer_config(directory: Path, config: dict, tokens: dict[str, str | None],

@@ -9,14 +9,14 @@ The end token is tokenizer_config.json's eos_token unless eos_token names anothe
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer as _Tokenizer
 
 from llama.model_files import TOKENIZER_JSON_NAME
-from llama.tokenizer_files import end_token_id, read_tokenizer_config, token_text, write_tokenizer_config
+from llama.tokenizer_files import (copy_tokenizer_file, end_token_id, read_tokenizer_config, token_text,
+                                   write_tokenizer_config)
 
 # transformers classes whose __init__ rebuilds the post-processor from add_bos_token (default True)
 _LLAMA_FAST_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
@@ -101,10 +101,7 @@ class TokenizerJson:
         template) and special_tokens_map.json into `directory`, so that transformers' AutoTokenizer loads it and
         encodes identically. chat_template replaces the tokenizer's own."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / TOKENIZER_JSON_NAME
-        if target.resolve() != self.model_path.resolve():
-            shutil.copyfile(self.model_path, target)  # byte for byte: the post-processor as the source has it
+        copy_tokenizer_file(self.model_path, directory / TOKENIZER_JSON_NAME)  # the post-processor as the source's
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
         tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token}
         if "pad_token" in self.config:

@@ -51,3 +51,13 @@ def bpe_tokenizer_dirs(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("bpe")
     return {family: train_bpe_tokenizer(TOKENIZER_TEXT, root / family, family).parent for family in BPE_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def templated_tokenizers(bpe_tokenizer_dirs, tokenizer_path, tmp_path_factory):
+    """templated_tokenizers(name, template) -> (llama.load_tokenizer's, transformers' AutoTokenizer) of the session
+    tokenizer `name` (a bpe_tokenizer_dirs family, or "sentencepiece" for tokenizer_path) saved with that chat
+    template (tests/chat_tokenizers.py)."""
+    from chat_tokenizers import TemplatedTokenizers
+
+    return TemplatedTokenizers({**bpe_tokenizer_dirs, "sentencepiece": tokenizer_path}, tmp_path_factory)

@@ -10,7 +10,7 @@ import pytest
 import alignment_sft_main
 import pretrain_main
 import task_instruct_tuning_main
-from data_corpus_helpers import (lm_records, settings, task_records, translate_records, write_set,
+from data_corpus_helpers import (lm_records, settings, take, task_records, translate_records, write_set,
                                  write_translate_prompts, zh_text)
 from llama import load_tokenizer
 from training.corpus import DataError
@@ -32,16 +32,6 @@ def tok(request, sp_tok, bpe_tokenizer_dirs):
 def head(tok):
     """What the tokenizer puts before a text: [bos], or nothing (Qwen)."""
     return tok.encode("", bos=True)
-
-
-def take(processor, n):
-    """n samples as (ids, loss_mask) lists: batch_size 1, so rows carry no padding."""
-    out = []
-    with processor:
-        for _, batch in zip(range(n), processor):
-            assert batch["input_ids"].shape[0] == 1
-            out.append((batch["input_ids"][0].tolist(), batch["loss_mask"][0].tolist()))
-    return out
 
 
 def prompted(tok, prefix_text, answer_text):

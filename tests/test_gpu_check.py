@@ -321,9 +321,11 @@ def test_device_steps_record_and_recompute_the_first_step_on_the_cpu_fallback(tm
     fp32 loss recomputed from the recorded batches, and final/ reloads to the trained logits."""
     import gpu_check_device
 
+    from llama import load_tokenizer
+
     model = tmp_path / "model"
-    gpu_check_device.Llama.from_pretrained(tiny_model).save_pretrained(model, tokenizer_path=tiny_model /
-                                                                       "tokenizer.model")
+    gpu_check_device.Llama.from_pretrained(tiny_model).save_pretrained(model)
+    load_tokenizer(tiny_model).save(model)
     gpu_check_device.scale_output(str(model), gpu_check.OUTPUT_SCALE)
     run = {"name": "ddp-fp32", "plugin": "ddp", "precision": "fp32", "packing": True, "reload": True,
            "output_dir": str(tmp_path / "run"), "logdir": str(tmp_path / "run" / "logs")}

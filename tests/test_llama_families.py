@@ -11,7 +11,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from llama import Llama, LlamaConfig
+from llama import Llama, LlamaConfig, load_tokenizer
 from llama.convert import main as convert_main
 from llama.llama_model import rope_inv_freq
 
@@ -57,14 +57,25 @@ def hf_model(name: str, **changes):
     return model
 
 
+def bpe_family(name: str) -> str:
+    """The session's tokenizer.json (tests/conftest.py bpe_tokenizer_dirs) a family's checkpoints come with."""
+    return "qwen2" if name.startswith("qwen") else "llama3"
+
+
+def save_hf_tokenizer(bpe_dir: Path, hf_dir: Path) -> None:
+    """The tokenizer as transformers writes it into a checkpoint (save_pretrained), with SOURCE_TEMPLATE."""
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(bpe_dir)
+    hf_tokenizer.chat_template = SOURCE_TEMPLATE
+    hf_tokenizer.save_pretrained(hf_dir)
+
+
 @pytest.fixture(params=list(FAMILIES))
-def family(request, tmp_path):
-    """(name, transformers model, its saved dir holding a tokenizer, our model loaded from that dir)."""
+def family(request, tmp_path, bpe_tokenizer_dirs):
+    """(name, transformers model, its saved dir holding a tokenizer.json, our model loaded from that dir)."""
     hf = hf_model(request.param)
     hf_dir = tmp_path / "hf"
     hf.save_pretrained(hf_dir)
-    (hf_dir / "tokenizer.json").write_text("{}")  # convert copies it; its content is the tokenizer's business
-    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": SOURCE_TEMPLATE}))
+    save_hf_tokenizer(bpe_tokenizer_dirs[bpe_family(request.param)], hf_dir)
     return request.param, hf, hf_dir, Llama.from_pretrained(hf_dir).eval()
 
 
@@ -112,8 +123,16 @@ def test_from_hf_to_hf_round_trip_is_exact(family, tmp_path):
     for key, value in src_config.items():
         if key not in ("transformers_version", "torch_dtype"):
             assert out_config.get(key, "absent") == value, key
-    assert (tmp_path / "back" / "tokenizer.json").is_file()
-    assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["chat_template"] == SOURCE_TEMPLATE
+    # The tokenizer through load_tokenizer(...).save both ways: transformers reads it back as it wrote it.
+    text = "Human: 北京是中国的首都。\nAssistant: The capital is Beijing.<|im_end|>"
+    source_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    for written in (tmp_path / "ours", tmp_path / "back"):
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(written)
+        assert hf_tokenizer(text)["input_ids"] == source_tokenizer(text)["input_ids"]
+        assert (hf_tokenizer.bos_token, hf_tokenizer.eos_token) == (source_tokenizer.bos_token,
+                                                                    source_tokenizer.eos_token)
+        assert hf_tokenizer.chat_template == SOURCE_TEMPLATE
+        assert load_tokenizer(written).encode(text, bos=True) == source_tokenizer(text)["input_ids"]
     generation = json.loads((tmp_path / "back" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == src_config["eos_token_id"]
     reloaded = getattr(transformers, FAMILIES[name][0]).from_pretrained(tmp_path / "back").eval()
@@ -199,21 +218,24 @@ def test_our_config_json_records_every_switch(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama3-tied", "mistral", "qwen2-tied", "qwen3"])
-def test_stage1_from_a_transformers_dir_trains_as_the_transformers_class(tmp_path, tokenizer_path, name):
-    """A transformers dir of each family trained by stage 1 straight from the dir: every step's loss, lr and
-    gradient norm equal those of transformers' own class trained by the same loop on the same batches
-    (HARNESS_TRANSFORMERS swaps the model in), to fp32 summation order. The tokenizer is the session's SentencePiece
-    one (its bos/eos ids written into the config), until the tokenizer.json kind lands."""
-    from llama.tokenization_llama import Tokenizer
+def test_stage1_from_a_transformers_dir_trains_as_the_transformers_class(tmp_path, bpe_tokenizer_dirs, name):
+    """A transformers dir of each family, with the family's tokenizer.json (Llama 3's for Llama and Mistral,
+    Qwen2's for Qwen2/3; its bos/eos ids written into the config as the family's checkpoints have them), trained by
+    stage 1 straight from the dir: every step's loss, lr and gradient norm equal those of transformers' own class
+    trained by the same loop on the same batches (HARNESS_TRANSFORMERS swaps the model in), to fp32 summation
+    order."""
     from training_runs import TINY_RUN, explain, read_metrics, torchrun
 
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(bpe_tokenizer_dirs[bpe_family(name)])
+    eos = tokenizer.eos_id
+    if isinstance(FAMILIES[name][2].get("eos_token_id"), list):  # Llama 3.1+: the end of text and of a turn
+        eos = [eos, tokenizer.tk.token_to_id("<|eot_id|>")]
     changes = dict(vocab_size=tokenizer.vocab_size, max_position_embeddings=128, bos_token_id=tokenizer.bos_id,
-                   eos_token_id=tokenizer.eos_id)
+                   eos_token_id=eos)
     if "rope_scaling" in FAMILIES[name][2]:  # llama3 scaling over this run's 64 positions
         changes["rope_scaling"] = {**LLAMA3_ROPE, "original_max_position_embeddings": 32}
     hf_model(name, **changes).save_pretrained(tmp_path / "hf")
-    (tmp_path / "hf" / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    save_hf_tokenizer(bpe_tokenizer_dirs[bpe_family(name)], tmp_path / "hf")
     run = [*TINY_RUN, f"init_model_path={tmp_path / 'hf'}", "dropout_prob=0.0", "plugin=ddp", "max_steps=3",
            "saving_steps=100"]
     losses = {}
@@ -280,13 +302,11 @@ def test_smollm2_config_as_published_is_read():
         64, 3, True, 2)
 
 
-def test_to_hf_after_a_billa_stage3_writes_the_billa_template(tmp_path):
+def test_to_hf_after_a_billa_stage3_writes_the_billa_template(tmp_path, bpe_tokenizer_dirs):
     from llama.chat_template import BILLA_CHAT_TEMPLATE, write_chat_format
 
     hf_dir = tmp_path / "tokenizer"
-    hf_dir.mkdir()
-    (hf_dir / "tokenizer.json").write_text("{}")
-    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": SOURCE_TEMPLATE}))
+    save_hf_tokenizer(bpe_tokenizer_dirs["qwen2"], hf_dir)
     Llama(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                       tie_word_embeddings=True)).save_pretrained(tmp_path / "ours")
     write_chat_format(tmp_path / "ours", "billa")  # as save_final after stage 3 with chat_format="billa"

@@ -50,7 +50,9 @@ def tied_tiny_model(tmp_path_factory, tokenizer_path) -> Path:
                                                             "original_max_position_embeddings": 32},
                          bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     torch.manual_seed(0)
-    return Llama(config).save_pretrained(tmp_path_factory.mktemp("tied") / "model", tokenizer_path=tokenizer_path)
+    model_dir = Llama(config).save_pretrained(tmp_path_factory.mktemp("tied") / "model")
+    tokenizer.save(model_dir)
+    return model_dir
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
     python -m llama.convert from_hf   --input HF_DIR   --output OUR_DIR
     python -m llama.convert to_hf     --input OUR_DIR  --output HF_DIR
     python -m llama.convert from_meta --input META_DIR --output OUR_DIR   (consolidated.*.pth + params.json)
+    python -m llama.convert from_gguf --input X.gguf   --output OUR_DIR   (llama.cpp; llama/gguf_reader.py)
 
 The layouts and the wq/wk permutation live in llama/weight_layouts.py; this is the command line.
 """
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from llama.configuration_llama import LlamaConfig
+from llama.gguf_reader import gguf_as_hf_dir
 from llama.model_files import DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, iter_tensors, save_tensors
 from llama.pretrained import DTYPES
 from llama.weight_layouts import hf_config_dict, hf_to_llama_state_dict, llama_to_hf_state_dict, load_meta_checkpoint
@@ -33,7 +35,7 @@ _DTYPES = {"keep": None, **DTYPES}
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("direction", choices=["from_hf", "to_hf", "from_meta"])
+    parser.add_argument("direction", choices=["from_hf", "to_hf", "from_meta", "from_gguf"])
     parser.add_argument("--input", required=True, type=Path)
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: next to the input weights)")
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     dtype = _DTYPES[args.dtype]
     if args.output.resolve() == args.input.resolve():
         parser.error("--output must differ from --input")
+    if args.direction == "from_gguf":  # dequantized into a transformers dir (llama/gguf_reader.py), then from_hf
+        with gguf_as_hf_dir(args.input, dtype or DTYPES["float32"], args.output.parent) as hf_dir:
+            return main(["from_hf", "--input", str(hf_dir), "--output", str(args.output),
+                         "--max-shard-size", str(args.max_shard_size)])
 
     if args.direction == "from_meta":
         config, state = load_meta_checkpoint(args.input, dtype)

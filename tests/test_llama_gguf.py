@@ -99,6 +99,7 @@ def write_gguf(path: Path, model, tok, pre: str, quant: str = "F32", arch: str |
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = cfg.hidden_size // n_head
     w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")  # llama.cpp always writes general.name; transformers' GGUF loader reads it
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -217,6 +218,19 @@ def test_q8_0_qwen2_equals_gguf_dequantize(tmp_path):
         src.load_state_dict({**state, "lm_head.weight": state["model.embed_tokens.weight"]})
     ids = tok.encode("请把下面的句子翻译成英文。").ids
     torch.testing.assert_close(_logits(out.eval(), ids), _logits(src, ids), rtol=0, atol=1e-5)
+
+
+def test_q8_0_llama_equals_transformers_gguf_loader(tmp_path):
+    """An independent reading of the same file: transformers' own GGUF loader (its dequantization and its
+    reverse permutation) gives the very tensors we write."""
+    tok = _train_tokenizer("smollm")
+    write_gguf(tmp_path / "m.gguf", tiny_llama(tok.get_vocab_size()), tok, "smollm", quant="Q8_0")
+    gguf_to_hf(tmp_path / "m.gguf", tmp_path / "hf")
+    ours = load_file(tmp_path / "hf" / "model.safetensors")
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").state_dict()
+    assert set(ours) == set(theirs)
+    for name, t in ours.items():
+        assert torch.equal(t, theirs[name]), name
 
 
 def test_tokenizer_encodes_like_the_source(tmp_path, bpe):

@@ -40,8 +40,10 @@ lr = 2e-5  # peak learning rate
 min_lr = 2e-6  # cosine floor: 0.1 x lr
 warmup_steps = 2000  # linear warmup: 2,000 of 20,000 steps = 10%
 max_steps = 20_000  # 20,000 steps x 163,840 tokens = 3.3B tokens
-gradient_accumulation_steps = 1  # micro-batches per optimizer step
+global_batch_size = 160  # samples per optimizer step: the recipe's 20 x 8 GPUs; accumulation = 160 / (batch_size x GPUs); 0: off
+gradient_accumulation_steps = 1  # micro-batches per optimizer step; derived instead when global_batch_size > 0
 weight_decay = 0.1  # AdamW decoupled weight decay
+weight_decay_skip = False  # True: norms, biases, embeddings get no decay; False: all decay, the recipe's
 adam_beta1 = 0.9  # AdamW beta1
 adam_beta2 = 0.95  # AdamW beta2
 max_grad_norm = 2.0  # clip the global gradient norm to this

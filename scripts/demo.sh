@@ -27,7 +27,7 @@ echo "== tiny tokenizer (3,000 pieces) and random model (dim 64, 2 layers) from 
 DEMO_SETTINGS=(
     plugin=ddp precision=fp32 gradient_checkpointing=False dropout_prob=0.0
     max_steps="$STEPS" warmup_steps=4 lr=3e-3 min_lr=3e-4
-    batch_size=8 max_seq_length=256 logging_steps=5 saving_steps="$STEPS"
+    batch_size=8 global_batch_size=0 max_seq_length=256 logging_steps=5 saving_steps="$STEPS"
     eval_data_root_dir=heldout_corpora eval_steps=10 eval_samples_per_set=12
 )
 

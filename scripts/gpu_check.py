@@ -54,19 +54,20 @@ VOCAB = 32000  # LLaMA's; the tokenizer is trained on the bundled corpus with th
 # Output projection x12: logits of std ~4 instead of ~0.3, so these weights' loss (~18) lies far from the ~ln(32000)
 # = 10.4 of any freshly initialised model.
 OUTPUT_SCALE = 12.0
-SMALL_SETTINGS = ["max_steps=8", "saving_steps=4", "logging_steps=1", "keep_checkpoints=2", "batch_size=4",
-                  "max_seq_length=256", "dropout_prob=0.0", "warmup_steps=2", "lr=5e-4", "min_lr=5e-5"]
+# global_batch_size=0: batch_size and gradient_accumulation_steps as given, not the recipe's 160 samples per step.
+SMALL_SETTINGS = ["global_batch_size=0", "max_steps=8", "saving_steps=4", "logging_steps=1", "keep_checkpoints=2",
+                  "batch_size=4", "max_seq_length=256", "dropout_prob=0.0", "warmup_steps=2", "lr=5e-4", "min_lr=5e-5"]
 RESUME_FROM_STEP = 4
 OVERFLOW_SCALE = 2 ** 24  # far above any scale a fp16 gradient survives; the scaler must back off 8+ times
-OVERFLOW_SETTINGS = ["max_steps=30", "max_bad_steps=30", "saving_steps=1000", "logging_steps=1",
+OVERFLOW_SETTINGS = ["global_batch_size=0", "max_steps=30", "max_bad_steps=30", "saving_steps=1000", "logging_steps=1",
                      "gradient_accumulation_steps=2", f"initial_loss_scale={OVERFLOW_SCALE}", "batch_size=4",
                      "max_seq_length=256", "packing=True", "dropout_prob=0.0", "warmup_steps=2", "lr=5e-4",
                      "min_lr=5e-5"]
 # MFU shapes: (name, llama.tiny arguments, parameters in billions for the memory estimate).
 MFU_1B = ("1b", ["--dim", "2048", "--layers", "22", "--heads", "32", "--kv-heads", "4"], 1.1)  # TinyLlama's shape
 MFU_7B = ("7b", ["--dim", "4096", "--layers", "32", "--heads", "32"], 6.7)  # LLaMA-7B's shape
-MFU_SETTINGS = ["max_steps=12", "logging_steps=6", "saving_steps=100000", "max_seq_length=2048", "packing=True",
-                "dropout_prob=0.0", "warmup_steps=2", "lr=1e-5", "min_lr=1e-6"]
+MFU_SETTINGS = ["global_batch_size=0", "max_steps=12", "logging_steps=6", "saving_steps=100000", "max_seq_length=2048",
+                "packing=True", "dropout_prob=0.0", "warmup_steps=2", "lr=1e-5", "min_lr=1e-6"]
 # zero2 in bf16 per parameter: bf16 weight 2 + bf16 gradient 2 on every GPU, fp32 master 4 + Adam 8 + fp32
 # gradient 4 sharded over the GPUs; 10% for fragmentation, plus activations under gradient checkpointing.
 ZERO2_BYTES = (4, 16)

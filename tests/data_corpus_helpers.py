@@ -77,3 +77,15 @@ def sample_rows(batch: dict) -> list[tuple[list[int], list[int]]]:
     """(ids, loss_mask) of each row without its padding (rows end at their last non-pad token via num_tokens
     being per batch; with batch_size 1 there is no padding at all)."""
     return [(row.tolist(), mask.tolist()) for row, mask in zip(batch["input_ids"], batch["loss_mask"])]
+
+
+def messages_records(n: int, max_turns: int = 3) -> list[dict]:
+    """Multi-turn {"messages"} records: 1..max_turns turns, every third with a system turn."""
+    records = []
+    for i in range(n):
+        messages = [{"role": "system", "content": f"system {words(i, 3)}"}] if i % 3 == 0 else []
+        for turn in range(1 + i % max_turns):
+            messages += [{"role": "user", "content": f"{words(i + turn, 4)} q{i}.{turn}"},
+                         {"role": "assistant", "content": f"{zh_text(i + turn, 3)} a{i}.{turn}"}]
+        records.append({"messages": messages})
+    return records

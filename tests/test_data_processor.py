@@ -12,7 +12,7 @@ import torch
 import alignment_sft_main
 import pretrain_main
 import task_instruct_tuning_main
-from data_corpus_helpers import (lm_records, settings, sft_records, stage1_corpus, task_records, translate_records,
+from data_corpus_helpers import (lm_records, messages_records, settings, sft_records, stage1_corpus, task_records, translate_records,
                                  write_set, write_translate_prompts)
 from llama.tokenization_llama import Tokenizer
 from training.corpus import DataError
@@ -110,7 +110,8 @@ def test_deterministic_per_seed_and_rank(tmp_path, tok):
     assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first(1, 0), first(1, 1)))
 
 
-@pytest.mark.parametrize("stage", ["pretrain_split", "pretrain_split_packed", "task_packed", "sft_packed"])
+@pytest.mark.parametrize("stage", ["pretrain_split", "pretrain_split_packed", "task_packed", "sft_packed",
+                                   "messages_packed"])
 def test_resume_continues_with_exactly_the_next_batches(tmp_path, tok, stage):
     if stage.startswith("pretrain_split"):  # long documents: split chunks pending in the set buffers across batches
         split = stage1_corpus(tmp_path, n=80)
@@ -125,6 +126,10 @@ def test_resume_continues_with_exactly_the_next_batches(tmp_path, tok, stage):
         (tmp_path / "prompts").mkdir()
         (tmp_path / "prompts" / "qa.pre.prompt").write_text("Answer:\n", encoding="utf-8")
         module, kwargs = task_instruct_tuning_main, dict(max_seq_length=64, batch_size=3, packing=True)
+    elif stage == "messages_packed":  # conversations: several counted spans per sample, in the state too
+        write_set(tmp_path, "chat", messages_records(40))
+        split = {"chat": 1}
+        module, kwargs = alignment_sft_main, dict(max_seq_length=256, batch_size=2, packing=True)
     else:
         split = sft_corpus(tmp_path)
         module, kwargs = alignment_sft_main, dict(max_seq_length=128, batch_size=2, packing=True)
@@ -149,6 +154,8 @@ def test_resume_continues_with_exactly_the_next_batches(tmp_path, tok, stage):
         assert any(len({doc for _, _, doc in s["pending"]}) < len(s["pending"]) for s in state["sets"].values())
     if stage.endswith("packed"):
         assert state["packing_pool"]
+    if stage == "messages_packed":
+        assert any(len(row) == 4 for row in state["packing_pool"] + state["sets"]["chat"]["pending"])
     with make(rank=0) as other:
         with pytest.raises(DataError, match="rank"):
             other.load_state_dict(state)

@@ -274,7 +274,8 @@ def test_device_steps_record_and_recompute_the_first_step_on_the_cpu_fallback(tm
     gpu_check_device.scale_output(str(model), gpu_check.OUTPUT_SCALE)
     run = {"name": "ddp-fp32", "plugin": "ddp", "precision": "fp32", "packing": True, "reload": True,
            "output_dir": str(tmp_path / "run"), "logdir": str(tmp_path / "run" / "logs")}
-    settings = [f"init_model_path={model}", f"pretrain_data_root_dir={REPO / 'pretraining_corpora'}", "max_steps=2",
+    settings = ["global_batch_size=0", f"init_model_path={model}",
+                f"pretrain_data_root_dir={REPO / 'pretraining_corpora'}", "max_steps=2",
                 "logging_steps=1", "saving_steps=100", "batch_size=2", "max_seq_length=64", "dropout_prob=0.0",
                 "warmup_steps=1", "lr=5e-3", "packing=True", f"output_dir={run['output_dir']}",
                 f"logdir={run['logdir']}"]

@@ -79,3 +79,33 @@ def test_bad_line_is_named(model_dir, tmp_path, capsys):
     path.write_text('{"text": "fine"}\n{"txt": "oops"}\n', encoding="utf-8")
     assert main(["--model", str(model_dir), "--data", str(path), "--quiet"]) == 1
     assert f"{path}:2: missing field 'text'" in capsys.readouterr().err
+
+
+def test_stage3_records_count_only_answers_and_end_tokens_in_the_stored_format(model_dir, tmp_path):
+    """Conversations are scored as stage 3 renders them (billa: the dir has no chat_format.json, or says billa):
+    the loss over every answer token and its eos, nothing else."""
+    records = [{"messages": [{"role": "system", "content": "ok"}, {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "yo"}, {"role": "user", "content": "北京"},
+                             {"role": "assistant", "content": "首都"}]},
+               {"instruction": "Say yes.", "output": "yes", "lang": "en"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    figures = run(parse_args(["--model", str(model_dir), "--data", str(path), "--device", "cpu", "--quiet"]),
+                  out=open("/dev/null", "w"))
+    model, tok = Llama.from_pretrained(model_dir), Tokenizer(model_dir)
+    samples = [  # (ids, counted positions), the billa layout written out
+        ([tok.bos_id] + tok.encode("ok\nHuman: hi\nAssistant: "), tok.encode("yo") + [tok.eos_id],
+         tok.encode("Human: 北京\nAssistant: "), tok.encode("首都") + [tok.eos_id]),
+        ([tok.bos_id] + tok.encode("Human: Say yes.\nAssistant: "), tok.encode("yes") + [tok.eos_id]),
+    ]
+    losses = []
+    for pieces in samples:
+        ids = [t for piece in pieces for t in piece]
+        assert len(ids) <= 64  # the model's context: nothing dropped
+        counted = [i for k, piece in enumerate(pieces) if k % 2
+                   for i in range(sum(map(len, pieces[:k])), sum(map(len, pieces[:k + 1])))]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids]))[1][0].double(), dim=-1)
+        losses += [-float(logp[t - 1, ids[t]]) for t in counted]
+    assert figures["all"].tokens == len(losses) and figures["all"].texts == 2
+    assert figures["all"].loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)

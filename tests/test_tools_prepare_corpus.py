@@ -155,3 +155,58 @@ def test_external_shuffle_spreads_every_line_uniformly(tmp_path):
         shuffler.close()
     assert sorted(positions) == list(range(8))
     assert all(25 <= n <= 80 for n in positions.values()), positions  # 50 expected each
+
+
+SHAREGPT = [{"id": f"c{i}", "conversations": [{"from": "system", "value": "Be kind."}] * (i % 2) + [
+    {"from": "human", "value": f"问题 {i}"}, {"from": "gpt", "value": f"answer {i}"},
+    {"from": "human", "value": "and then?"}, {"from": "gpt", "value": f"then {i + 1}"}]} for i in range(12)]
+
+
+def test_sharegpt_becomes_messages_that_stage_3_reads(tmp_path, tokenizer_path):
+    import alignment_sft_main
+    from data_corpus_helpers import settings
+
+    write_jsonl(tmp_path / "sharegpt.jsonl", SHAREGPT)
+    out = tmp_path / "c" / "chat"
+    stats = prepare([tmp_path / "sharegpt.jsonl", "--out", out, "--kind", "sft", "--num-files", "1",
+                     "--tokenizer", tokenizer_path])
+    assert stats["records"] == 12 and stats["converted"] == 12 and stats["bad_records"] == 0
+    tok = Tokenizer(tokenizer_path)  # the messages' texts are counted (and the other string fields, as for any kind)
+    assert stats["tokens"] == sum(len(tok.encode(text)) for r in SHAREGPT
+                                  for text in [r["id"]] + [t["value"] for t in r["conversations"]])
+    written = sorted((json.loads(line) for line in output_lines(out)), key=lambda r: int(r["id"][1:]))
+    for record, source in zip(written, SHAREGPT):
+        assert record == {"id": source["id"], "messages": [
+            {"role": {"human": "user", "gpt": "assistant", "system": "system"}[t["from"]], "content": t["value"]}
+            for t in source["conversations"]]}
+    with alignment_sft_main.DataProcessor(settings(out.parent, {"chat": 1}, max_seq_length=256),
+                                          Tokenizer(tokenizer_path), 0, 1) as dp:
+        batch = next(dp)
+    assert batch["num_target_tokens"] > 0
+
+
+def test_nothing_usable_names_each_reason_with_its_count_and_first_line(tmp_path, capsys):
+    array = tmp_path / "alpaca.json"  # what many public sets ship: one JSON array, pretty-printed
+    array.write_text(json.dumps([{"instruction": "hi", "output": "yo"}] * 3, indent=2), encoding="utf-8")
+    bad_sharegpt = [{"conversations": [{"from": "bing", "value": "q"}, {"from": "gpt", "value": "a"}]},
+                    {"conversations": [{"from": "human", "value": "q"}]},
+                    {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": " "}]},
+                    {"conversations": [{"from": "bing", "value": "q2"}, {"from": "gpt", "value": "a"}]}]
+    write_jsonl(tmp_path / "sharegpt.jsonl", bad_sharegpt, extra_lines=["{not json"])
+    out = tmp_path / "c" / "chat"
+    assert main([str(array), str(tmp_path / "sharegpt.jsonl"), "--out", str(out), "--kind", "sft", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("prepare_corpus: no usable record in the input: nothing written")
+    n_array_lines = len([line for line in array.read_text().splitlines() if line.strip()])
+    for count, reason, first in [
+            (n_array_lines, "the file is one JSON array, not JSON Lines", f"{array}:1"),
+            (2, "conversations[i]: 'from' 'bing' is not one of", f"{tmp_path / 'sharegpt.jsonl'}:1"),
+            (1, "messages[i]: the last message must be an assistant turn", f"{tmp_path / 'sharegpt.jsonl'}:2"),
+            (1, "empty: the stage would skip it", f"{tmp_path / 'sharegpt.jsonl'}:3"),
+            (1, "malformed JSON", f"{tmp_path / 'sharegpt.jsonl'}:5")]:
+        assert f"{count} x {reason}" in error and f"(first at {first})" in error.split(f"{count} x {reason}")[1] \
+            .split(";")[0], (count, reason, error)
+    # Partly usable: the written summary lists the same reasons.
+    write_jsonl(tmp_path / "ok.jsonl", [{"instruction": "hi", "output": "yo"}])  # no "input": empty input
+    stats = prepare([tmp_path / "ok.jsonl", tmp_path / "sharegpt.jsonl", "--out", out, "--kind", "sft"])
+    assert stats["records"] == 1 and stats["reasons"]["malformed JSON"] == (1, f"{tmp_path / 'sharegpt.jsonl'}:5")

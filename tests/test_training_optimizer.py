@@ -142,3 +142,53 @@ def test_launcher_environment_is_read_from_proc():
     if launcher is None:
         pytest.skip("no /proc here")
     assert "PATH" in launcher  # pytest's parent shell started with one
+
+
+def _tiny_llama():
+    from llama.configuration_llama import LlamaConfig
+    from llama.llama_model import Llama
+
+    return Llama(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
+
+
+def test_weight_decay_skip_groups():
+    model = _tiny_llama()
+    names = {id(p): name for name, p in model.named_parameters()}
+    # The recipe: one group, every weight decayed.
+    assert optimizer.parameter_groups(_settings(), model) == list(model.parameters())
+    decay, no_decay = optimizer.parameter_groups(_settings("weight_decay_skip=True"), model)
+    assert "weight_decay" not in decay and no_decay["weight_decay"] == 0.0
+    skipped = sorted(names[id(p)] for p in no_decay["params"])
+    assert skipped == sorted(["tok_embeddings.weight", "norm.weight"] + [f"layers.{i}.{norm}.weight" for i in range(2)
+                                                                         for norm in ("attention_norm", "ffn_norm")])
+    assert {names[id(p)] for p in decay["params"]} == set(names.values()) - set(skipped)  # output, wq, ..., w3
+    # A bias and a frozen parameter: the bias skips decay, the frozen one is in no group.
+    extra = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    extra[1].requires_grad_(False)
+    decay, no_decay = optimizer.parameter_groups(_settings("weight_decay_skip=True"), extra)
+    assert decay["params"] == [extra[0].weight] and no_decay["params"] == [extra[0].bias]
+
+
+@pytest.mark.parametrize("plugin", ["ddp", "gemini"])  # torch's AdamW; ColossalAI's HybridAdam (gemini's Adam)
+def test_a_step_leaves_skipped_parameters_undecayed(plugin, monkeypatch):
+    if plugin == "gemini":  # HybridAdam on CPU parameters: the CPU Adam kernel, here the tests' torch version of it
+        import types
+
+        from colossalai.kernel.kernel_loader import CPUAdamLoader
+        from zero_cpu import TorchCPUAdam
+
+        monkeypatch.setattr(CPUAdamLoader, "load", lambda self, ext_name=None: types.SimpleNamespace(
+            CPUAdamOptimizer=TorchCPUAdam))
+    model = _tiny_llama()
+    settings = _settings(f"plugin={plugin}", "weight_decay_skip=True", "weight_decay=0.5", "lr=0.1")
+    built = build_optimizer(settings, EngineChoice(plugin, "fp32", CPU), optimizer.parameter_groups(settings, model))
+    assert type(built).__name__ == ("AdamW" if plugin == "ddp" else "HybridAdam")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's update is 0: only decay moves a parameter
+    built.step()
+    for name, p in model.named_parameters():
+        if name == "tok_embeddings.weight" or name.endswith("norm.weight"):
+            assert torch.equal(p, before[name]), name
+        else:
+            assert torch.allclose(p, before[name] * (1 - 0.1 * 0.5)), name

@@ -9,7 +9,7 @@ import pytest
 import alignment_sft_args
 import pretrain_args
 import task_instruct_tuning_args
-from training.settings import Settings, SettingsError, load_settings
+from training.settings import Settings, SettingsError, load_settings, resolve_global_batch
 from training_runs import REPO, tiny_model  # noqa: F401 (fixture)
 
 
@@ -91,7 +91,7 @@ def test_settings_are_read_only_and_dict_is_a_copy():
 
 @pytest.mark.parametrize("override, message", [
     ("batch_sise=4", "error: SettingsError: unknown setting 'batch_sise': pretrain_args.py has no such name; "
-                     "did you mean batch_size?"),
+                     "did you mean batch_size, global_batch_size?"),
     ("lr=abc", "error: SettingsError: setting 'lr' expects a number (args file value 3e-05), got 'abc'"),
 ])
 def test_cli_error_is_one_clear_line(override, message):
@@ -162,3 +162,70 @@ def test_loaded_model_trains_with_the_runs_dropout_not_the_checkpoints(tiny_mode
     dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(p == 0.05 for p in dropouts)
     assert model.config.dropout_prob == 0.05 and model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("alias, meant", [
+    ("learning_rate", "lr"), ("lr_rate", "lr"), ("num_steps", "max_steps"), ("total_steps", "max_steps"),
+    ("train_steps", "max_steps"), ("grad_accum", "gradient_accumulation_steps"),
+    ("gradient_accumulation", "gradient_accumulation_steps"), ("per_device_train_batch_size", "batch_size"),
+    ("micro_batch_size", "batch_size"), ("warmup", "warmup_steps"), ("num_warmup_steps", "warmup_steps"),
+    ("seq_len", "max_seq_length"), ("max_length", "max_seq_length"), ("block_size", "max_seq_length"),
+    ("Learning-Rate", "lr"),
+])
+def test_did_you_mean_knows_other_trainers_names(alias, meant):
+    with pytest.raises(SettingsError) as raised:
+        load_settings(pretrain_args, [f"{alias}=1"])
+    assert f"unknown setting {alias!r}" in str(raised.value)
+    assert str(raised.value).split("did you mean ")[1].startswith(meant)  # the alias's setting comes first
+
+
+# The recipe's per-GPU batch and GPU count of each stage (train_codes README: 8 x V100 for stages 1 and 2,
+# 2 x A100 for stage 3): the args files' global batch must be their product.
+RECIPE_BATCH = [(pretrain_args, 20, 8, 160), (task_instruct_tuning_args, 20, 8, 160), (alignment_sft_args, 24, 2, 48)]
+
+
+@pytest.mark.parametrize("module, per_gpu, gpus, global_batch", RECIPE_BATCH)
+def test_args_files_state_the_recipe_global_batch(module, per_gpu, gpus, global_batch):
+    s = load_settings(module, [])
+    assert (s.batch_size, s.global_batch_size) == (per_gpu, global_batch) == (per_gpu, per_gpu * gpus)
+    assert resolve_global_batch(s, gpus).gradient_accumulation_steps == 1  # the recipe: no accumulation
+
+
+@pytest.mark.parametrize("argv, world, accumulation", [
+    ([], 8, 1), ([], 4, 2), ([], 2, 4), ([], 1, 8),  # 160 samples a step on any GPU count
+    (["batch_size=10"], 8, 2), (["batch_size=5"], 16, 2),
+    (["global_batch_size=0", "gradient_accumulation_steps=3"], 4, 3),  # 0: as set
+])
+def test_global_batch_derives_the_accumulation(argv, world, accumulation):
+    settings = load_settings(pretrain_args, argv)
+    resolved = resolve_global_batch(settings, world)
+    assert resolved.gradient_accumulation_steps == accumulation
+    if settings.global_batch_size:
+        assert resolved.batch_size * world * resolved.gradient_accumulation_steps == settings.global_batch_size
+    assert resolved.overridden == settings.overridden and resolved.lr == settings.lr
+
+
+def test_global_batch_that_does_not_divide_names_the_numbers():
+    # Stage 3 as shipped (24 per GPU, 48 a step) on 8 GPUs: 24 x 8 = 192 > 48.
+    with pytest.raises(SettingsError, match=r"'global_batch_size' = 48 is not a multiple of batch_size 24 x 8 "
+                                            r"processes = 192; use batch_size=6 \(6 x 8 x 1 accumulation = 48\); the "
+                                            r"per-GPU batch sizes that fit: \[1, 2, 3, 6\]"):
+        resolve_global_batch(load_settings(alignment_sft_args, []), 8)
+    with pytest.raises(SettingsError, match="= 160 is not a multiple of batch_size 20 x 3 processes = 60; "
+                                            "use global_batch_size a multiple of 3"):
+        resolve_global_batch(load_settings(pretrain_args, []), 3)
+    with pytest.raises(SettingsError, match="'gradient_accumulation_steps' is derived from 'global_batch_size' = 160"):
+        load_settings(pretrain_args, ["gradient_accumulation_steps=2"])
+    with pytest.raises(SettingsError, match="'global_batch_size' = -1 is invalid"):
+        load_settings(pretrain_args, ["global_batch_size=-1"])
+
+
+def test_global_batch_error_is_one_line_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, "pretrain_main.py", "global_batch_size=7", "batch_size=2",
+                             f"init_model_path={tmp_path / 'no-model'}", f"output_dir={tmp_path / 'out'}",
+                             f"logdir={tmp_path / 'logs'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    output = result.stdout + result.stderr
+    assert ("error: SettingsError: setting 'global_batch_size' = 7 is not a multiple of batch_size 2 x 1 processes "
+            "= 2; use batch_size=1 (1 x 1 x 7 accumulation = 7)") in output
+    assert "Traceback" not in output and "no such model directory" not in output  # stopped before the model check

@@ -16,7 +16,7 @@ EVAL = [f"eval_data_root_dir={HELDOUT}", "eval_steps=3", "eval_samples_per_set=4
 def test_stage_1_then_2_then_3(tiny_model, tmp_path):
     init = tiny_model
     for stage, extra in (("pretrain", []),
-                         ("task_instruct_tuning", ["gradient_accumulation_steps=2"]),
+                         ("task_instruct_tuning", ["global_batch_size=8"]),  # 2 per GPU x 2 processes x 2
                          ("alignment_sft", ["packing=True"])):
         out = tmp_path / stage
         asked, scored = EVAL_SETS[stage]
@@ -39,9 +39,15 @@ def test_stage_1_then_2_then_3(tiny_model, tmp_path):
                    {name: s["tokens"] for name, s in evals[0]["eval"]["sets"].items()}
             assert math.isfinite(record["eval"]["mix"]["loss"])
         assert "eval step 0 | " in result.stdout  # the compact console line
+        if stage == "task_instruct_tuning":  # the log's first lines: the batch of a step, accumulation derived
+            assert ("batch: 2 per GPU x 2 processes x 2 accumulation = 8 samples per optimizer step "
+                    "(global_batch_size=8); x 64 tokens = 512 tokens per step at most") in result.stdout
         assert "eval step 4 (" in (out / "logs" / "log.txt.1").read_text()  # every rank's log file
         final = out / "final"
         assert {"config.json", "tokenizer.model", "model.safetensors.index.json"} <= {p.name for p in final.iterdir()}
+        # Stage 3 stores its chat format with the model (tools.chat and tools.eval_ppl follow it).
+        assert (json.loads((final / "chat_format.json").read_text()) == {"chat_format": "billa"}
+                if stage == "alignment_sft" else not (final / "chat_format.json").exists())
         # Checkpoints carry the settings they ran with, the stage's data mix included.
         checkpoint = next(out.glob("ckpt_step-4_*"))
         settings = json.loads((checkpoint / "trainer_state.json").read_text())["settings"]
@@ -61,3 +67,33 @@ def test_stage_1_then_2_then_3(tiny_model, tmp_path):
     with torch.no_grad():
         new = generate(model, prompt, max_new_tokens=8, eos_id=tokenizer.eos_id)
     assert len(new) <= 8 and all(0 <= t < tokenizer.vocab_size for t in new)
+
+
+def test_stage_3_on_conversations_then_chat_and_the_template_error_line(tiny_model, tmp_path):
+    """Stage 3 trains on multi-turn {"messages"} records, stores its chat format, and tools.chat talks to the result;
+    chat_format="template" with a tokenizer that has no template stops with one error line before the model."""
+    import io
+
+    from data_corpus_helpers import messages_records, write_set
+    from tools.chat import main as chat_main
+
+    write_set(tmp_path / "corpus", "chat", messages_records(20), n_files=2)
+    out = tmp_path / "sft"
+    common = TINY_RUN + [f"pretrain_data_root_dir={tmp_path / 'corpus'}", "pretrain_data_split={'chat': 1}",
+                         "max_seq_length=128", f"init_model_path={tiny_model}", "plugin=ddp", "precision=fp32",
+                         f"output_dir={out}", f"logdir={out}/logs"]
+    result = torchrun(common + ["max_steps=3", "saving_steps=3"], stage="alignment_sft", nproc=1)
+    assert result.returncode == 0, explain(result)
+    assert json.loads((out / "final" / "chat_format.json").read_text()) == {"chat_format": "billa"}
+    printed = io.StringIO()
+    assert chat_main(["--model", str(out / "final"), "--prompt", "hi", "--temperature", "0", "--max-new-tokens",
+                      "4", "--device", "cpu"], out=printed) == 0
+    assert printed.getvalue().startswith("Assistant: ")
+
+    result = torchrun(common + ["max_steps=3", "chat_format=template", f"output_dir={tmp_path / 'none'}"],
+                      stage="alignment_sft", nproc=1)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "error:" in line]
+    assert result.returncode != 0 and len(errors) == 1, explain(result)
+    assert f"setting 'chat_format' = 'template': the tokenizer {tiny_model / 'tokenizer.model'} has no chat " \
+           "template" in errors[0]
+    assert "M parameters" not in result.stdout + result.stderr  # stopped before the model was built (its log line)

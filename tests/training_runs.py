@@ -17,9 +17,10 @@ HARNESS = REPO / "tests" / "training_harness.py"
 CORPUS = REPO / "pretraining_corpora"
 HELDOUT = REPO / "heldout_corpora"
 
-# Small and fast on 2 CPU cores; every run uses these unless a test overrides them.
-TINY_RUN = ["max_seq_length=64", "batch_size=2", "warmup_steps=2", "lr=2e-3", "min_lr=2e-4", "logging_steps=1",
-            "dropout_prob=0.05", f"pretrain_data_root_dir={CORPUS}"]
+# Small and fast on 2 CPU cores; every run uses these unless a test overrides them. global_batch_size=0: batch_size
+# and gradient_accumulation_steps as given (the args files' recipe batch of 160 would be 40 micro-batches a step).
+TINY_RUN = ["global_batch_size=0", "max_seq_length=64", "batch_size=2", "warmup_steps=2", "lr=2e-3", "min_lr=2e-4",
+            "logging_steps=1", "dropout_prob=0.05", f"pretrain_data_root_dir={CORPUS}"]
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,15 @@
-"""Talk to a model dir in the "Human: ...\\nAssistant: " format of the SFT stage, with the answer streamed.
+"""Talk to a model dir in the chat format it was trained in (stage 3's), with the answer streamed.
 
     python -m tools.chat --model outputs/alignment_sft/final                  # interactive
     python -m tools.chat --model DIR --prompt "用一句话介绍北京" --temperature 0   # one answer, greedy
 
-Interactive commands: /reset forgets the conversation, /exit (or Ctrl-D) quits. Earlier turns are kept in the
-prompt as long as they fit in the model's context with room for --max-new-tokens; the oldest whole turns are
-dropped first (tools/chat_format.py). Temperature 0 is greedy and deterministic; otherwise --seed fixes the draws.
+The format is the one stored with the model dir (chat_format.json, written by stage 3): "billa", the recipe's
+"Human: ...\\nAssistant: " with each earlier answer ended by the end token, or "template", the tokenizer's chat
+template; a dir without the file (stages 1 and 2) is "billa". The prompt is built exactly as training renders a
+conversation (tools/chat_format.py). Interactive commands: /reset forgets the conversation, /exit (or Ctrl-D)
+quits. Earlier turns are kept in the prompt as long as they fit in the model's context with room for
+--max-new-tokens; the oldest whole turns are dropped first, as training drops them. Temperature 0 is greedy and
+deterministic; otherwise --seed fixes the draws.
 """
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ from typing import Callable, Optional
 
 import torch
 
+from llama.chat_template import stored_chat_format
 from llama.generation import stream
 from llama.pretrained import DTYPES, load_pretrained
-from tools.chat_format import STOP_TEXT, MessageTooLong, fit_prompt, prompt_budget
+from tools.chat_format import MessageTooLong, fit_prompt, prompt_budget, stop_texts
 from tools.stream_decode import StreamDecoder
+from training.conversation import ChatRenderer
 
 
 
@@ -27,8 +33,12 @@ class ChatSession:
     """A conversation with one model: reply() answers and remembers the turn."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9,
-                 seed: int = 0):
+                 seed: int = 0, chat_format: str = "billa", system: str = ""):
         self.model, self.tokenizer = model, tokenizer
+        # A DataError (a ValueError) for chat_format="template" and a tokenizer without a template.
+        self.renderer = ChatRenderer(tokenizer, chat_format)
+        self.stop_texts = stop_texts(chat_format)
+        self.system = system
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.history: list[tuple[str, str]] = []
         device = model.output.weight.device
@@ -38,8 +48,8 @@ class ChatSession:
 
     def reply(self, message: str, on_text: Optional[Callable[[str], None]] = None) -> str:
         """The answer to `message`, handing each printable piece to on_text as it is generated."""
-        prompt_ids, self.dropped_turns = fit_prompt(self.tokenizer, self.history, message, self.budget)
-        decoder = StreamDecoder(self.tokenizer, (STOP_TEXT,))
+        prompt_ids, self.dropped_turns = fit_prompt(self.renderer, self.history, message, self.budget, self.system)
+        decoder = StreamDecoder(self.tokenizer, self.stop_texts)
         tokens = stream(self.model, prompt_ids, self.max_new_tokens, self.temperature, self.top_p,
                         eos_id=self.tokenizer.eos_id, generator=self.generator)
         try:
@@ -68,6 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, type=Path, help="model dir (config.json, weights, tokenizer.model)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model (default: the model dir's)")
     p.add_argument("--prompt", help="answer this once and exit (default: interactive)")
+    p.add_argument("--system", default="", help="a system turn before the conversation (kept when turns are dropped)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy, deterministic")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -84,7 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_session(args: argparse.Namespace) -> ChatSession:
     model, tokenizer = load_pretrained(args.model, DTYPES[args.dtype], args.device, args.tokenizer)
-    return ChatSession(model, tokenizer, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    return ChatSession(model, tokenizer, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                       stored_chat_format(args.model), args.system)
 
 
 def answer(session: ChatSession, message: str, out) -> None:

@@ -1,9 +1,9 @@
-"""The conversation format the SFT stage trains on, and fitting a multi-turn history into the model's context.
+"""The conversation tools.chat holds, in the format the model was trained on, and fitting it into the context.
 
-One turn's prompt is built by alignment_sft_main.py's own DataProcessor.build() (an instruction, no input), so
-the chat prompt is the SFT prefix by construction: "Human: " + message + "\n" + "Assistant: ". The SFT stage
-trains single turns; earlier turns go before the new one in the same form, each answer followed by "\n":
-    Human: q1\nAssistant: a1\nHuman: q2\nAssistant: 
+A conversation is read by the SFT stage's own DataProcessor.build() (a {"messages"} record) and rendered by the
+stage's ChatRenderer (training/conversation.py) in the chat format stored with the model dir, so the prompt is
+exactly what training put before an answer, earlier answers' end tokens included. In the recipe's format:
+    bos Human: q1\\nAssistant: a1<eos>Human: q2\\nAssistant: 
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import functools
 import random
 
 from tools.stage_schema import data_processor_class
+from training.conversation import Chat, ChatRenderer, billa_question
 from training.samples import prefix_text
 
-STOP_TEXT = "\nHuman:"  # a model that goes on to write the next question itself has finished its answer
+STOP_TEXT = "\nHuman:"  # billa: a model that goes on to write the next question itself has finished its answer
 
 
 class MessageTooLong(ValueError):
@@ -25,15 +26,31 @@ def _sft_stage():
     return data_processor_class("alignment_sft").for_checking(".", ["chat"])
 
 
+def sft_record_chat(record: dict) -> Chat | None:
+    """A stage-3 record ({"messages"} or {"instruction", "input", "output"}) as the stage reads it: a Chat, None
+    when its answer is empty; RecordError when it is bad."""
+    return _sft_stage().build("chat", record, random.Random(0))
+
+
+def conversation(history: list[tuple[str, str]], message: str, system: str = "") -> Chat:
+    """Past (question, answer) turns and the new question as the stage reads them (texts stripped), the new
+    question's answer left open. A past turn whose answer is empty (the model ended at once) is left out: training
+    has no such turn to render."""
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    for question, answer in [*[(q, a) for q, a in history if a.strip()], (message, "-")]:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    chat = sft_record_chat({"messages": messages})
+    return Chat(chat.system, chat.turns[:-1] + ((chat.turns[-1][0], None),))
+
+
 def turn_prompt(message: str) -> str:
-    """The SFT prefix text for one question (what the stage masks before the answer)."""
-    spec = _sft_stage().build("chat", {"instruction": message, "input": "", "output": "-"}, random.Random(0))
-    return prefix_text(spec.prefix)
+    """The recipe's masked prefix text for one question."""
+    return prefix_text(billa_question((message.strip(),)))
 
 
-def render(history: list[tuple[str, str]], message: str) -> str:
-    """Past (question, answer) turns, then the new question, as one prompt text."""
-    return "".join(f"{turn_prompt(q)}{a.strip()}\n" for q, a in history) + turn_prompt(message)
+def stop_texts(chat_format: str) -> tuple[str, ...]:
+    """Texts that end an answer besides the end token."""
+    return (STOP_TEXT,) if chat_format == "billa" else ()
 
 
 def prompt_budget(max_sequence_length: int, max_new_tokens: int) -> int:
@@ -41,12 +58,14 @@ def prompt_budget(max_sequence_length: int, max_new_tokens: int) -> int:
     return max(max_sequence_length - max_new_tokens, max_sequence_length // 2)
 
 
-def fit_prompt(tokenizer, history: list[tuple[str, str]], message: str, budget: int) -> tuple[list[int], int]:
-    """(bos + prompt ids, number of oldest turns dropped): the most recent whole turns that fit in `budget`
-    tokens with the new message. Turns are dropped oldest first and never cut in the middle."""
-    for dropped in range(len(history) + 1):
-        ids = [tokenizer.bos_id, *tokenizer.encode(render(history[dropped:], message))]
-        if len(ids) <= budget:
-            return ids, dropped
-    raise MessageTooLong(f"the message takes {len(ids)} tokens with its format; the prompt may take {budget} "
-                         f"(model context minus room for the answer)")
+def fit_prompt(renderer: ChatRenderer, history: list[tuple[str, str]], message: str, budget: int,
+               system: str = "") -> tuple[list[int], int]:
+    """(prompt ids, number of oldest turns dropped): the most recent whole turns that fit in `budget` tokens with
+    the new message, the system text kept; the same rule as training's (ChatRenderer.fit)."""
+    fitted = renderer.fit(conversation(history, message, system), budget)
+    if fitted is None:
+        ids, _ = renderer.encode(conversation([], message, system))
+        raise MessageTooLong(f"the message takes {len(ids)} tokens with its format; the prompt may take {budget} "
+                             f"(model context minus room for the answer)")
+    ids, _, dropped = fitted
+    return ids, dropped

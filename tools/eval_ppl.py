@@ -7,9 +7,12 @@ The data is JSONL, one {"text": ..., "lang": ...} per line ("lang" optional: wit
 CJK characters counts as "zh", any other as "en"). Each text becomes bos + its tokens, cut to --max-seq-length
 (default: the model's context). Every text token counts, each predicted from what comes before it; with
 --conditional only the second half of the text's tokens counts (the first n//2 are the condition), as the BiLLa
-authors evaluated on Pile and WuDao. Perplexity = exp(total loss / counted tokens), over all texts and per
-language. The loss is the model's own loss_mask path; a batch holds texts of one language, so its mean loss times
-its counted tokens is exactly that language's share of the sum.
+authors evaluated on Pile and WuDao. A line may also be a stage-3 record ({"messages": [...]} or {"instruction",
+"input", "output"}): it is rendered in the chat format stored with the model dir (chat_format.json; "billa" when
+there is none) exactly as stage 3 renders it, and only its answers and their end tokens count; one longer than the
+maximum length loses its earliest turns as in training. Perplexity = exp(total loss / counted tokens), over all texts
+and per language. The loss is the model's own loss_mask path; a batch holds texts of one language, so its mean loss
+times its counted tokens is exactly that language's share of the sum.
 """
 from __future__ import annotations
 
@@ -23,9 +26,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from llama.chat_template import stored_chat_format
 from llama.pretrained import DTYPES, load_pretrained
+from tools.chat_format import sft_record_chat
 from tools.text_stats import detect_language
 from training.batching import pad_batch
+from training.conversation import Chat, ChatRenderer
 from training.corpus import RecordError, parse_record, text_field
 from training.samples import Sample
 
@@ -36,6 +42,7 @@ class Text:
     lang: str
     ids: list[int]  # bos + text tokens, already cut to the maximum length
     n_context: int  # the first n_context ids (bos included) are not counted
+    counted: tuple | None = None  # a conversation: the counted spans (its answers), as training counts them
 
 
 @dataclass
@@ -53,8 +60,9 @@ class Figures:
         return math.exp(self.loss) if self.tokens else float("nan")
 
 
-def read_texts(path: Path) -> list[tuple[str, str]]:
-    """(text, lang) per non-blank line; lang from the "lang" field or from the script."""
+def read_texts(path: Path) -> list[tuple[str | Chat, str]]:
+    """(text or stage-3 conversation, lang) per non-blank line; lang from the "lang" field or from the script. A
+    conversation whose answer is empty is left out, as stage 3 skips it."""
     items = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
@@ -62,22 +70,46 @@ def read_texts(path: Path) -> list[tuple[str, str]]:
                 continue
             try:
                 record = parse_record(raw)
-                text = text_field(record, "text")
+                if "text" in record or not ({"messages", "instruction", "output"} & set(record)):
+                    text = text_field(record, "text")
+                    script = text
+                else:
+                    text = sft_record_chat(record)
+                    if text is None:
+                        continue
+                    script = " ".join(message["content"] for message in text.messages())
                 lang = record.get("lang")
                 if lang is not None and (not isinstance(lang, str) or not lang.strip()):
                     raise RecordError(f"field 'lang' must be a non-empty string, got {lang!r}")
             except RecordError as e:
                 raise ValueError(f"{path}:{number}: {e}") from None
-            items.append((text, lang.strip() if lang else detect_language(text)))
+            items.append((text, lang.strip() if lang else detect_language(script)))
     return items
 
 
-def prepare_texts(tokenizer, items: list[tuple[str, str]], max_seq_length: int, conditional: bool
-                  ) -> tuple[list[Text], dict]:
-    """Tokenized texts to score, and counts of what was cut or left out."""
-    notes = {"truncated": 0, "too_short": 0}
-    encoded = tokenizer.encode_batch([text for text, _ in items])
+def prepare_chats(renderer: ChatRenderer, items: list[tuple[Chat, str]], max_seq_length: int, notes: dict
+                  ) -> list[Text]:
+    """Conversations as stage 3 builds them (ChatRenderer.fit: earliest turns dropped to fit)."""
     texts = []
+    for chat, lang in items:
+        fitted = renderer.fit(chat, max_seq_length)
+        if fitted is None:
+            notes["too_long"] += 1
+            continue
+        ids, spans, dropped = fitted
+        notes["dropped_turns"] += dropped
+        texts.append(Text(lang, ids, spans[0][0], tuple(spans)))
+    return texts
+
+
+def prepare_texts(tokenizer, items: list[tuple[str | Chat, str]], max_seq_length: int, conditional: bool,
+                  chat_format: str = "billa") -> tuple[list[Text], dict]:
+    """Tokenized texts (and conversations, in chat_format) to score, and counts of what was cut or left out."""
+    notes = {"truncated": 0, "too_short": 0, "too_long": 0, "dropped_turns": 0}
+    chats = [(chat, lang) for chat, lang in items if isinstance(chat, Chat)]
+    items = [(text, lang) for text, lang in items if not isinstance(text, Chat)]
+    texts = prepare_chats(ChatRenderer(tokenizer, chat_format), chats, max_seq_length, notes) if chats else []
+    encoded = tokenizer.encode_batch([text for text, _ in items])
     for (_, lang), tokens in zip(items, encoded):
         ids = [tokenizer.bos_id, *tokens]
         if len(ids) > max_seq_length:
@@ -107,7 +139,8 @@ def evaluate(model, texts: list[Text], batch_size: int, pad_id: int, device, sho
         fig = figures.setdefault(lang, Figures())
         for start in range(0, len(group), batch_size):
             batch = group[start:start + batch_size]
-            padded = pad_batch([Sample(text.ids, text.n_context) for text in batch], pad_id)  # as training pads
+            padded = pad_batch([Sample(text.ids, text.n_context, counted=text.counted) for text in batch],
+                               pad_id)  # as training pads
             loss, _ = model(padded["input_ids"].to(device), loss_mask=padded["loss_mask"].to(device))
             counted = padded["num_target_tokens"]
             fig.loss_sum += float(loss) * counted
@@ -146,7 +179,8 @@ def run(args: argparse.Namespace, out=None) -> dict[str, Figures]:
     if not 2 <= max_len <= model.config.max_sequence_length:
         raise ValueError(f"--max-seq-length {max_len}: must be in 2..{model.config.max_sequence_length} "
                          f"(the model's max_sequence_length)")
-    texts, notes = prepare_texts(tokenizer, read_texts(args.data), max_len, args.conditional)
+    texts, notes = prepare_texts(tokenizer, read_texts(args.data), max_len, args.conditional,
+                                 stored_chat_format(args.model))
     if not texts:
         raise ValueError(f"{args.data}: no text to score")
     figures = evaluate(model, texts, args.batch_size, tokenizer.pad_id, args.device, show_progress=not args.quiet)
@@ -158,6 +192,9 @@ def run(args: argparse.Namespace, out=None) -> dict[str, Figures]:
     if notes["truncated"] or notes["too_short"]:
         print(f"note: {notes['truncated']} text(s) cut to {max_len} tokens, {notes['too_short']} too short to score",
               file=out)
+    if notes["too_long"] or notes["dropped_turns"]:
+        print(f"note: conversations: {notes['dropped_turns']} earliest turn(s) dropped to fit {max_len} tokens, "
+              f"{notes['too_long']} left out (too long even so)", file=out)
     if args.json:
         args.json.write_text(json.dumps({lang: {"texts": f.texts, "tokens": f.tokens, "loss": f.loss, "ppl": f.ppl}
                                          for lang, f in figures.items()}, indent=2) + "\n", encoding="utf-8")

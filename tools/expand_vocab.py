@@ -13,43 +13,76 @@ Chinese vocabulary"), made reproducible.
    the model's reading of its text already is).
 4. A complete model dir is written: config.json with the new vocab_size, tokenizer.model, weights.
 
+A model whose tokenizer is a byte-level BPE tokenizer.json (Llama 3, Qwen, SmolLM2; a dir with no tokenizer.model,
+or --tokenizer X.json) is widened by continued BPE training instead (tools/bpe_merge.py):
+
+    python -m tools.expand_vocab --model models/smollm2 --zh-corpus pretraining_corpora/zh --output OUT
+
+1. Up to --zh-vocab-size new merges are learned on --zh-corpus, starting from the tokenizer's own vocabulary and
+   merges, until the best pair occurs fewer than --min-frequency times. Each makes one new token, after the highest
+   existing id (added tokens included); every old id and every merge keep their place, and text with no CJK
+   character (English, code) tokenizes to exactly the ids it had.
+2. Each new embedding row starts as the mean of the rows of the old tokens the old tokenizer splits its bytes into.
+   A tied model (no output.weight / lm_head.weight; tie_word_embeddings in config.json) grows its one matrix;
+   an untied one grows both. Rows past the tokenizer's ids that a model already had (Qwen pads its embedding)
+   are taken by new tokens first.
+3. The dir is written with the weights in the layout they came in (this repo's or transformers' names),
+   config.json with the new vocab_size, the new tokenizer.json and the source's other JSON files
+   (tokenizer_config.json, generation_config.json, ...) copied.
+
 The report gives the vocabulary sizes and tokens per character on Chinese and English sample text, before and
-after (--sample-zh / --sample-en; default: the bundled pretraining_corpora/zh and /en).
+after (--sample-zh / --sample-en; default: the bundled pretraining_corpora/zh and /en); for a tokenizer.json also
+the time the merges took to learn and whether the English sample's ids are identical.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llama.model_files import TOKENIZER_NAME
+from llama.configuration_llama import CONFIG_NAME
+from llama.model_files import (BIN_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_INDEX_NAME, TOKENIZER_NAME, load_tensors,
+                               save_tensors)
 from llama.pretrained import DTYPES, load_pretrained
 from llama.tiny import corpus_texts
+from tools import bpe_merge
 from tools.vocab_merge import load_proto, merge_pieces, old_ids_of, piece_splitter, processor
 
 BUNDLED = Path(__file__).resolve().parents[1] / "pretraining_corpora"
 SAMPLE_CHARS = 2_000_000  # characters of sample text measured per language
+TOKENIZER_JSON = "tokenizer.json"
+# Embedding and output matrix names: this repo's layout, then transformers'. A tied model has no output matrix.
+EMBEDDING_NAMES = ("tok_embeddings.weight", "model.embed_tokens.weight")
+OUTPUT_NAMES = ("output.weight", "lm_head.weight")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.expand_vocab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="model dir to expand (config.json, weights, "
-                   "tokenizer.model; a transformers LLaMA dir works too)")
+                   "tokenizer.model or tokenizer.json; a transformers dir works too)")
     p.add_argument("--output", required=True, type=Path, help="model dir to write")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--zh-model", type=Path, help="a Chinese SentencePiece .model to merge")
-    source.add_argument("--zh-corpus", type=Path, help="train the Chinese model on this text (folder of JSONL, "
-                        "a JSONL file or a text file)")
-    p.add_argument("--zh-vocab-size", type=int, default=20000, help="pieces of the trained Chinese model")
+    source.add_argument("--zh-model", type=Path, help="a Chinese SentencePiece .model to merge (tokenizer.model "
+                        "only)")
+    source.add_argument("--zh-corpus", type=Path, help="Chinese text (folder of JSONL, a JSONL file or a text "
+                        "file) to train the Chinese model on, or to learn a tokenizer.json's new merges on")
+    p.add_argument("--zh-vocab-size", type=int, default=20000, help="pieces of the trained Chinese model; for a "
+                   "tokenizer.json, the most new tokens to learn (default 20000: Chinese-LLaMA's ~20k on LLaMA's 32k)")
+    p.add_argument("--min-frequency", type=int, default=2, help="tokenizer.json: stop learning when the most "
+                   "frequent pair occurs fewer times than this")
     p.add_argument("--zh-model-type", choices=("bpe", "unigram"), default="bpe")
-    p.add_argument("--tokenizer", type=Path, help="the model's tokenizer.model (default: the model dir's)")
+    p.add_argument("--tokenizer", type=Path, help="the model's tokenizer.model or tokenizer.json (default: the "
+                   "model dir's; tokenizer.model first)")
     p.add_argument("--sample-zh", type=Path, default=BUNDLED / "zh", help="Chinese text for tokens/char")
     p.add_argument("--sample-en", type=Path, default=BUNDLED / "en", help="English text for tokens/char")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load and write")
@@ -70,13 +103,22 @@ def new_rows(weight: torch.Tensor, splits: list[list[int]]) -> torch.Tensor:
     return F.embedding_bag(flat, weight.float(), offsets, mode="mean").to(weight.dtype)  # (n_new, dim)
 
 
+def grow_rows(weight: torch.Tensor, first_id: int, splits: list[list[int]]) -> torch.Tensor:
+    """weight with the new tokens' rows at first_id.. (each the mean of its split's rows): rows below first_id are
+    kept, rows the matrix already had past first_id (unused padding rows) are overwritten, and it grows to fit."""
+    rows = max(weight.shape[0], first_id + len(splits))
+    grown = torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])  # (rows, dim)
+    grown[first_id:first_id + len(splits)] = new_rows(weight[:first_id], splits)
+    return grown
+
+
 def expand_model(model, splits: list[list[int]]):
     """A new Llama whose tok_embeddings and output have len(splits) more rows; the rest shares model's tensors."""
     from llama import Llama
 
     state = model.state_dict()
     for name in ("tok_embeddings.weight", "output.weight"):
-        state[name] = torch.cat([state[name], new_rows(state[name], splits)])  # (old + new, dim)
+        state[name] = grow_rows(state[name], state[name].shape[0], splits)  # (old + new, dim)
     config = dataclasses.replace(model.config, vocab_size=model.config.vocab_size + len(splits))
     with torch.device("meta"):
         expanded = Llama(config)
@@ -84,17 +126,44 @@ def expand_model(model, splits: list[list[int]]):
     return expanded
 
 
-def tokens_per_char(sp, texts: list[str]) -> float:
+def tokens_per_char(ids: list[list[int]], texts: list[str]) -> float:
+    """Tokens per character of texts, given their encodings."""
     chars = sum(map(len, texts))
-    return sum(map(len, sp.encode(texts))) / chars if chars else float("nan")
+    return sum(map(len, ids)) / chars if chars else float("nan")
+
+
+def sample_texts(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
+    """(language, path, texts) of the sample texts that exist."""
+    return [(lang, path, corpus_texts(path, SAMPLE_CHARS)) for lang, path in (("zh", args.sample_zh),
+                                                                              ("en", args.sample_en))
+            if path is not None and path.exists()]
+
+
+def tokenizer_kind(args: argparse.Namespace) -> tuple[str, Path]:
+    """("sentencepiece" | "bpe", path): --tokenizer by its suffix, else the model dir's tokenizer.model (the
+    recipe's kind), else its tokenizer.json."""
+    if args.tokenizer is not None:
+        return ("bpe" if args.tokenizer.suffix == ".json" else "sentencepiece"), args.tokenizer
+    if (args.model / TOKENIZER_NAME).is_file():
+        return "sentencepiece", args.model / TOKENIZER_NAME
+    if (args.model / TOKENIZER_JSON).is_file():
+        return "bpe", args.model / TOKENIZER_JSON
+    raise FileNotFoundError(f"{args.model}: no tokenizer ({TOKENIZER_NAME} or {TOKENIZER_JSON}); pass --tokenizer")
 
 
 def run(args: argparse.Namespace, out=None) -> dict:
-    from llama.tiny import train_tokenizer
-
     out = out or sys.stdout
     if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{args.output} is not empty; pass --overwrite to write into it")
+    kind, tokenizer_path = tokenizer_kind(args)
+    if kind == "bpe":
+        return run_bpe(args, tokenizer_path, out)
+    return run_sentencepiece(args, out)
+
+
+def run_sentencepiece(args: argparse.Namespace, out) -> dict:
+    from llama.tiny import train_tokenizer
+
     model, tokenizer = load_pretrained(args.model, DTYPES[args.dtype], tokenizer_path=args.tokenizer)
     base = load_proto(tokenizer.model_path)
 
@@ -122,14 +191,111 @@ def run(args: argparse.Namespace, out=None) -> dict:
               "already_present": merge.skipped_present}
     print(f"vocabulary: {report['vocab_before']:,} -> {report['vocab_after']:,} pieces "
           f"(+{report['added']:,} new; {report['already_present']:,} Chinese pieces were already present)", file=out)
-    for lang, path in (("zh", args.sample_zh), ("en", args.sample_en)):
-        if path is None or not path.exists():
-            continue
-        texts = corpus_texts(path, SAMPLE_CHARS)
-        before, after = tokens_per_char(old_sp, texts), tokens_per_char(new_sp, texts)
+    for lang, path, texts in sample_texts(args):
+        before, after = tokens_per_char(old_sp.encode(texts), texts), tokens_per_char(new_sp.encode(texts), texts)
         report[f"tokens_per_char_{lang}"] = (before, after)
         print(f"tokens per character, {lang} ({sum(map(len, texts)):,} chars of {path}): {before:.3f} -> {after:.3f}",
               file=out)
+    print(f"wrote {args.output}", file=out)
+    return report
+
+
+def read_model_config(directory: Path) -> dict:
+    """config.json as a dict, to write back with only vocab_size changed (this repo's keys or transformers').
+    Read raw rather than through LlamaConfig, which refuses tie_word_embeddings until tied support lands."""
+    path = directory / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the model config ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("vocab_size"), int):
+        raise ValueError(f"{path}: no integer vocab_size")
+    return config
+
+
+def matrix_names(directory: Path, state: dict, config: dict) -> list[str]:
+    """The weights that have one row per token: the embedding, and the output matrix unless it is tied."""
+    embedding = [n for n in EMBEDDING_NAMES if n in state]
+    output = [n for n in OUTPUT_NAMES if n in state]
+    if len(embedding) != 1:
+        raise KeyError(f"{directory}: expected one embedding matrix ({' or '.join(EMBEDDING_NAMES)}), found "
+                       f"{embedding or 'none'}")
+    tied = config.get("tie_word_embeddings") is True
+    if tied and output:
+        raise ValueError(f"{directory}: config.json sets tie_word_embeddings but the weights hold {output[0]}")
+    if not tied and not output:
+        raise ValueError(f"{directory}: the weights hold no output matrix ({' or '.join(OUTPUT_NAMES)}) and "
+                         f"config.json does not set tie_word_embeddings")
+    return embedding + output
+
+
+def copy_sidecars(args: argparse.Namespace, tokenizer_path: Path) -> None:
+    """The source's other JSON files (tokenizer_config.json, special_tokens_map.json, generation_config.json, ...):
+    old ids keep their meaning, so they stay valid. Without a tokenizer_config.json a minimal one is written, so
+    transformers' AutoTokenizer loads the dir."""
+    skip = {CONFIG_NAME, TOKENIZER_JSON, SAFE_WEIGHTS_INDEX_NAME, BIN_WEIGHTS_INDEX_NAME}
+    for folder in dict.fromkeys((args.model, tokenizer_path.parent)):
+        for f in sorted(folder.glob("*.json")):
+            if f.name not in skip and f.resolve() != (args.output / f.name).resolve():
+                shutil.copyfile(f, args.output / f.name)
+    if not (args.output / "tokenizer_config.json").is_file():
+        (args.output / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n", encoding="utf-8")
+
+
+def run_bpe(args: argparse.Namespace, tokenizer_path: Path, out) -> dict:
+    if args.zh_model is not None:
+        raise ValueError(f"--zh-model is a SentencePiece model, and {tokenizer_path} is a tokenizer.json: give "
+                         f"--zh-corpus to learn its new merges on")
+    if args.zh_vocab_size <= 0 or args.min_frequency < 1:
+        raise ValueError("--zh-vocab-size and --min-frequency must be positive")
+    base = bpe_merge.load_bpe(tokenizer_path)
+    config = read_model_config(args.model)
+    first_id = base.next_id()
+    if first_id > config["vocab_size"]:
+        raise ValueError(f"tokenizer {tokenizer_path} has ids up to {first_id - 1} but {args.model / CONFIG_NAME} "
+                         f"has vocab_size {config['vocab_size']}")
+    texts = corpus_texts(args.zh_corpus)
+    print(f"learning up to {args.zh_vocab_size:,} new merges on {sum(map(len, texts)):,} characters of "
+          f"{args.zh_corpus}", file=out)
+    start = time.perf_counter()
+    learned = bpe_merge.learn_merges(base, texts, args.zh_vocab_size, args.min_frequency)
+    learn_seconds = time.perf_counter() - start
+    if not learned.merges:
+        raise ValueError(f"{args.zh_corpus}: no pair of tokens with a CJK character occurs {args.min_frequency} "
+                         f"times under {tokenizer_path}: nothing to add")
+    splits = [bpe_merge.old_ids_of(base, token) for token in learned.new_tokens]
+
+    state = load_tensors(args.model, DTYPES[args.dtype])
+    names = matrix_names(args.model, state, config)
+    for name in names:
+        if state[name].shape[0] != config["vocab_size"]:
+            raise ValueError(f"{args.model}: {name} has {state[name].shape[0]} rows but config.json has vocab_size "
+                             f"{config['vocab_size']}")
+        state[name] = grow_rows(state[name], first_id, splits)  # (rows, dim)
+    config["vocab_size"] = state[names[0]].shape[0]
+    args.output.mkdir(parents=True, exist_ok=True)
+    save_tensors(state, args.output, args.max_shard_size)
+    (args.output / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    copy_sidecars(args, tokenizer_path)
+    new_tokenizer = bpe_merge.write_tokenizer(bpe_merge.expanded_spec(base, learned), args.output / TOKENIZER_JSON)
+
+    report = {"vocab_before": first_id, "vocab_after": first_id + len(learned.new_tokens),
+              "added": len(learned.new_tokens), "embedding_rows": config["vocab_size"], "tied": len(names) == 1,
+              "learn_seconds": learn_seconds, "learned_from_words": learned.words,
+              "last_pair_count": learned.last_count}
+    print(f"vocabulary: {report['vocab_before']:,} -> {report['vocab_after']:,} tokens (+{report['added']:,} new "
+          f"merges, learned in {learn_seconds:.1f} s from {learned.words:,} distinct words; the last pair occurred "
+          f"{learned.last_count} times); {'tied embedding' if report['tied'] else 'embedding and output'} "
+          f"now {config['vocab_size']:,} rows", file=out)
+
+    for lang, path, texts in sample_texts(args):
+        old_ids, new_ids = bpe_merge.encode_ids(base.tokenizer, texts), bpe_merge.encode_ids(new_tokenizer, texts)
+        before, after = tokens_per_char(old_ids, texts), tokens_per_char(new_ids, texts)
+        report[f"tokens_per_char_{lang}"] = (before, after)
+        report[f"ids_identical_{lang}"] = old_ids == new_ids
+        print(f"tokens per character, {lang} ({sum(map(len, texts)):,} chars of {path}): {before:.3f} -> "
+              f"{after:.3f}{' (ids identical)' if old_ids == new_ids else ''}", file=out)
     print(f"wrote {args.output}", file=out)
     return report
 
@@ -139,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        print(f"expand_vocab: {e}", file=sys.stderr)
+        print(f"error: expand_vocab: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -7,7 +7,12 @@ Input: JSONL files (one object per line), or plain text for LM sets (one documen
 --text-unit file); folders are read recursively. Each record is checked with the stage's own DataProcessor checks
 (tools/stage_schema.py): --kind picks a schema, --stage reads the set the way that stage reads the output folder's
 name (default: the first stage whose args file mixes that name). Bad records are left out and listed with
-file:line; records the stage would skip (text empty after stripping) are left out and counted.
+file:line; records the stage would skip (text empty after stripping) are left out and counted. Whenever something is
+left out, the summary gives the count per reason with the first file:line of each (and so does the error when
+nothing is usable). A file that is one JSON array rather than JSON Lines is named as such.
+
+For stage 3 (--kind sft), ShareGPT records {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}
+are written as {"messages": [{"role": "user" | "assistant" | "system", "content"}, ...]}, the shape stage 3 reads.
 
 The shuffle is external (tools/external_shuffle.py): memory stays within --memory-mb whatever the input size.
 Output: <out>/10001.jsonl, 10002.jsonl, ... split by --num-files (equal record counts) or --file-size-mb. Existing
@@ -18,7 +23,9 @@ Deterministic: the same inputs, options and --seed give byte-identical files.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -33,6 +40,9 @@ from tools.text_stats import text_fields
 from training.corpus import DataError, RecordError, list_set_files, parse_record
 
 FIRST_NUMBER = 10001  # the recipe's file numbering
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ShareGPT "from" -> messages "role"
+JSON_ARRAY = ("the file is one JSON array, not JSON Lines (one object per line): convert it first, e.g. "
+              "jq -c '.[]' FILE > FILE.jsonl")
 TOKENIZE_BATCH = 1024  # records per tokenizer call when counting tokens
 
 
@@ -47,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="the set folder to write, e.g. pretraining_corpora/zh")
     schema = p.add_mutually_exclusive_group()
     schema.add_argument("--kind", choices=sorted(KINDS), help="record schema: lm {text}, translate {en_text, "
-                        "zh_text}, task {input, output, type}, sft {instruction, input, output}")
+                        "zh_text}, task {input, output, type}, sft {instruction, input, output} or {messages} "
+                        "(ShareGPT {conversations} converted)")
     schema.add_argument("--stage", choices=STAGES, help="check records as this stage reads a set named like --out")
     p.add_argument("--root", type=Path, help="corpus root holding prompts/ and translate/*.prompt "
                    "(default: the parent of --out)")
@@ -128,7 +139,7 @@ def run(args: argparse.Namespace, out=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix=".prepare_corpus-", dir=tmp_parent))
     stats = {"input_files": len(files), "input_bytes": input_bytes, "records": 0, "bytes": 0, "blank_lines": 0,
              "empty_records": 0, "bad_records": 0, "bad": [], "tokens": None, "files": [], "stage": stage,
-             "checked_as": check_as}
+             "checked_as": check_as, "reasons": {}, "converted": 0}
     shuffler = None
     try:
         shuffler = ExternalShuffler(work / "buckets", memory_bytes, input_bytes, args.seed)
@@ -136,18 +147,21 @@ def run(args: argparse.Namespace, out=None) -> dict:
         with tqdm(total=input_bytes, unit="B", unit_scale=True, desc="read+check", disable=args.quiet,
                   file=sys.stderr) as bar:
             for path in files:
-                for raw in read_raw_lines(path, input_format(path, args.format), args.text_unit, bar.update):
+                fmt = input_format(path, args.format)
+                array = fmt == "jsonl" and _is_json_array(path)
+                for raw in read_raw_lines(path, fmt, args.text_unit, bar.update):
                     if raw.data is None or raw.data:
-                        status, record = _check(checker, raw, stats, args.show_bad)
+                        status, record, line = _check(checker, raw, stats, args.show_bad, array)
                     else:
                         stats["blank_lines"] += 1
                         continue
                     if status == "empty":
                         stats["empty_records"] += 1
+                        _count_reason(stats, "empty: the stage would skip it (text empty after stripping)", raw.where)
                     elif status == "ok":
-                        shuffler.add(raw.data)
+                        shuffler.add(line)
                         stats["records"] += 1
-                        stats["bytes"] += len(raw.data) + 1
+                        stats["bytes"] += len(line) + 1
                         if tokenizer is not None:
                             pending_texts += text_fields(record)
                             if len(pending_texts) >= TOKENIZE_BATCH:
@@ -160,7 +174,8 @@ def run(args: argparse.Namespace, out=None) -> dict:
             raise PrepareError(f"{stats['bad_records']} bad record(s) and --strict: nothing written "
                                f"(first: {stats['bad'][0]})")
         if stats["records"] == 0:
-            raise PrepareError("no usable record in the input: nothing written")
+            raise PrepareError("no usable record in the input: nothing written; left out: " + "; ".join(
+                f"{count:,} x {reason} (first at {first})" for reason, (count, first) in stats["reasons"].items()))
         staged = _write_shuffled(shuffler, stats, args, work / "out", first_number)
         _install(staged, existing if args.overwrite else [], args.out)
         stats["files"] = [args.out / p.name for p in staged]
@@ -172,20 +187,67 @@ def run(args: argparse.Namespace, out=None) -> dict:
     return stats
 
 
-def _check(checker: RecordChecker, raw, stats: dict, show: int) -> tuple[str, dict | None]:
-    """("ok" | "empty" | "bad", the parsed record or None)."""
-    if raw.data is None:
-        problem = raw.error
+def _check(checker: RecordChecker, raw, stats: dict, show: int, array: bool = False
+           ) -> tuple[str, dict | None, bytes]:
+    """("ok" | "empty" | "bad", the parsed record or None, the line to write). A stage-3 ShareGPT record is
+    converted to {"messages"} first; a line of a JSON-array file is bad (JSON_ARRAY) whatever it holds."""
+    if array:
+        problem, reason = JSON_ARRAY, JSON_ARRAY
+    elif raw.data is None:
+        problem, reason = raw.error, _reason(raw.error)
     else:
         try:
-            record = parse_record(raw.data)
-            return checker.check_record(record), record
+            record, line = parse_record(raw.data), raw.data
+            if checker.stage == "alignment_sft" and "conversations" in record and "messages" not in record:
+                record = sharegpt_to_messages(record)
+                line = json.dumps(record, ensure_ascii=False).encode("utf-8")
+                stats["converted"] += 1
+            return checker.check_record(record), record, line
         except (RecordError, DataError) as e:
-            problem = str(e)
+            problem, reason = str(e), _reason(str(e))
     stats["bad_records"] += 1
-    if len(stats["bad"]) < show:
+    _count_reason(stats, reason, raw.where)
+    if len(stats["bad"]) < show and not (array and stats["reasons"][reason][0] > 1):  # an array: its first line
         stats["bad"].append(f"{raw.where}: {problem}")
-    return "bad", None
+    return "bad", None, b""
+
+
+def sharegpt_to_messages(record: dict) -> dict:
+    """{"conversations": [{"from", "value"}, ...], ...} -> {"messages": [{"role", "content"}, ...], ...} (other
+    fields kept). Roles and order are checked by the stage afterwards; here only what the conversion needs."""
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise RecordError(f"field 'conversations' must be a list of {{\"from\", \"value\"}} objects, got "
+                          f"{type(turns).__name__}")
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RecordError(f"conversations[{index}] must be an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise RecordError(f"conversations[{index}]: 'from' {turn['from']!r} is not one of "
+                              f"{tuple(SHAREGPT_ROLES)}")
+        messages.append({"role": role, "content": turn["value"]})
+    return {"messages": messages, **{key: value for key, value in record.items() if key != "conversations"}}
+
+
+def _reason(problem: str) -> str:
+    """A problem's kind, without the details that differ from record to record (positions, indices, field
+    lists): what bad records are counted by."""
+    reason = re.sub(r"\[\d+\]", "[i]", problem.split(" (")[0])
+    return re.sub(r" at (byte|column) \d+.*", "", reason)
+
+
+def _count_reason(stats: dict, reason: str, where: str) -> None:
+    count, first = stats["reasons"].get(reason, (0, where))
+    stats["reasons"][reason] = (count + 1, first)
+
+
+def _is_json_array(path: Path) -> bool:
+    """The file's first non-blank character is "[": a JSON array, which the stages cannot read line by line."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
 
 
 def _write_shuffled(shuffler: ExternalShuffler, stats: dict, args, folder: Path, first_number: int) -> list[Path]:
@@ -236,8 +298,12 @@ def _print_summary(stats: dict, args, out) -> None:
           f"{stats['files'][0].name} .. {stats['files'][-1].name} in {args.out}", file=out)
     if stats["tokens"] is not None:
         print(f"tokens: {stats['tokens']:,} (text fields, {args.tokenizer})", file=out)
+    if stats["converted"]:
+        print(f"converted: {stats['converted']:,} ShareGPT record(s) to {{\"messages\"}}", file=out)
     print(f"left out: {stats['bad_records']:,} bad record(s), {stats['empty_records']:,} empty record(s) "
           f"(the stage would skip them), {stats['blank_lines']:,} blank line(s)", file=out)
+    for reason, (count, first) in stats["reasons"].items():
+        print(f"  {count:>9,} x {reason} (first at {first})", file=out)
     for line in stats["bad"]:
         print(f"  bad: {line}", file=out)
     if stats["bad_records"] > len(stats["bad"]):

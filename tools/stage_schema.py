@@ -27,7 +27,7 @@ KINDS = {
     "lm": ("pretrain", "zh"),  # {"text"}
     "translate": ("pretrain", "translate"),  # {"en_text", "zh_text"} + translate/<direction>.prompt
     "task": ("task_instruct_tuning", "task"),  # {"input", "output", "type"} + prompts/<type>.<pre|post>.prompt
-    "sft": ("alignment_sft", "sft"),  # {"instruction", "input", "output"}
+    "sft": ("alignment_sft", "sft"),  # {"instruction", "input", "output"} or {"messages"}
 }
 
 

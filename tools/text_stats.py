@@ -14,8 +14,13 @@ OTHER_CHARS_PER_TOKEN = 4.0
 
 
 def text_fields(record: dict) -> list[str]:
-    """The record's string values that the model reads (every string field but NON_TEXT_FIELDS)."""
-    return [value for key, value in record.items() if isinstance(value, str) and key not in NON_TEXT_FIELDS]
+    """The record's string values that the model reads (every string field but NON_TEXT_FIELDS, and the contents
+    of a stage-3 conversation's messages)."""
+    texts = [value for key, value in record.items() if isinstance(value, str) and key not in NON_TEXT_FIELDS]
+    messages = record.get("messages")
+    if isinstance(messages, list):
+        texts += [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return texts
 
 
 def is_cjk(ch: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Callable, Generic, Sequence, TypeVar
 import numpy as np
 import torch
 
-from training.samples import Sample
+from training.samples import Sample, counted_spans
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ def pad_batch(samples: Sequence[Sample], pad_id: int) -> dict:
     loss_mask = np.zeros((len(samples), width), dtype=np.int64)
     for row, sample in enumerate(samples):
         input_ids[row, :len(sample.ids)] = sample.ids
-        loss_mask[row, sample.n_masked:len(sample.ids)] = 1
+        for start, stop in counted_spans(sample):
+            loss_mask[row, start:stop] = 1
     return _batch(input_ids, loss_mask, num_tokens=sum(len(s.ids) for s in samples))
 
 
@@ -43,7 +44,8 @@ def pack_rows(rows: Sequence[Sequence[Sample]], width: int, pad_id: int) -> dict
         for doc, sample in enumerate(samples):
             end = start + len(sample.ids)
             input_ids[row, start:end] = sample.ids
-            loss_mask[row, start + sample.n_masked:end] = 1
+            for first, stop in counted_spans(sample):
+                loss_mask[row, start + first:start + stop] = 1
             doc_ids[row, start:end] = doc
             start = end
         doc_ids[row, start:] = len(samples)

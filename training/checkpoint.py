@@ -174,10 +174,15 @@ def save_checkpoint(engine, data_processor, state: TrainerState, model_config, t
     return final
 
 
-def save_final(engine, model_config, tokenizer_path: str | Path, output_dir: str | Path) -> Path:
-    """The finished stage's model directory, output_dir/final/ (atomic too: final.tmp/ then rename)."""
+def save_final(engine, model_config, tokenizer_path: str | Path, output_dir: str | Path,
+               chat_format: str | None = None) -> Path:
+    """The finished stage's model directory, output_dir/final/ (atomic too: final.tmp/ then rename). Stage 3 passes
+    its chat_format: written as chat_format.json, which tools.chat and tools.eval_ppl follow."""
+    from llama.chat_template import write_chat_format
+
     final = Path(output_dir) / FINAL_DIR
-    with _atomic_directory(final) as tmp:
+    finish = None if chat_format is None else (lambda tmp: write_chat_format(tmp, chat_format))
+    with _atomic_directory(final, finish) as tmp:
         _save_model_dir(engine, tmp, model_config, tokenizer_path)
     return final
 

@@ -1,6 +1,6 @@
 """The shared base of the three stages' DataProcessor: everything but turning one record into a sample spec.
 
-A stage subclass overrides build() (record -> LM / Prompted spec, or None for an empty text) and, where it needs
+A stage subclass overrides build() (record -> LM / Prompted / Chat spec, or None for an empty text) and, where it needs
 prompt files, prepare(). This class does the rest: settings, corpus checks at start-up, this rank's share of every
 set, the exact weighted cycle, batched tokenization, padding or packing, the prefetch thread, and the state.
 
@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 from training.batching import Prefetcher, first_fit, pack_rows, pad_batch
 from training.corpus import (DataError, Location, RecordError, SetReader, list_set_files, parse_record, parse_split,
                              read_first_lines, SetSpec, weighted_cycle)
-from training.samples import Sample, SampleBuilder, Spec
+from training.samples import Sample, SampleBuilder, Spec, sample_from_json, sample_to_json
 from training.set_buffer import SetBuffer
 from training.settings import LONG_PROMPT_MODES, LONG_TEXT_MODES
 
@@ -37,7 +37,7 @@ LOG_FIRST_SKIPS = 5  # skipped records logged with file:line; later ones only co
 PREFETCH_DEPTH = 4  # batches built ahead of the training loop
 READ_AHEAD = 4  # a set that runs short is refilled for this many calls' worth: bigger tokenizer batch calls
 COUNTERS = ("records", "samples", "bad_records", "empty_texts", "blank_lines", "too_long", "discarded_tokens",
-            "cut_input_tokens", "cut_answers", "untyped_records")
+            "cut_input_tokens", "cut_answers", "untyped_records", "dropped_turns")
 _REQUIRED = object()
 
 
@@ -58,7 +58,7 @@ class BaseDataProcessor:
         """Load what records will need (prompt files), raising DataError; runs before the records are checked."""
 
     def build(self, set_name: str, record: dict, rng: random.Random) -> Optional[Spec]:
-        """One record -> LM(text) or Prompted(prefix, answer); None for a text empty after stripping.
+        """One record -> LM(text), Prompted(prefix, answer) or Chat (stage 3); None for a text empty after stripping.
         Raise RecordError for a bad record (the caller adds set, file and line)."""
         raise NotImplementedError
 
@@ -101,6 +101,9 @@ class BaseDataProcessor:
                                    ("long_prompt", self.long_prompt, LONG_PROMPT_MODES)):
             if value not in modes:
                 raise DataError(f"setting '{name}' must be one of {modes}, got {value!r}")
+        # Before the corpus is read: a chat format the tokenizer cannot render stops the run first.
+        self.builder = SampleBuilder(tokenizer, self.max_seq_length, self.long_text, self.long_prompt,
+                                     _setting(settings, "chat_format", "billa"))
         if not self.root.is_dir():
             raise DataError(f"setting 'pretrain_data_root_dir': folder {self.root.resolve()} does not exist")
 
@@ -111,7 +114,6 @@ class BaseDataProcessor:
             self._check_first_lines(name, set_files)
         self.readers = {name: SetReader(name, set_files, rank, world_size) for name, set_files in files.items()}
         self.cycle = weighted_cycle({name: spec.weight for name, spec in self.split.items()})
-        self.builder = SampleBuilder(tokenizer, self.max_seq_length, self.long_text, self.long_prompt)
         logger.info("data: %s", ", ".join(f"{name} x{spec.weight} ({len(self.readers[name].files)} of "
                                            f"{len(files[name])} files)" for name, spec in self.split.items()))
 
@@ -197,12 +199,12 @@ class BaseDataProcessor:
             "mix": self._mix,
             "sets": {name: {**snap["readers"][name],
                             "last_sample_pass": snap["last_sample_pass"][name],
-                            "pending": [[list(s.ids), s.n_masked, s.doc] for s in snap["pending"][name]]}
+                            "pending": [sample_to_json(s) for s in snap["pending"][name]]}
                      for name in self.split},
             "cycle_cursor": snap["cursor"],
             "rng": [snap["rng"][0], list(snap["rng"][1]), snap["rng"][2]],
             "counters": dict(snap["counters"]),
-            "packing_pool": [[list(s.ids), s.n_masked, s.doc] for s in snap["pool"]],
+            "packing_pool": [sample_to_json(s) for s in snap["pool"]],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -219,12 +221,12 @@ class BaseDataProcessor:
             saved = state["sets"][name]
             reader.seek(saved)
             self._last_sample_pass[name] = int(saved["last_sample_pass"])
-            self._pending[name] = SetBuffer(Sample(list(ids), int(k), int(doc)) for ids, k, doc in saved["pending"])
+            self._pending[name] = SetBuffer(sample_from_json(row) for row in saved["pending"])
         self._cursor = int(state["cycle_cursor"])
         version, internal, gauss = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
         self._counters = {key: int(state["counters"].get(key, 0)) for key in COUNTERS}
-        self._pool = [Sample(list(ids), int(k), int(doc)) for ids, k, doc in state["packing_pool"]]
+        self._pool = [sample_from_json(row) for row in state["packing_pool"]]
         self._handed = self._snapshot()
 
     def close(self) -> None:
@@ -306,7 +308,7 @@ class BaseDataProcessor:
             self._where = (f"records {read[0][2]} ... {read[-1][2]}" if len(read) > 1 else str(read[0][2]))
             built = self.builder.build([spec for _, spec, _, _, _ in read], self._rng, self._counters)
             for (name, _, _, pass_number, doc), samples in zip(read, built):
-                self._pending[name].add([Sample(s.ids, s.n_masked, doc) for s in samples])
+                self._pending[name].add([s._replace(doc=doc) for s in samples])
                 if samples:
                     self._last_sample_pass[name] = pass_number
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from training.optimizer import build_optimizer, check_toolchain
+from training.optimizer import build_optimizer, check_toolchain, parameter_groups
 from training import zero_state
 from training.settings import SettingsError
 
@@ -135,7 +135,7 @@ class Engine:
         self.max_grad_norm = float(settings.max_grad_norm)
         self.accumulation = int(settings.gradient_accumulation_steps)
         plugin, mixed_precision = self._plugin(cai, settings)
-        optimizer = build_optimizer(settings, choice, [p for p in model.parameters() if p.requires_grad])
+        optimizer = build_optimizer(settings, choice, parameter_groups(settings, model))
         scheduler = self._schedule(cai, optimizer, settings)
         self.booster = cai.Booster(plugin=plugin, mixed_precision=mixed_precision)
         # Boosting materializes a lazily built model (GeminiDDP._preprocess_param), replaying its random init; its

@@ -18,11 +18,11 @@ from training.checkpoint import (CheckpointError, TrainerState, find_latest, loa
 from training.engine import Engine, choose_engine
 from training.evaluation import HeldOut, load_held_out
 from training.launch import StopRequest, launch, shutdown
-from training.metrics import Metrics, flops_per_token, peak_tflops_per_gpu, setup_logging
+from training.metrics import Metrics, batch_line, flops_per_token, peak_tflops_per_gpu, setup_logging
 from training.model_loading import (ModelInputError, check_model_inputs, load_model, load_weights_after_boost,
                                     log_host_memory)
 from training.corpus import DataError
-from training.settings import SettingsError, load_settings
+from training.settings import SettingsError, load_settings, resolve_global_batch
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +64,12 @@ def _train(settings, data_processor_cls) -> None:
     # ---- launch: torchrun environment, process group, per-rank seeds, logging
     run = launch(settings.seed)
     log_file = setup_logging(settings.logdir, run.rank)
+    settings = resolve_global_batch(settings, run.world_size)  # gradient_accumulation_steps from global_batch_size
     if run.rank == 0:
         logger.info(settings.format())
     logger.info("rank %d of %d (local rank %d) on %s; log file %s", run.rank, run.world_size, run.local_rank,
                 run.device, log_file)
+    logger.info(batch_line(settings, run.world_size))
     choice = choose_engine(settings)
     if choice.fallback_reason and run.rank == 0:
         logger.warning(choice.fallback_reason)
@@ -101,7 +103,8 @@ def _train(settings, data_processor_cls) -> None:
         # ---- the loop
         completed = _run_steps(settings, run, engine, data, inputs, state, fpt, held_out)
         if completed:
-            final = save_final(engine, inputs.config, inputs.tokenizer_path, settings.output_dir)
+            final = save_final(engine, inputs.config, inputs.tokenizer_path, settings.output_dir,
+                               settings.chat_format if "chat_format" in settings else None)  # stage 3 only
             logger.info("finished %d steps; model saved to %s", state.step, final)
     finally:
         data.close()

@@ -56,6 +56,18 @@ def flops_per_token(model: torch.nn.Module, n_layers: int, hidden_size: int, seq
     return 6.0 * n_params + 12.0 * n_layers * hidden_size * seq_len
 
 
+def batch_line(settings, world_size: int) -> str:
+    """The batch of one optimizer step, for the log's first lines: per GPU, processes, accumulation, global, tokens
+    (rows of max_seq_length: the most a step can train on; padding is counted in, packed rows have none)."""
+    accumulation = settings.gradient_accumulation_steps
+    samples = settings.batch_size * world_size * accumulation
+    source = (f"global_batch_size={settings.global_batch_size}" if getattr(settings, "global_batch_size", 0)
+              else "gradient_accumulation_steps as set")
+    return (f"batch: {settings.batch_size} per GPU x {world_size} processes x {accumulation} accumulation = "
+            f"{samples} samples per optimizer step ({source}); x {settings.max_seq_length} tokens = "
+            f"{samples * settings.max_seq_length:,} tokens per step at most")
+
+
 def peak_tflops_per_gpu(setting: float, device: torch.device, precision: str) -> float | None:
     """The MFU denominator: the peak_tflops_per_gpu setting, else the GPU looked up by name, else None (no MFU)."""
     if setting > 0:

@@ -209,8 +209,27 @@ def set_offloaded_adam_threads() -> None:
 # ---------------------------------------------------------------------------------------------------- build
 
 
-def build_optimizer(settings, choice, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The Adam of the table above over `params`, with the settings' lr, betas and weight decay (decoupled, AdamW)."""
+def parameter_groups(settings, model: torch.nn.Module) -> list[torch.nn.Parameter] | list[dict]:
+    """The trainable parameters, as build_optimizer takes them. weight_decay_skip=False (the recipe): one group, every
+    weight decayed. True: two groups, the second with weight_decay 0 holding what decay should leave alone: norm
+    weights and biases (1-d) and embedding tables (nn.Embedding's weight; a tied output shares it). Torch's AdamW,
+    HybridAdam, and the ZeRO wrappers keep per-group settings: GeminiOptimizer.__init__optimizer maps each group's
+    params to its chunk slices, LowLevelZeroOptimizer keeps one master group per optimizer group."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not getattr(settings, "weight_decay_skip", False):
+        return [p for _, p in trainable]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    no_decay = [p for _, p in trainable if p.dim() < 2 or id(p) in embeddings]
+    skipped = {id(p) for p in no_decay}
+    decay = [p for _, p in trainable if id(p) not in skipped]
+    logger.info("weight decay %g on %d tensors; none on %d norm, bias and embedding tensors (weight_decay_skip)",
+                settings.weight_decay, len(decay), len(no_decay))
+    return [group for group in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
+
+
+def build_optimizer(settings, choice, params: list[torch.nn.Parameter] | list[dict]) -> torch.optim.Optimizer:
+    """The Adam of the table above over `params` (a list, or parameter_groups' groups), with the settings' lr, betas
+    and weight decay (decoupled, AdamW)."""
     kind = optimizer_kind(settings, choice)
     adam = dict(lr=settings.lr, betas=(settings.adam_beta1, settings.adam_beta2), weight_decay=settings.weight_decay)
     if optimizer_offloaded(settings, choice):

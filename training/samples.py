@@ -1,16 +1,22 @@
 """From what a stage's DataProcessor says a record is (LM text, or prompt prefix + answer) to token samples.
 
 A sample is (ids, n_masked): bos ... eos with the first n_masked tokens out of the loss, the rest counted. Every
-sample kind of the recipe has this shape, so a loss mask is never stored, only rebuilt (arange(n) >= n_masked).
-Texts are tokenized many records at a time with the tokenizer's batch call.
+sample kind of the recipe has this shape, so a loss mask is never stored, only rebuilt (arange(n) >= n_masked). A
+multi-turn conversation (stage 3) counts several answers: it carries its counted spans instead (`counted`), and
+only it pays for them. Texts are tokenized many records at a time with the tokenizer's batch call.
 """
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
+
+from training.conversation import Chat, ChatRenderer, Rendered, billa_question
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,13 +47,31 @@ class Prompted:
     answer: str
 
 
-Spec = Union[LM, Prompted]
+Spec = Union[LM, Prompted, Chat]
 
 
 class Sample(NamedTuple):
     ids: list[int]
     n_masked: int  # the first n_masked ids are out of the loss; len(ids) > n_masked unless nothing fits
     doc: int = -1  # the record it came from (the stream's serial), so that chunks of one document can be kept apart
+    counted: Optional[tuple[tuple[int, int], ...]] = None  # a conversation's counted [start, stop) spans; None:
+    # everything from n_masked on
+
+
+def counted_spans(sample: Sample) -> tuple[tuple[int, int], ...]:
+    """The [start, stop) ranges of ids the loss counts."""
+    return sample.counted if sample.counted is not None else ((sample.n_masked, len(sample.ids)),)
+
+
+def sample_to_json(sample: Sample) -> list:
+    """[ids, n_masked, doc] (+ [spans] for a conversation): the data state's form of a pending sample."""
+    row = [list(sample.ids), sample.n_masked, sample.doc]
+    return row if sample.counted is None else row + [[list(span) for span in sample.counted]]
+
+
+def sample_from_json(row: list) -> Sample:
+    counted = tuple((int(start), int(stop)) for start, stop in row[3]) if len(row) > 3 else None
+    return Sample(list(row[0]), int(row[1]), int(row[2]), counted)
 
 
 def masked_prefix_length(n: int, rng: random.Random) -> int:
@@ -72,34 +96,77 @@ class SampleBuilder:
 
     counters gets "discarded_tokens" (tokens that never reach a sample: LM tokens cut off by long_text="truncate",
     answer tokens that did not fit), "cut_input_tokens" (prompt-input tokens dropped to make a sample fit),
-    "cut_answers" (samples whose answer, e.g. a translation's target, lost its end) and "too_long" (samples whose
-    prefix, cut as far as it may be, still fills max_seq_length: nothing left to learn, skipped).
+    "cut_answers" (samples whose answer, e.g. a translation's target, lost its end), "too_long" (samples whose
+    prefix, cut as far as it may be, still fills max_seq_length: nothing left to learn, skipped; a conversation
+    whose system turn and last turn alone do not fit) and "dropped_turns" (earliest turns of conversations dropped
+    to fit).
+
+    Chats (stage 3) are rendered in `chat_format` (training/conversation.py). A single-turn billa chat with no
+    system turn is the recipe's sample: it becomes a Prompted, with the recipe's ids and its long-input cuts.
     """
 
-    def __init__(self, tokenizer, max_seq_length: int, long_text: str, long_prompt: str):
+    def __init__(self, tokenizer, max_seq_length: int, long_text: str, long_prompt: str, chat_format: str = "billa"):
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.long_text = long_text
         self.long_prompt = long_prompt
         self.bos, self.eos = tokenizer.bos_id, tokenizer.eos_id
+        self.chats = ChatRenderer(tokenizer, chat_format)
+        self._logged: set[str] = set()  # counters whose first event was logged
 
     def build(self, specs: list[Spec], rng: random.Random, counters: dict) -> list[list[Sample]]:
         """Samples for each spec, in order (an LM document may give several, a hopeless one none)."""
+        specs = [self._recipe_form(spec) if isinstance(spec, Chat) else spec for spec in specs]
+        rendered = [self.chats.render(spec) if isinstance(spec, Chat) else None for spec in specs]
         texts = []
-        for spec in specs:
+        for spec, chat in zip(specs, rendered):
             if isinstance(spec, LM):
                 texts.append(spec.text)
-            else:
+            elif isinstance(spec, Prompted):
                 texts += [prefix_text(spec.prefix), spec.answer]
+            else:
+                texts += [piece.text for piece in chat.pieces]
         encoded = iter(self.tokenizer.encode_batch(texts))
         out = []
-        for spec in specs:
+        for spec, chat in zip(specs, rendered):
             if isinstance(spec, LM):
                 out.append(self._lm(next(encoded), rng, counters))
-            else:
+            elif isinstance(spec, Prompted):
                 prefix_ids, answer_ids = next(encoded), next(encoded)
                 out.append(self._prompted(spec, prefix_ids, answer_ids, counters))
+            else:
+                out.append(self._chat(spec, chat, [next(encoded) for _ in chat.pieces], counters))
         return out
+
+    def _recipe_form(self, chat: Chat) -> Union[Chat, Prompted]:
+        """A single-turn billa chat with no system turn as the recipe's Prompted: its question parts may lose their
+        middle (Cut) when too long. Other chats stay chats."""
+        if self.chats.chat_format != "billa" or chat.system or len(chat.turns) != 1:
+            return chat
+        parts, answer = chat.turns[0]
+        return Prompted(billa_question(tuple(Cut(part) for part in parts)), answer)
+
+    def _chat(self, chat: Chat, rendered: Rendered, encoded: list[list[int]], counters: dict) -> list[Sample]:
+        fitted = self.chats.fit(chat, self.max_seq_length, rendered, encoded)
+        if fitted is None:
+            counters["too_long"] += 1
+            counters["discarded_tokens"] += sum(map(len, encoded))
+            self._log_first("too_long", f"a conversation of {len(chat.turns)} turn(s) does not fit max_seq_length="
+                                        f"{self.max_seq_length} even with only its system turn and last turn: skipped")
+            return []
+        ids, spans, dropped = fitted
+        if dropped:
+            counters["dropped_turns"] += dropped
+            self._log_first("dropped_turns", f"a conversation longer than max_seq_length={self.max_seq_length} lost "
+                                             f"its {dropped} earliest turn(s) of {len(chat.turns)}")
+        if len(spans) == 1 and spans[0][1] == len(ids):  # one answer at the end: the recipe's shape, no spans kept
+            return [Sample(ids, spans[0][0])]
+        return [Sample(ids, spans[0][0], counted=tuple(spans))]
+
+    def _log_first(self, counter: str, what: str) -> None:
+        if counter not in self._logged:
+            self._logged.add(counter)
+            logger.warning("%s (%s; further ones are only counted)", what, counter)
 
     def _lm(self, text_ids: list[int], rng: random.Random, counters: dict) -> list[Sample]:
         ids = [self.bos, *text_ids, self.eos]

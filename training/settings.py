@@ -16,6 +16,8 @@ import types
 from pathlib import Path
 from typing import Any, Callable
 
+from llama.chat_template import CHAT_FORMATS
+
 PLUGINS = ("gemini", "zero2", "ddp")
 PRECISIONS = ("fp16", "bf16", "fp32")
 LONG_TEXT_MODES = ("split", "truncate")
@@ -84,6 +86,10 @@ def load_settings(args_module: types.ModuleType, argv: list[str]) -> Settings:
         values[name] = parse_override(name, text, values[name])
         overridden.add(name)
     validate(values, source)
+    if values.get("global_batch_size", 0) > 0 and "gradient_accumulation_steps" in overridden:
+        raise SettingsError(f"setting 'gradient_accumulation_steps' is derived from 'global_batch_size' = "
+                            f"{values['global_batch_size']} and the number of processes; set global_batch_size=0 to "
+                            f"choose it yourself ({source})")
     if values.get("logdir") == "" and "output_dir" in values:
         values["logdir"] = str(Path(values["output_dir"]) / "logs")  # follows an overridden output_dir
     return Settings(values, source, overridden)
@@ -124,6 +130,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "precision": (lambda v: v in PRECISIONS, f"one of {PRECISIONS}"),
     "long_text": (lambda v: v in LONG_TEXT_MODES, f"one of {LONG_TEXT_MODES}"),
     "long_prompt": (lambda v: v in LONG_PROMPT_MODES, f"one of {LONG_PROMPT_MODES}"),
+    "chat_format": (lambda v: v in CHAT_FORMATS, f"one of {CHAT_FORMATS}"),
     "gemini_placement_policy": (lambda v: v in GEMINI_PLACEMENTS, f"one of {GEMINI_PLACEMENTS}"),
     "gemini_offload_optim_frac": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
     "gemini_offload_param_frac": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
@@ -136,6 +143,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_steps": (lambda v: v >= 1, "an int >= 1"),
     "warmup_steps": (lambda v: v >= 0, "an int >= 0"),
     "gradient_accumulation_steps": (lambda v: v >= 1, "an int >= 1"),
+    "global_batch_size": (lambda v: v >= 0, "an int >= 0 (0: batch_size x processes x gradient_accumulation_steps)"),
     "logging_steps": (lambda v: v >= 1, "an int >= 1"),
     "saving_steps": (lambda v: v >= 1, "an int >= 1"),
     "eval_steps": (lambda v: v >= 1, "an int >= 1"),
@@ -175,6 +183,31 @@ def validate(values: dict[str, Any], source: str = "settings") -> None:
                             f"{values['max_steps']}: the cosine decay needs at least one step ({source})")
 
 
+def resolve_global_batch(settings: Settings, world_size: int) -> Settings:
+    """The settings with gradient_accumulation_steps derived from global_batch_size (samples per optimizer step) and
+    the number of processes: global = batch_size (per GPU) x world_size x accumulation. Unchanged when
+    global_batch_size is 0 or absent. A global batch that is not such a product is a SettingsError naming the
+    numbers and the per-GPU batch sizes that would fit."""
+    wanted = settings.global_batch_size if "global_batch_size" in settings else 0
+    if wanted == 0:
+        return settings
+    per_step = settings.batch_size * world_size  # samples of one micro-batch over all processes
+    if wanted % per_step:
+        fits = [b for b in range(1, wanted // world_size + 1) if wanted % (b * world_size) == 0]
+        if fits:
+            b = max((fit for fit in fits if fit <= settings.batch_size), default=fits[0])  # fits its memory
+            hint = (f"batch_size={b} ({b} x {world_size} x {wanted // (b * world_size)} accumulation = {wanted}); "
+                    f"the per-GPU batch sizes that fit: {fits}")
+        else:
+            hint = f"global_batch_size a multiple of {world_size}: no batch_size fits {world_size} processes"
+        raise SettingsError(f"setting 'global_batch_size' = {wanted} is not a multiple of batch_size "
+                            f"{settings.batch_size} x {world_size} processes = {per_step}; use {hint} "
+                            f"({settings.source})")
+    values = settings.to_dict()
+    values["gradient_accumulation_steps"] = wanted // per_step
+    return Settings(values, settings.source, settings.overridden)
+
+
 _UNPARSED = object()
 
 
@@ -194,23 +227,77 @@ def _type_word(kind: type) -> str:
             list: "a list literal", tuple: "a tuple literal"}.get(kind, kind.__name__)
 
 
+# Names other trainers use (transformers' TrainingArguments, Megatron, nanoGPT, ...) for settings of this repo.
+_ALIASES = {
+    "learning_rate": "lr", "lr_rate": "lr", "peak_lr": "lr", "max_lr": "lr", "base_lr": "lr",
+    "min_learning_rate": "min_lr", "final_lr": "min_lr", "eta_min": "min_lr",
+    "num_steps": "max_steps", "total_steps": "max_steps", "train_steps": "max_steps", "steps": "max_steps",
+    "num_train_steps": "max_steps", "training_steps": "max_steps", "train_iters": "max_steps",
+    "max_iters": "max_steps",
+    "grad_accum": "gradient_accumulation_steps", "gradient_accumulation": "gradient_accumulation_steps",
+    "grad_accum_steps": "gradient_accumulation_steps", "accumulation_steps": "gradient_accumulation_steps",
+    "accumulate_grad_batches": "gradient_accumulation_steps",
+    "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "per_gpu_batch_size": "batch_size", "bs": "batch_size",
+    "global_batch": "global_batch_size", "total_batch_size": "global_batch_size",
+    "effective_batch_size": "global_batch_size",
+    "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps", "warmup_iters": "warmup_steps",
+    "lr_warmup_steps": "warmup_steps",
+    "seq_len": "max_seq_length", "seq_length": "max_seq_length", "max_length": "max_seq_length",
+    "block_size": "max_seq_length", "context_length": "max_seq_length", "max_len": "max_seq_length",
+    "model_max_length": "max_seq_length", "cutoff_len": "max_seq_length",
+    "wd": "weight_decay", "decay": "weight_decay",
+    "grad_clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm", "gradient_clipping": "max_grad_norm",
+    "beta1": "adam_beta1", "beta2": "adam_beta2",
+    "dropout": "dropout_prob", "model_name_or_path": "init_model_path", "model_path": "init_model_path",
+    "model": "init_model_path", "tokenizer": "tokenizer_path", "tokenizer_name": "tokenizer_path",
+    "data_dir": "pretrain_data_root_dir", "data_path": "pretrain_data_root_dir", "dataset": "pretrain_data_split",
+    "save_steps": "saving_steps", "checkpoint_steps": "saving_steps", "save_total_limit": "keep_checkpoints",
+    "log_steps": "logging_steps", "logging_dir": "logdir", "log_dir": "logdir", "output": "output_dir",
+    "resume_from_checkpoint": "recover_training_from_checkpoint", "resume": "recover_training_from_checkpoint",
+    "mixed_precision": "precision", "dtype": "precision", "fp16": "precision", "bf16": "precision",
+    "gradient_checkpointing_enable": "gradient_checkpointing", "activation_checkpointing": "gradient_checkpointing",
+    "eval_dir": "eval_data_root_dir", "eval_interval": "eval_steps", "strategy": "plugin", "zero_stage": "plugin",
+    "no_decay": "weight_decay_skip",
+}
+
+
 def _did_you_mean(name: str, values: dict[str, Any]) -> str:
+    """The setting a known alias stands for (`learning_rate` -> lr), then the closest spellings."""
     import difflib
 
-    close = difflib.get_close_matches(name, list(values), n=3)
-    return f"; did you mean {', '.join(close)}?" if close else ""
+    key = name.strip().lstrip("-").lower().replace("-", "_")
+    alias = _ALIASES.get(key)
+    close = [alias] if alias in values else []
+    close += [match for match in difflib.get_close_matches(name, list(values), n=3) if match not in close]
+    return f"; did you mean {', '.join(close[:3])}?" if close else ""
+
+
+def args_file_layout(args_module: types.ModuleType) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The args file as written: [(heading, [(setting, its one-line comment), ...]), ...], in file order. Headings are
+    the `# ---...--- name` lines; a setting's comment is the text after `  # ` on its line. Read from the source, for
+    --help and for docs/settings.md (tools/settings_doc.py)."""
+    values = {name: value for name, value in vars(args_module).items() if _is_setting(name, value)}
+    sections: list[tuple[str, list[tuple[str, str]]]] = [("", [])]
+    seen: set[str] = set()
+    path = getattr(args_module, "__file__", None)
+    lines = Path(path).read_text(encoding="utf-8").splitlines() if path and Path(path).exists() else []
+    for line in lines:
+        if line.startswith("# ---"):
+            sections.append((line.strip("# -"), []))
+            continue
+        head, _, comment = line.partition("  # ")
+        name = head.split("=")[0].strip()
+        if "=" in head and name in values and name not in seen and not line[:1].isspace():
+            sections[-1][1].append((name, comment.strip()))
+            seen.add(name)
+    sections[-1][1].extend((name, "") for name in values if name not in seen)  # set without a line of its own
+    return [(heading, items) for heading, items in sections if items]
 
 
 def _help_text(args_module: types.ModuleType, values: dict[str, Any]) -> str:
     """Each setting with its one-line comment, read from the args file's source."""
-    comments: dict[str, str] = {}
-    path = getattr(args_module, "__file__", None)
-    if path and Path(path).exists():
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            head, _, comment = line.partition("  # ")
-            name = head.split("=")[0].strip()
-            if "=" in head and name in values and name not in comments:
-                comments[name] = comment.strip()
+    comments = {name: comment for _, items in args_file_layout(args_module) for name, comment in items}
     doc = (args_module.__doc__ or "").strip()
     width = max(len(name) for name in values)
     lines = [doc, "", "Settings (override with key=value):"]

@@ -103,20 +103,26 @@ def _architecture(meta: dict, path: Path) -> str:
     return arch
 
 
+def _layout_names(n_layers: int) -> Iterator[str]:
+    """Every transformers name of the layout table (weight_layouts), each weight also as its bias."""
+    for template in _HF_TO_OURS:
+        for name in ([template.format(i) for i in range(n_layers)] if "{}" in template else [template]):
+            yield name
+            if name.endswith(".weight"):
+                yield name.removesuffix(".weight") + ".bias"
+
+
 def _hf_names(arch: str, n_layers: int) -> dict[str, str]:
-    """GGUF tensor name -> transformers name, for every weight and bias the layout table knows of."""
+    """GGUF tensor name -> transformers name, for every name of the layout table that GGUF has one for."""
     import gguf
 
     arch_enum = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
     name_map = gguf.get_tensor_name_map(arch_enum, n_layers)
     out = {}
-    for template in _HF_TO_OURS:
-        for hf in ([template.format(i) for i in range(n_layers)] if "{}" in template else [template]):
-            for suffix in (".weight", ".bias"):
-                name = hf.removesuffix(".weight") + suffix
-                gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-                if gguf_name is not None:
-                    out[gguf_name] = name
+    for name in _layout_names(n_layers):
+        gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is not None:
+            out[gguf_name] = name
     return out
 
 
@@ -281,18 +287,19 @@ def hf_tensors(reader, config: dict, arch: str, path: Path, dtype: torch.dtype =
 
 
 def _expected_hf_names(config: dict, arch: str) -> set[str]:
-    """transformers' parameter names for `config`."""
+    """transformers' parameter names for `config`: biases where the class has them, no q/k norms (Qwen3's, which
+    llama and qwen2 lack), no lm_head when tied."""
+    if arch == "qwen2":
+        biased = {"q_proj", "k_proj", "v_proj"}
+    else:
+        biased = {"q_proj", "k_proj", "v_proj", "o_proj"} if config.get("attention_bias") else set()
     out = set()
-    biased = {"q_proj", "k_proj", "v_proj"} if arch == "qwen2" else (
-        {"q_proj", "k_proj", "v_proj", "o_proj"} if config.get("attention_bias") else set())
-    for template in _HF_TO_OURS:
-        if template == "lm_head.weight" and config["tie_word_embeddings"]:
+    for name in _layout_names(config["num_hidden_layers"]):
+        module = name.split(".")[-2]
+        if name == "lm_head.weight" and config["tie_word_embeddings"] or module in ("q_norm", "k_norm"):
             continue
-        for hf in ([template.format(i) for i in range(config["num_hidden_layers"])] if "{}" in template
-                   else [template]):
-            out.add(hf)
-            if hf.split(".")[-2] in biased:
-                out.add(hf.removesuffix(".weight") + ".bias")
+        if not name.endswith(".bias") or module in biased:
+            out.add(name)
     return out
 
 

@@ -101,31 +101,7 @@ echo
     --out "$DEMO_DIR/curves.png" >/dev/null
 
 echo
-"$PY" - "$DEMO_DIR" <<'EOF'
-import sys
-from pathlib import Path
-
-from training.metrics import read_records
-
-demo = Path(sys.argv[1])
-stages = ("pretrain", "task_instruct_tuning", "alignment_sft")
-print("== training loss per stage (window means from logs/metrics.jsonl)")
-for stage in stages:
-    train = read_records(demo / stage / "logs" / "metrics.jsonl", "loss")
-    print(f"  {stage:<22} step {train[0]['step']:>3}: {train[0]['loss']:.3f}  ->  "
-          f"step {train[-1]['step']:>3}: {train[-1]['loss']:.3f}")
-print("\n== held-out loss per set, first -> last evaluation (logs/metrics.jsonl)")
-for stage in stages:
-    evals = read_records(demo / stage / "logs" / "metrics.jsonl", "eval")
-    first, last = evals[0], evals[-1]
-    print(f"  {stage} (step {first['step']} -> step {last['step']})")
-    for name, score in first["eval"]["sets"].items():
-        print(f"    {name:<20} {score['loss']:.3f}  ->  {last['eval']['sets'][name]['loss']:.3f}"
-              f"   ({score['tokens']:,} tokens)")
-    if "mix" in first["eval"]:
-        print(f"    {'mix-weighted':<20} {first['eval']['mix']['loss']:.3f}  ->  {last['eval']['mix']['loss']:.3f}")
-print(f"\n== curves (training loss, held-out loss per set, lr against tokens seen): {demo / 'curves.png'}")
-EOF
+"$PY" scripts/demo_summary.py "$DEMO_DIR"
 
 FINAL="$DEMO_DIR/alignment_sft/final"
 echo

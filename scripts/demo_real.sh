@@ -32,6 +32,8 @@ DEMO_DIR=${DEMO_DIR:-outputs/demo}
 STEPS=${STEPS:-16}       # optimizer steps per stage (budget above)
 SEQ=${SEQ:-128}          # max_seq_length: tokens per sample
 BATCH=${BATCH:-2}        # samples per process and step
+SEQ3=${SEQ3:-320}        # stage 3: whole conversations (see there)
+BATCH3=${BATCH3:-1}
 NPROC=${NPROC:-2}
 ZH_VOCAB=${ZH_VOCAB:-8000}  # at most this many new merges; the bundled zh text gives 2,600 (49,152 -> 51,752)
 # SmolLM2-Instruct already answers in its own chat template (<|im_start|>...<|im_end|>); 16 steps cannot teach it
@@ -93,8 +95,10 @@ run_stage() {  # run_stage <stage> <init_model_path> <eval_sets> [setting=value 
 run_stage pretrain "$DEMO_DIR/smollm2-zh" "[]" eos_token="<|endoftext|>"
 run_stage task_instruct_tuning "$DEMO_DIR/pretrain/final" "['zh', 'en', 'translate', 'zh-qa-short', 'en-squad2']" \
     eos_token="<|endoftext|>"
+# Stage 3's samples are whole conversations, never split: SmolLM2's template (its system turn included) makes the
+# bundled leet-code-zh ones 150-280 tokens, so this stage takes one sample of 320 per process (as many tokens a step).
 run_stage alignment_sft "$DEMO_DIR/task_instruct_tuning/final" "['mwp-zh', 'cot-en', 'others']" \
-    chat_format="$CHAT_FORMAT"
+    chat_format="$CHAT_FORMAT" max_seq_length="$SEQ3" batch_size="$BATCH3"
 
 echo
 "$PY" -m tools.plot_metrics "$DEMO_DIR/pretrain" "$DEMO_DIR/task_instruct_tuning" "$DEMO_DIR/alignment_sft" \

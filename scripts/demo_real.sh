@@ -32,6 +32,8 @@ DEMO_DIR=${DEMO_DIR:-outputs/demo}
 STEPS=${STEPS:-16}       # optimizer steps per stage (budget above)
 SEQ=${SEQ:-128}          # max_seq_length: tokens per sample
 BATCH=${BATCH:-2}        # samples per process and step
+LR=${LR:-5e-5}           # peak learning rate of each stage
+MIN_LR=${MIN_LR:-5e-6}   # cosine floor: LR / 10
 SEQ3=${SEQ3:-320}        # stage 3: whole conversations (see there)
 BATCH3=${BATCH3:-1}
 NPROC=${NPROC:-2}
@@ -73,7 +75,7 @@ echo "$(elapsed) wrote $DEMO_DIR/smollm2-zh"
 # written (a step checkpoint would add ~1.7 GB of weights and Adam state per stage).
 DEMO_SETTINGS=(
     plugin=ddp precision=fp32 gradient_checkpointing=False dropout_prob=0.0
-    max_steps="$STEPS" warmup_steps=2 lr=5e-5 min_lr=5e-6
+    max_steps="$STEPS" warmup_steps=2 lr="$LR" min_lr="$MIN_LR"
     batch_size="$BATCH" global_batch_size=0 max_seq_length="$SEQ" logging_steps=2 saving_steps=1000000
     eval_data_root_dir=heldout_corpora eval_steps=$(( (STEPS + 1) / 2 )) eval_samples_per_set=8
 )

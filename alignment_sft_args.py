@@ -6,7 +6,8 @@ Plain constants, no logic. Override any of them on the command line:
 
 # ---------------------------------------------------------------- model
 init_model_path = "outputs/task_instruct_tuning/final"  # stage 2's final model
-tokenizer_path = ""  # empty: <init_model_path>/tokenizer.model
+tokenizer_path = ""  # a tokenizer.model or tokenizer.json; empty: <init_model_path>/tokenizer.model, else tokenizer.json
+eos_token = ""  # ends every document and answer; empty: the tokenizer's eos. Llama-3 Instruct: "<|end_of_text|>", not <|eot_id|>
 dropout_prob = 0.05  # BiLLa's dropout after attention and after the FFN
 gradient_checkpointing = True  # recompute activations in backward to fit batch 24 x 1024
 

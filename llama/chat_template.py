@@ -21,6 +21,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from llama.model_files import read_json_object
+
 CHAT_FORMAT_FILE = "chat_format.json"  # written into a stage-3 model dir: {"chat_format": "billa" | "template"}
 CHAT_FORMATS = ("billa", "template")
 
@@ -99,10 +101,7 @@ def stored_chat_format(model_dir: str | Path) -> str:
     path = Path(model_dir) / CHAT_FORMAT_FILE
     if not path.is_file():
         return "billa"
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))["chat_format"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: expected {{\"chat_format\": \"billa\" | \"template\"}} ({e})") from None
+    value = read_json_object(path).get("chat_format")  # ValueError naming the file and line if it is no object
     if value not in CHAT_FORMATS:
         raise ValueError(f"{path}: chat_format {value!r} is not one of {CHAT_FORMATS}")
     return value

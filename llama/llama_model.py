@@ -9,7 +9,7 @@ the vocabulary only the positions whose target counts. Generation lives in llama
 """
 from __future__ import annotations
 
-import shutil
+import math
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llama.configuration_llama import CONFIG_NAME, LlamaConfig
 from llama.loss import LOSS_PATHS
-from llama.model_files import DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, save_tensors
+from llama.model_files import DEFAULT_MAX_SHARD_SIZE, save_tensors
 from llama.weight_layouts import llama_tensors
 
 
@@ -35,11 +35,36 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_frequencies(head_dim: int, length: int, theta: float, device: torch.device | str) -> torch.Tensor:
-    """e^(i * position * theta^(-2j/head_dim)) as complex64, shape (length, head_dim // 2)."""
-    # Built as transformers builds inv_freq (int64 arange -> float) so the angles match it bit for bit.
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+def rope_inv_freq(config: LlamaConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """theta^(-2j/head_dim) for j < head_dim/2, scaled as config.rope_scaling says; shape (head_dim // 2,), fp32.
+
+    The rules of transformers' modeling_rope_utils (_compute_default_rope_parameters, _compute_linear_scaling_rope_
+    parameters, _compute_llama3_parameters), op for op, so the angles match it bit for bit. Neither scaling type
+    rescales cos/sin (their attention_factor is 1)."""
+    dim = config.head_dim
+    # int64 arange -> float, as transformers builds it
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    kind, scaling = config.rope_type, config.rope_scaling
+    if kind == "linear":
+        return inv_freq / scaling["factor"]  # positions divided by factor, folded into the frequencies
+    if kind == "llama3":
+        # Llama 3.1: wavelengths longer than the original context / low_freq_factor are stretched by `factor`, those
+        # shorter than original context / high_freq_factor kept, the band between interpolated smoothly.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_frequencies(inv_freq: torch.Tensor, length: int) -> torch.Tensor:
+    """e^(i * position * inv_freq) as complex64, shape (length, head_dim // 2)."""
+    angles = torch.outer(torch.arange(length, device=inv_freq.device, dtype=torch.float32), inv_freq)
     return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -109,10 +134,13 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.wq = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.wq = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=config.attention_bias)
+        self.wk = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.wv = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_output_bias)
+        # Qwen3: each head's q and k normalised (one weight of head_dim, shared by the heads) before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                 cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
@@ -120,6 +148,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)  # (bs, L, n_heads, head_dim)
         k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)  # (bs, L, n_kv_heads, head_dim)
         v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)  # (bs, L, n_kv_heads, head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
         # SDPA wants heads before positions: (bs, heads, L, head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -159,6 +189,26 @@ class TransformerBlock(nn.Module):
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
 
+class TiedOutput(nn.Module):
+    """The output projection of a model with tie_word_embeddings: the embedding matrix itself, owning no parameter.
+
+    It keeps a plain reference to the embedding module (not registered as a submodule), so the model has one
+    parameter for both uses -- state_dict(), named_parameters() and every file hold tok_embeddings.weight only --
+    and `weight` is always the embedding's current parameter, also after to_empty() / LazyInitContext / a ZeRO
+    wrapper replaced it. `model.output.weight` works for either kind of model."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # bypass nn.Module registration
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self._embedding.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
+
+
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -166,7 +216,8 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(TransformerBlock(i, config) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output = (TiedOutput(self.tok_embeddings) if config.tie_word_embeddings
+                       else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.gradient_checkpointing = False
         # How the counted rows reach the vocabulary (llama/loss.py): "fused" (no full fp32 logits, no recompute),
         # "checkpointed" (ordinary ops in row chunks recomputed in backward, for wrappers that must see `output`
@@ -178,10 +229,13 @@ class Llama(nn.Module):
         self.init_weights()
 
     def init_weights(self, std: float = 0.02) -> None:
-        """Random init as transformers' LLaMA does (normal(0, std) for linears and embeddings, ones for norms)."""
+        """Random init as transformers' LLaMA does (normal(0, std) for linears and embeddings, zero biases, ones for
+        norms)."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -192,14 +246,12 @@ class Llama(nn.Module):
     def rope_table(self, device: torch.device) -> torch.Tensor:
         device = torch.device(device)
         if device not in self._rope_cache:
-            c = self.config
-            self._rope_cache[device] = rope_frequencies(c.head_dim, c.max_sequence_length, c.rope_theta, device)
+            inv_freq = rope_inv_freq(self.config, device)
+            self._rope_cache[device] = rope_frequencies(inv_freq, self.config.max_sequence_length)
         return self._rope_cache[device]  # (max_sequence_length, head_dim // 2) complex64
 
     def _check_length(self, length: int) -> None:
-        if length > self.config.max_sequence_length:
-            raise ValueError(f"sequence length {length} exceeds config max_sequence_length "
-                             f"{self.config.max_sequence_length}")
+        self.config.check_sequence_length(length, "sequence length")
 
     def hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (bs, L, dim)."""
@@ -314,14 +366,11 @@ class Llama(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model
 
-    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                        tokenizer_path: str | Path | None = None) -> Path:
-        """Write config.json + model.safetensors (or shards + index above max_shard_size); copy tokenizer_path to
-        tokenizer.model when given, so the dir is complete."""
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+        """Write config.json + model.safetensors (or shards + index above max_shard_size). The tokenizer's files are
+        its own business: tokenizer.save(directory) completes the dir."""
         directory = Path(directory)
         save_tensors(self.state_dict(), directory, max_shard_size)
         self.config.save_pretrained(directory)
-        if tokenizer_path is not None and Path(tokenizer_path).resolve() != (directory / TOKENIZER_NAME).resolve():
-            shutil.copyfile(tokenizer_path, directory / TOKENIZER_NAME)
         return directory
 

@@ -23,7 +23,10 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 BIN_WEIGHTS_NAME = "pytorch_model.bin"
 BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-TOKENIZER_NAME = "tokenizer.model"
+TOKENIZER_NAME = "tokenizer.model"  # SentencePiece (LLaMA 1/2, the recipe's)
+TOKENIZER_JSON_NAME = "tokenizer.json"  # the `tokenizers` library's (Llama 3, Qwen, Mistral, SmolLM2)
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"  # transformers': bos/eos tokens, chat template, tokenizer class
+SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"
 
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -36,6 +39,17 @@ def parse_size(size: int | str) -> int:
     if not m:
         raise ValueError(f"max_shard_size {size!r}: expected bytes as an int or a string like '5GB' or '500MB'")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object (config.json, tokenizer_config.json); ValueError naming the file and line."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
 
 
 def weight_files(directory: str | Path) -> list[Path]:
@@ -135,7 +149,6 @@ def save_tensors(state_dict: dict[str, torch.Tensor], directory: str | Path,
 
 
 def is_transformers_dir(config_dict: dict) -> bool:
-    """A transformers LLaMA config.json (its weights use transformers' names and q/k layout)."""
-    return ("LlamaForCausalLM" in (config_dict.get("architectures") or [])
-            or config_dict.get("model_type") == "llama"
-            or "max_position_embeddings" in config_dict)
+    """A transformers config.json (its weights use transformers' names and q/k layout); this repo's own config.json
+    has none of these keys (its class is in `architecture`)."""
+    return any(key in config_dict for key in ("architectures", "model_type", "max_position_embeddings"))

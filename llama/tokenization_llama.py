@@ -1,4 +1,9 @@
-"""SentencePiece tokenizer of a LLaMA model dir (tokenizer.model)."""
+"""SentencePiece tokenizer of a LLaMA model dir (tokenizer.model), and the check that a tokenizer fits a model.
+
+Both tokenizer kinds (this one and llama.tokenizer_json's) have one interface: vocab_size, bos_id (None when the
+tokenizer adds no bos), eos_id (the end token), pad_id, bos_token/eos_token, chat_template, model_path, encode,
+encode_batch, decode, token_ends and save. llama.load_tokenizer picks the kind a model dir needs.
+"""
 from __future__ import annotations
 
 import functools
@@ -10,32 +15,57 @@ from sentencepiece import SentencePieceProcessor
 
 from llama.configuration_llama import LlamaConfig
 from llama.model_files import TOKENIZER_NAME
+from llama.tokenizer_files import copy_tokenizer_file, end_token_id, read_tokenizer_config, write_tokenizer_config
 
 
 class Tokenizer:
-    def __init__(self, model_path: str | Path):
+    """SentencePiece's tokenizer.model. tokenizer_config.json beside it, where present, may name another eos piece
+    and holds the chat template; eos_token (a piece) overrides the eos."""
+
+    # The recipe resizes the embedding to the tokenizer exactly: a larger one means the wrong tokenizer.
+    embedding_may_be_padded = False
+
+    def __init__(self, model_path: str | Path, eos_token: str = ""):
+        if Path(model_path).is_dir():
+            model_path = Path(model_path) / TOKENIZER_NAME
         self.model_path = Path(model_path)
-        if self.model_path.is_dir():
-            self.model_path = self.model_path / TOKENIZER_NAME
         if not self.model_path.is_file():
             raise FileNotFoundError(f"SentencePiece tokenizer not found: {self.model_path}")
         self.sp = SentencePieceProcessor(model_file=str(self.model_path))
+        self.config = read_tokenizer_config(self.model_path.parent)
         self.vocab_size: int = self.sp.vocab_size()
-        self.bos_id: int = self.sp.bos_id()
-        self.eos_id: int = self.sp.eos_id()
+        bos = self.sp.bos_id()
+        self.bos_id: int | None = bos if bos >= 0 and self.config.get("add_bos_token", True) else None
+        default_eos = self.sp.id_to_piece(self.sp.eos_id()) if self.sp.eos_id() >= 0 else None
+        self.own_eos_id, self.eos_id = end_token_id(self.model_path, eos_token, self.config, self._piece_id,
+                                                    default_eos)
+        self.bos_token: str | None = self.sp.id_to_piece(bos) if bos >= 0 else None
+        self.eos_token: str = self.sp.id_to_piece(self.eos_id)
+        self.chat_template: str | None = self.config.get("chat_template")
         # LLaMA's tokenizer has no pad piece (pad_id -1). Padding positions never count in the loss, so any valid
         # id does; unk (0) is what transformers' LLaMA configs use as pad_token_id.
         pad = self.sp.pad_id()
         self.pad_id: int = pad if pad >= 0 else max(self.sp.unk_id(), 0)
         # SentencePiece's own threads for list input; one thread per core, as its default would be.
         self.num_threads = os.cpu_count() or 1
+        # SentencePiece adds its own bos/eos in C++; another end token is appended in Python.
+        self._own_ends = self.eos_id == self.sp.eos_id()
+
+    def _piece_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None  # an unknown piece maps to unk
+
+    def _ends(self, bos: bool, eos: bool) -> dict:
+        return {"add_bos": bos and self.bos_id is not None, "add_eos": eos and self._own_ends}
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+        ids = self.sp.encode(text, **self._ends(bos, eos))
+        return ids + [self.eos_id] if eos and not self._own_ends else ids
 
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         """Encode many texts in one SentencePiece call, which runs them on its own thread pool."""
-        return self.sp.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=self.num_threads)
+        batch = self.sp.encode(list(texts), num_threads=self.num_threads, **self._ends(bos, eos))
+        return [ids + [self.eos_id] for ids in batch] if eos and not self._own_ends else batch
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))
@@ -73,20 +103,41 @@ class Tokenizer:
         """1 where SentencePiece puts a space in front of the text (add_dummy_prefix, LLaMA's setting), else 0."""
         return int(self._piece_bytes[self.encode("a")].sum()) - 1
 
+    def save(self, directory: str | Path, chat_template: str | None = None) -> None:
+        """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json into `directory`, so that
+        transformers' AutoTokenizer loads it (as LlamaTokenizerFast). chat_template replaces the tokenizer's own."""
+        directory = Path(directory)
+        copy_tokenizer_file(self.model_path, directory / TOKENIZER_NAME)
+        unk = self.sp.unk_id()
+        config = {"tokenizer_class": "LlamaTokenizer", "add_eos_token": False, "legacy": True, **self.config,
+                  "add_bos_token": self.bos_id is not None}
+        write_tokenizer_config(directory, config, {
+            "bos_token": self.bos_token, "eos_token": self.eos_token,
+            "unk_token": self.sp.id_to_piece(unk) if unk >= 0 else None},
+            chat_template if chat_template is not None else self.chat_template)
 
-def check_tokenizer_matches(config: LlamaConfig, tokenizer: Tokenizer, allow_padded_embedding: bool = False) -> None:
-    """Raise ValueError if the tokenizer and the model's embedding disagree.
+
+def check_tokenizer_matches(config: LlamaConfig, tokenizer, allow_padded_embedding: bool | None = None) -> None:
+    """Raise ValueError if the tokenizer and the model's config disagree.
 
     Every token id must have an embedding row: tokenizer.vocab_size > config.vocab_size is always an error.
-    A larger embedding is an error too unless allow_padded_embedding (some checkpoints pad the vocabulary to a
-    multiple of 64); BiLLa's expanded vocabulary is resized to match exactly. bos/eos ids must agree.
+    A larger embedding is an error too unless allow_padded_embedding (default: the tokenizer kind's rule: a
+    SentencePiece model is resized to match exactly, as BiLLa's expanded vocabulary is; tokenizer.json models pad
+    theirs, Qwen2.5's 151,665 tokens to 151,936 rows).
+    The bos id must be the config's where the tokenizer adds one (where it adds none, the config's is never fed);
+    the tokenizer's own eos must be the config's eos id, or one of them where the config lists several (Llama 3.1).
     """
     where = getattr(tokenizer, "model_path", "tokenizer")
+    if allow_padded_embedding is None:
+        allow_padded_embedding = getattr(tokenizer, "embedding_may_be_padded", False)
     if tokenizer.vocab_size > config.vocab_size or (tokenizer.vocab_size != config.vocab_size
                                                     and not allow_padded_embedding):
         raise ValueError(f"tokenizer {where} has {tokenizer.vocab_size} pieces but the model's embedding "
                          f"(config vocab_size) has {config.vocab_size} rows")
-    for name, tok_id, cfg_id in (("bos", tokenizer.bos_id, config.bos_token_id),
-                                 ("eos", tokenizer.eos_id, config.eos_token_id)):
-        if tok_id != cfg_id:
-            raise ValueError(f"tokenizer {where} has {name}_id {tok_id} but config {name}_token_id is {cfg_id}")
+    if tokenizer.bos_id is not None and tokenizer.bos_id != config.bos_token_id:
+        raise ValueError(f"tokenizer {where} has bos_id {tokenizer.bos_id} but config bos_token_id is "
+                         f"{config.bos_token_id}")
+    eos = getattr(tokenizer, "own_eos_id", tokenizer.eos_id)
+    config_eos = config.eos_token_id
+    if config_eos is not None and eos not in (config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]):
+        raise ValueError(f"tokenizer {where} has eos_id {eos} but config eos_token_id is {config_eos}")

@@ -3,7 +3,8 @@
 Our parameters keep Meta's names and Meta's q/k rotary layout (dims 2i, 2i+1 of a head rotate together).
 transformers' convert_llama_weights_to_hf.py permutes wq/wk so that its rotate_half form (dims i and
 i + head_dim/2 rotate together) computes the same thing; `permute_to_hf` is that exact function and
-`permute_from_hf` its inverse, so a round trip is bit for bit. Used by llama.convert (the CLI) and by
+`permute_from_hf` its inverse, so a round trip is bit for bit. Everything indexed by q/k output dims moves with the
+rows: Qwen2's q/k biases (per head) and Qwen3's q/k norm weights (one head wide). Used by llama.convert (the CLI) and by
 Llama.from_pretrained (transformers dirs converted on load).
 """
 from __future__ import annotations
@@ -27,6 +28,12 @@ _HF_TO_OURS = {
     "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
     "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
     "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attention.wq.bias",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attention.wk.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attention.wv.bias",
+    "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attention.wo.bias",
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attention.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attention.k_norm.weight",
     "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
     "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
     "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
@@ -46,17 +53,30 @@ def _rename(name: str, table: dict[str, str], source: str) -> str:
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved q/k rows -> transformers' rotate_half rows (transformers' `permute`)."""
-    dim1, dim2 = w.shape
-    # (n_heads, head_dim/2, 2, dim2) -> (n_heads, 2, head_dim/2, dim2)
-    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+    """Meta's interleaved q/k rows -> transformers' rotate_half rows (transformers' `permute`). w: a weight
+    (n_heads * head_dim, dim) or a vector along those rows (a bias; a q/k norm weight with n_heads=1)."""
+    dim1 = w.shape[0]
+    # (n_heads, head_dim/2, 2, rest) -> (n_heads, 2, head_dim/2, rest)
+    return w.reshape(n_heads, dim1 // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of permute_to_hf."""
-    dim1, dim2 = w.shape
-    # (n_heads, 2, head_dim/2, dim2) -> (n_heads, head_dim/2, 2, dim2)
-    return w.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+    dim1 = w.shape[0]
+    # (n_heads, 2, head_dim/2, rest) -> (n_heads, head_dim/2, 2, rest)
+    return w.reshape(n_heads, 2, dim1 // n_heads // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def _rotary_heads(name: str, config: LlamaConfig) -> int | None:
+    """How many heads' worth of rotary rows tensor `name` (ours) has: q/k weights and biases, q/k norms (one);
+    None for tensors not in the rotary layout."""
+    if re.search(r"attention\.wq\.(weight|bias)$", name):
+        return config.num_attention_heads
+    if re.search(r"attention\.wk\.(weight|bias)$", name):
+        return config.num_key_value_heads
+    if re.search(r"attention\.[qk]_norm\.weight$", name):
+        return 1
+    return None
 
 
 def hf_to_llama_state_dict(tensors: Iterable[tuple[str, torch.Tensor]] | dict[str, torch.Tensor],
@@ -72,12 +92,11 @@ def hf_to_llama_tensors(tensors: Iterable[tuple[str, torch.Tensor]], config: Lla
     for name, t in tensors:
         if name.endswith("rotary_emb.inv_freq"):
             continue  # older transformers saved this buffer; it is recomputed from rope_theta
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # some tied checkpoints store the embedding twice; the model has it once
         ours = _rename(name, _HF_TO_OURS, source)
-        if ours.endswith("attention.wq.weight"):
-            t = permute_from_hf(t, config.num_attention_heads)
-        elif ours.endswith("attention.wk.weight"):
-            t = permute_from_hf(t, config.num_key_value_heads)
-        yield ours, t
+        heads = _rotary_heads(ours, config)
+        yield ours, (t if heads is None else permute_from_hf(t, heads))
 
 
 def llama_tensors(directory: str | Path, config: LlamaConfig, dtype: torch.dtype | None = None,
@@ -92,38 +111,58 @@ def llama_tensors(directory: str | Path, config: LlamaConfig, dtype: torch.dtype
 
 
 def llama_to_hf_state_dict(state_dict: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Our weights -> transformers LlamaForCausalLM weights."""
+    """Our weights -> transformers weights of config.architecture (a tied model has no lm_head.weight, as
+    transformers saves it)."""
     out = {}
     for name, t in state_dict.items():
-        if name.endswith("attention.wq.weight"):
-            t = permute_to_hf(t, config.num_attention_heads)
-        elif name.endswith("attention.wk.weight"):
-            t = permute_to_hf(t, config.num_key_value_heads)
-        out[_rename(name, _OURS_TO_HF, "model")] = t
+        heads = _rotary_heads(name, config)
+        out[_rename(name, _OURS_TO_HF, "model")] = t if heads is None else permute_to_hf(t, heads)
     return out
 
 
 def hf_config_dict(config: LlamaConfig, dtype: torch.dtype) -> dict:
-    """A transformers config.json for `config` (dropout_prob is a training setting and is not carried)."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    """A transformers config.json of config.architecture, with the keys its config class reads (dropout_prob is a
+    training setting and is not carried; transformers' bookkeeping keys get their class defaults)."""
+    d = {
+        "architectures": [config.architecture],
+        "model_type": config.model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": config.max_sequence_length,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_theta": config.rope_theta,
-        "tie_word_embeddings": False,
+        "rope_scaling": config.rope_scaling,
+        "attention_bias": config.attention_bias,
+        "attention_dropout": 0.0,
+        "sliding_window": config.sliding_window,
+        "use_sliding_window": config.use_sliding_window,
+        "max_window_layers": config.max_window_layers,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "initializer_range": 0.02,
+        "use_cache": True,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if config.architecture == "LlamaForCausalLM":
+        d.update({"mlp_bias": False, "pretraining_tp": 1})
+    # Keys the class has no parameter for (it would keep them as stray attributes): Qwen2 has no head_dim (it is
+    # hidden_size / heads there) and no attention_bias (always on); Mistral no rope_scaling or attention_bias;
+    # Llama no sliding window.
+    absent = {"LlamaForCausalLM": ("sliding_window", "use_sliding_window", "max_window_layers"),
+              "MistralForCausalLM": ("rope_scaling", "attention_bias", "use_sliding_window", "max_window_layers"),
+              "Qwen2ForCausalLM": ("head_dim", "attention_bias"),
+              "Qwen3ForCausalLM": ()}[config.architecture]
+    for key in absent:
+        del d[key]
+    return d
 
 
 # Meta's params.json keys -> ours; the rest of its keys are listed in _META_IGNORED.

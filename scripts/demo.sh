@@ -61,12 +61,12 @@ import torch
 
 from llama.generation import generate
 from llama.llama_model import Llama
-from llama.tokenization_llama import Tokenizer
+from llama.tokenizer_files import load_tokenizer
 
 demo = Path(sys.argv[1])
 final = demo / "alignment_sft" / "final"
 model = Llama.from_pretrained(final).eval()
-tokenizer = Tokenizer(final / "tokenizer.model")
+tokenizer = load_tokenizer(final)
 prompt = "Human: 请用一句话介绍北京。\nAssistant: "
 torch.manual_seed(0)
 with torch.no_grad():

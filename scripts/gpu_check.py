@@ -1,28 +1,37 @@
-"""The device check: the GPU paths no CPU test can reach, in one call of under 9 minutes on a machine with 1-8 GPUs.
+"""The device check: the GPU paths no CPU test can reach, in one call of at most 420 s (wheel install included) on a
+machine with 1-8 GPUs; docs/device_check.md.
 
     python scripts/gpu_check.py [--out DIR] [--nproc N] [--checks step1_loss,finite,...] [--budget-s S]
+    python scripts/gpu_check.py --rehearse [--out DIR]        the whole check on CPU under the ZeRO-on-CPU stand-ins
+    python scripts/gpu_check.py --replay --out DIR            judge DIR's recorded outputs again (rerun: reference)
 
-Prints one JSON line per check and a summary line last ({"summary": ...}); exit code 0 when nothing failed. The
-same lines go to <out>/gpu_check.jsonl, each run's output to <out>/logs/<run>.log. Checks:
+Prints the environment line, the plan ({"plan": true, ...}: each phase's budget and what it is derived from, what
+will not be tested and why, what is optional), one JSON line per check and a summary line last ({"summary": ...}:
+what was tested and what not). Exit code 0 when nothing failed and every skip was stated in the plan. The same
+lines go to <out>/gpu_check.jsonl, each run's output to <out>/logs/<run>.log. Checks:
     environment  torch, CUDA, GPUs; colossalai and the engine's whole import chain load with this torch
     setup        (a line only on failure) the check's models could not be written
-    kernels      HybridAdam's CPU and CUDA kernels build (gemini needs them; without nvcc gemini is not runnable)
+    kernels      HybridAdam's CPU and CUDA kernels build for this GPU (gemini needs them); where facts found the
+                 toolchain incomplete, the plan states gemini untested and nothing of it runs
     step1_loss   per run (gemini fp16/bf16, zero2 bf16/fp16, ddp bf16/fp16): the first logged loss equals the fp32
                  loss of the same initial weights, unboosted, on the same recorded batches, within the precision's
                  tolerance, while a freshly initialised model's loss lies far outside it (ColossalAI issue 5034:
                  gemini silently training from random weights)
-    finite       per run: grad_norm finite on every step that was not skipped; loss_scale logged and finite in fp16
+    finite       per run: every step trains (none skipped at SMALL_LOSS_SCALE), grad_norm finite; loss_scale logged
+                 and finite in fp16
     overflow     gemini and zero2 in fp16, gradient_accumulation_steps=2, a huge initial loss scale: steps are
                  skipped, the scale backs off, and the last steps train again
-    resume       per run: steps after a resume from the step-4 checkpoint log the straight run's losses
-    packing      the step-1 check passes with packing=False (SDPA's causal flash path; the flash kernel alone is
-                 probed on the same batch) and with packing=True (document masks)
+    resume       per run: steps after a resume from the step-4 checkpoint log the straight run's losses (the small
+                 runs use deterministic kernels and SDPA's math attention)
+    packing      the step-1 check passes with packing=False and with packing=True (document masks); SDPA's flash
+                 kernel alone is probed on the unpacked batch
     reload       per run: final/ loaded with Llama.from_pretrained gives the trained model's logits
     mfu          MFU and tokens/s per GPU at a ~1B shape (zero2, bf16, seq 2048) and the 7B LLaMA shape (zero2 bf16
-                 with gradient checkpointing; on one GPU, where zero2's states do not fit, gemini fp16 with
-                 placement "auto", which moves to CPU only what does not fit)
+                 with gradient checkpointing where its states fit; else, as on one GPU, gemini bf16 with every chunk
+                 and Adam state on the GPUs); the 7B run only if time remains
 All pass/fail logic lives in the judge_* functions below, plain Python over the runs' metrics.jsonl records and the
-JSON of scripts/gpu_check_device.py, so the tests drive it on CPU with recorded outputs through a stub Runner.
+JSON of scripts/gpu_check_device.py, so the tests drive it on CPU with recorded outputs through a stub Runner, and
+tests/test_gpu_rehearsal.py runs all of it for real on CPU (--rehearse).
 """
 from __future__ import annotations
 
@@ -54,9 +63,17 @@ VOCAB = 32000  # LLaMA's; the tokenizer is trained on the bundled corpus with th
 # Output projection x12: logits of std ~4 instead of ~0.3, so these weights' loss (~18) lies far from the ~ln(32000)
 # = 10.4 of any freshly initialised model.
 OUTPUT_SCALE = 12.0
+# fp16's first loss scale for the small runs. The sharpened model's fp16 gradients overflow at the recipe's 2**14:
+# measured at the device's sizes under the stand-ins, zero2 skipped step 2 there (gemini on the device: steps 1 and
+# 4, a NaN step-1 loss and a step-4 checkpoint deferred past the resume point). At 2**8 all 8 steps trained, with
+# unscaled gradient norms of 22-97; no element exceeds the norm, so every scaled element stays below 256 x 100 =
+# 25600, under fp16's 65504 with 2.5x to spare, while the smallest gradients (~1e-6) scale to ~3e-4, far above
+# fp16's subnormals. judge_finite fails a small run that skips a step.
+SMALL_LOSS_SCALE = 2 ** 8
 # global_batch_size=0: batch_size and gradient_accumulation_steps as given, not the recipe's 160 samples per step.
 SMALL_SETTINGS = ["global_batch_size=0", "max_steps=8", "saving_steps=4", "logging_steps=1", "keep_checkpoints=2",
-                  "batch_size=4", "max_seq_length=256", "dropout_prob=0.0", "warmup_steps=2", "lr=5e-4", "min_lr=5e-5"]
+                  "batch_size=4", "max_seq_length=256", "dropout_prob=0.0", "warmup_steps=2", "lr=5e-4", "min_lr=5e-5",
+                  f"initial_loss_scale={SMALL_LOSS_SCALE}"]
 RESUME_FROM_STEP = 4
 OVERFLOW_SCALE = 2 ** 24  # far above any scale a fp16 gradient survives; the scaler must back off 8+ times
 OVERFLOW_SETTINGS = ["global_batch_size=0", "max_steps=30", "max_bad_steps=30", "saving_steps=1000", "logging_steps=1",
@@ -71,13 +88,49 @@ MFU_SETTINGS = ["global_batch_size=0", "max_steps=12", "logging_steps=6", "savin
 # zero2 in bf16 per parameter: bf16 weight 2 + bf16 gradient 2 on every GPU, fp32 master 4 + Adam 8 + fp32
 # gradient 4 sharded over the GPUs; 10% for fragmentation, plus activations under gradient checkpointing.
 ZERO2_BYTES = (4, 16)
+# gemini with every chunk on the GPU (placement "static", nothing offloaded), per parameter and sharded over the
+# GPUs: bf16 weight 2 (its gradient reuses the chunk) + fp32 master 4 + Adam 8; 7B on one H200: 103 + 12 GB.
+GEMINI_BYTES = 14
 ACTIVATION_GB = 12
 
 # Relative tolerance of a logged loss against the fp32 reference: bf16 keeps 8 bits of mantissa, fp16 11.
 LOSS_RTOL = {"bf16": 1e-2, "fp16": 3e-3, "fp32": 1e-5}
-RESUME_ATOL = 1e-4  # fp32 round-off plus the few atomics-based kernels that stay nondeterministic
+# The resume runs use deterministic kernels and SDPA's math attention (gpu_check_device.py train), so a resume
+# repeats the straight run bit for bit, as on CPU; 1e-4 only allows for fp32 round-off in a kernel torch cannot
+# make deterministic, and stays 30x below the 3e-3 loss change a wrong restore gives (tests/test_gpu_check.py).
+RESUME_ATOL = 1e-4
 RELOAD_SHARE = 0.05  # reloaded-vs-trained logits: at most this share of training's own change of the logits
 RECOVERED_STEPS = 5  # the overflow run's last steps that must all train
+
+# The rehearsal (--rehearse): every run above on CPU under the ZeRO-on-CPU stand-ins (tests/zero_cpu.py), one
+# process, at these sizes; every other setting is the check's own.
+REHEARSAL_MODEL = ["--dim", "64", "--layers", "2", "--heads", "2", "--max-seq-len", "128"]
+REHEARSAL_VOCAB = 1000
+REHEARSAL_SIZES = {"batch_size": "2", "max_seq_length": "64"}  # small, overflow and MFU runs
+REHEARSAL_MFU = {"1b": ["--dim", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2"],
+                 "7b": ["--dim", "128", "--layers", "2", "--heads", "4"]}
+
+# The plan on one H200 (one call of at most 420 s, wheels included, so that a rerun fits the 15 minutes of device
+# time): (phase, budget in seconds on the device, what the budget is derived from). Phases run in this order;
+# docs/device_check.md has the figures.
+PHASES = (
+    ("facts", 20, "rehearsal: 11 s on 2 loaded CPU cores, all of it the colossalai import; the device's 16 cores "
+                  "import as fast, CUDA init adds ~5 s"),
+    ("small", 150, "zero2+ddp: 9 runs, 4 at a time; rehearsal: ~15 s per run, all start-up (imports, boost); on the "
+                   "GPU the 8 steps of a 20M model add ~5 s: 3 waves x ~25 s, plus the 32000-piece tokenizer "
+                   "(~25 s). The kernels build beside them and set the phase's end: the CPU Adam took 75 CPU-s here "
+                   "against torch 2.14 (one file, one compiler process), the fused Adam's 5 .cu files for this "
+                   "GPU's arch alone ~60 s after it"),
+    ("gemini", 60, "gemini: 5 runs, 4 at a time, after the kernels: 2 waves x ~25 s"),
+    ("reference", 20, "rehearsal: 14 s, all start-up; 6 fp32 forwards of a 20M model on the GPU"),
+    ("mfu-1b", 70, "1.1B zero2 bf16, 12 steps of 8 x 2048 tokens: ~40 s start-up and model load, ~1.2 s per step"),
+    ("mfu-7b", 110, "optional, only if time remains: 6.7B gemini bf16 all on the GPU, 12 steps of 4 x 2048 tokens "
+                    "with gradient checkpointing: ~60 s boost of 13 GB of weights, ~2.5 s per step"),
+)
+OPTIONAL = {"mfu-7b": "optional: runs only if time remains after mfu-1b"}
+# 420 s less ~25 s of wheel install and the 30 s a job started near the deadline may run past it (run_jobs): 365;
+# the phases without mfu-7b sum to 320.
+DEFAULT_BUDGET_S = 360
 
 
 # ---- results --------------------------------------------------------------------------------------------------
@@ -88,10 +141,21 @@ class Result:
     status: str  # "pass", "fail" or "skip"
     run: str = ""
     details: dict = field(default_factory=dict)
+    planned: str = ""  # a skip the plan stated beforehand, with its reason; any other skip fails the check
 
     def line(self) -> str:
-        head = {"check": self.check, **({"run": self.run} if self.run else {}), "status": self.status}
+        head = {"check": self.check, **({"run": self.run} if self.run else {}), "status": self.status,
+                **({"planned": self.planned} if self.planned else {})}
         return json.dumps({**head, **self.details}, default=str)
+
+    @property
+    def name(self) -> str:
+        return f"{self.check}{':' + self.run if self.run else ''}"
+
+
+def stated_skip(not_tested: dict[str, str], result: Result) -> str:
+    """The plan's reason for not testing this result's run or check (keys are run-name prefixes or checks), or ""."""
+    return next((why for what, why in not_tested.items() if result.run.startswith(what) or result.check == what), "")
 
 
 def train_records(metrics_path: Path) -> list[dict]:
@@ -125,15 +189,22 @@ def judge_step1(run: str, precision: str, records: list[dict], ref: dict) -> Res
 
 
 def judge_finite(run: str, precision: str, records: list[dict]) -> Result:
+    """Every step of a small run trains with finite figures: its loss scale (SMALL_LOSS_SCALE) is one this model's
+    fp16 gradients do not overflow at, so a skipped step is a defect (the overflow runs test skipping)."""
     trained = [r for r in records if r["skipped_steps"] == 0]
     bad = [r["step"] for r in trained if not (finite(r["loss"]) and finite(r.get("grad_norm")))]
     if precision == "fp16":
         bad += [r["step"] for r in records if not finite(r.get("loss_scale")) or r["loss_scale"] <= 0]
+    skipped = [r["step"] for r in records if r["skipped_steps"] > 0]
     details = {"steps_logged": len(records), "steps_trained": len(trained),
                "grad_norm_last": trained[-1].get("grad_norm") if trained else None,
                "loss_scale_last": records[-1].get("loss_scale") if records else None}
     if not trained:
         return Result("finite", "fail", run, {**details, "error": "no step trained"})
+    if skipped:
+        return Result("finite", "fail", run, {**details, "error": f"steps {skipped[:10]} were skipped (non-finite "
+                                                                  f"loss or gradients; in fp16 an overflow at loss "
+                                                                  f"scale {SMALL_LOSS_SCALE})"})
     if bad:
         return Result("finite", "fail", run, {**details, "error": f"missing or non-finite figures at steps "
                                                                   f"{sorted(set(bad))[:10]}"})
@@ -250,16 +321,40 @@ class Outcome:
 class Runner:
     """Starts jobs as subprocesses in their own process group, with their output in <out>/logs/<name>.log."""
 
-    def __init__(self, logs: Path):
-        self.logs = logs
+    def __init__(self, logs: Path, env: dict | None = None):
+        self.logs, self.env = logs, env or {}
 
     def start(self, job: Job):
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{job.name}.log", "w", encoding="utf-8")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **job.env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **job.env}
         proc = subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         return _Started(proc, log, job, time.monotonic())
+
+
+OUTCOMES = "outcomes.json"  # every job's outcome, for --replay
+
+
+class ReplayRunner:
+    """--replay: answers each job with its recorded outcome (the files it left are still in --out) and runs again
+    only the jobs of `rerun` (the reference, whose inputs a test may have changed)."""
+
+    def __init__(self, recorded: dict[str, dict], runner, rerun: tuple[str, ...] = ("reference",)):
+        self.recorded, self.runner, self.rerun = recorded, runner, rerun
+
+    def start(self, job: Job):
+        if job.name in self.rerun or job.name not in self.recorded:
+            return self.runner.start(job)
+        return _Answered(Outcome(**self.recorded[job.name]))
+
+
+class _Answered:
+    def __init__(self, outcome: Outcome):
+        self.outcome = outcome
+
+    def poll(self) -> Outcome:
+        return self.outcome
 
 
 class _Started:
@@ -335,8 +430,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=0,
                    help="small runs at once (they share the GPUs); 0: min(4, cpus / (2 x nproc))")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
-    p.add_argument("--budget-s", type=float, default=480, help="start no run that would end after this many seconds")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help=f"start no run that would end after this many seconds (default {DEFAULT_BUDGET_S}; "
+                        f"rehearsal: 900)")
+    p.add_argument("--rehearse", action="store_true",
+                   help="the whole check on CPU under the ZeRO-on-CPU stand-ins (tests/zero_cpu.py), at small sizes")
+    p.add_argument("--replay", action="store_true",
+                   help="judge the recorded outputs of an earlier --out again, rerunning only the reference step")
     args = p.parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = 900 if args.rehearse else DEFAULT_BUDGET_S
+    if args.rehearse:  # one process as on the one-GPU device; two runs at a time on a CPU test machine
+        args.nproc, args.parallel = args.nproc or 1, args.parallel or 2
+    if args.replay and not (args.out / OUTCOMES).is_file():
+        p.error(f"--replay: {args.out / OUTCOMES} does not exist (run the check into --out first)")
     chosen = [c.strip() for c in args.checks.split(",") if c.strip()]
     unknown = [c for c in chosen if c not in CHECKS]
     if unknown or not chosen:
@@ -360,6 +467,14 @@ def device_step(args, *step: str) -> list[str]:
 def torchrun(args, nproc: int, settings: list[str]) -> list[str]:
     return [args.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(DEVICE),
             "train", *settings]
+
+
+def sized(args, settings: list[str]) -> list[str]:
+    """The settings, at the rehearsal's sizes when rehearsing (REHEARSAL_SIZES replaces those keys' values)."""
+    if not args.rehearse:
+        return list(settings)
+    return [f"{k}={REHEARSAL_SIZES[k]}" if k in REHEARSAL_SIZES else f"{k}={v}"
+            for k, v in (item.split("=", 1) for item in settings)]
 
 
 def checkpoint_at(output_dir: Path, step: int) -> Path:
@@ -386,13 +501,15 @@ def train_job(args, name: str, nproc: int, settings: list[str], deps: tuple[str,
     return Job(name, command, deps, timeout_s, estimate_s, env, logdir)
 
 
-def plan_small(args, nproc: int) -> tuple[list[Job], dict]:
+def plan_small(args, nproc: int, gemini: bool) -> tuple[list[Job], dict]:
     """Jobs of checks 1-6: the small model (its tokenizer serves the MFU models too), the straight, resumed and
-    overflow runs."""
+    overflow runs; gemini's only where its kernels can be built (`gemini`)."""
     model = args.out / "models" / "small"
     tokenizer = model / "tokenizer.model"
+    shape = REHEARSAL_MODEL if args.rehearse else SMALL_MODEL
+    vocab = REHEARSAL_VOCAB if args.rehearse else VOCAB
     jobs = [Job("model-small", lambda: [args.python, "-m", "llama.tiny", "--corpus", str(REPO / "pretraining_corpora"),
-                                        "--output", str(model), "--vocab-size", str(VOCAB), *SMALL_MODEL],
+                                        "--output", str(model), "--vocab-size", str(vocab), *shape],
                 timeout_s=240, estimate_s=40)]
     info = {"model": model, "tokenizer": tokenizer, "straight": {}, "overflow": {}}
     common = [f"init_model_path={model}", f"pretrain_data_root_dir={REPO / 'pretraining_corpora'}"]
@@ -402,66 +519,97 @@ def plan_small(args, nproc: int) -> tuple[list[Job], dict]:
                         ("model-small",), 120, 15))
     for plugin, precision, packing in SMALL_RUNS if runs_needed else ():
         name = run_name(plugin, precision)
-        deps = ("scale-small", "kernels") if plugin == "gemini" else ("scale-small",)
-        settings = [*common, *SMALL_SETTINGS, f"plugin={plugin}", f"precision={precision}", f"packing={packing}"]
-        jobs.append(train_job(args, name, nproc, settings, deps, 300, 45))
         info["straight"][name] = {"plugin": plugin, "precision": precision, "packing": packing}
+        if plugin == "gemini" and not gemini:  # judged as skips the plan stated
+            continue
+        deps = ("scale-small", "kernels") if plugin == "gemini" else ("scale-small",)
+        settings = [*common, *sized(args, SMALL_SETTINGS), f"plugin={plugin}", f"precision={precision}",
+                    f"packing={packing}"]
+        jobs.append(train_job(args, name, nproc, settings, deps, 300, 45))
         if "resume" in args.checks:
             jobs.append(train_job(args, f"{name}-resumed", nproc, settings, (name,), 300, 45,
                                   resume_of=args.out / "runs" / name))
     for plugin in ("gemini", "zero2") if "overflow" in args.checks else ():
         name = f"{plugin}-fp16-overflow"
-        deps = ("scale-small", "kernels") if plugin == "gemini" else ("scale-small",)
-        settings = [*common, *OVERFLOW_SETTINGS, f"plugin={plugin}", "precision=fp16"]
-        jobs.append(train_job(args, name, nproc, settings, deps, 300, 60))
         info["overflow"][name] = plugin
+        if plugin == "gemini" and not gemini:
+            continue
+        deps = ("scale-small", "kernels") if plugin == "gemini" else ("scale-small",)
+        settings = [*common, *sized(args, OVERFLOW_SETTINGS), f"plugin={plugin}", "precision=fp16"]
+        jobs.append(train_job(args, name, nproc, settings, deps, 300, 60))
     return jobs, info
 
 
 def mfu_shape(facts: dict, nproc: int, shape: tuple) -> dict:
-    """Plugin and batch for an MFU shape: zero2 bf16 where its states fit the GPUs, else gemini fp16 'auto'."""
+    """Plugin and batch for an MFU shape: zero2 bf16 where its states fit the GPUs, else gemini bf16 with every chunk
+    and Adam state on the GPUs (placement "static", nothing offloaded: no CPU Adam over billions of parameters);
+    `fits` False where neither fits."""
     name, tiny_args, billions = shape
     need_gb = billions * (ZERO2_BYTES[0] + ZERO2_BYTES[1] / nproc) * 1.1 + ACTIVATION_GB
-    fits = need_gb < facts.get("gpu_memory_gb", 0)
+    gemini_gb = billions * GEMINI_BYTES / nproc * 1.1 + ACTIVATION_GB
+    memory = facts.get("gpu_memory_gb") or 0
     plan = {"shape": name, "params_billion": billions, "nproc": nproc, "seq": 2048,
             "zero2_need_gb_per_gpu": round(need_gb, 1)}
     if name == "1b":
-        return {**plan, "plugin": "zero2", "precision": "bf16", "batch_size": 8, "gradient_checkpointing": False}
-    if fits:
-        return {**plan, "plugin": "zero2", "precision": "bf16", "batch_size": 4, "gradient_checkpointing": True}
-    return {**plan, "plugin": "gemini", "precision": "fp16", "batch_size": 4, "gradient_checkpointing": True,
-            "gemini_placement_policy": "auto"}
+        return {**plan, "plugin": "zero2", "precision": "bf16", "batch_size": 8, "gradient_checkpointing": False,
+                "fits": True}
+    if need_gb < memory:
+        return {**plan, "plugin": "zero2", "precision": "bf16", "batch_size": 4, "gradient_checkpointing": True,
+                "fits": True}
+    return {**plan, "plugin": "gemini", "precision": "bf16", "batch_size": 4, "gradient_checkpointing": True,
+            "gemini_placement_policy": "static", "gemini_offload_optim_frac": 0.0, "gemini_offload_param_frac": 0.0,
+            "gemini_need_gb_per_gpu": round(gemini_gb, 1), "fits": gemini_gb < memory}
 
 
-def plan_mfu(args, facts: dict, nproc: int, tokenizer: Path) -> tuple[list[Job], dict]:
-    jobs, shapes = [], {}
+def plan_mfu(args, facts: dict, nproc: int, tokenizer: Path, gemini: bool) -> tuple[list[Job], dict, dict]:
+    """MFU jobs, their shapes, and {run: reason} for the shapes not run here (gemini not buildable, or too big)."""
+    jobs, shapes, not_run = [], {}, {}
     for shape in (MFU_1B, MFU_7B):
         name, tiny_args, _ = shape
         plan = mfu_shape(facts, nproc, shape)
+        if not plan["fits"]:
+            not_run[f"mfu-{name}"] = (f"{name} fits neither zero2 nor gemini on {nproc} GPU(s) of "
+                                      f"{facts.get('gpu_memory_gb')} GB")
+            continue
+        if plan["plugin"] == "gemini" and not gemini:
+            not_run[f"mfu-{name}"] = f"{name} needs gemini here, whose kernels cannot be built"
+            continue
         model = args.out / "models" / name
+        tiny_args = REHEARSAL_MFU[name] if args.rehearse else tiny_args
+        where = ["--device", "cpu" if args.rehearse else "cuda", "--dtype", "bfloat16"]
         jobs.append(Job(f"model-{name}", lambda model=model, tiny_args=tiny_args: [
             args.python, "-m", "llama.tiny", "--tokenizer", str(tokenizer), "--output", str(model), *tiny_args,
-            "--max-seq-len", "2048", "--device", "cuda", "--dtype", "bfloat16"], ("model-small",), 300, 40,
-            uses_slot=False))
+            "--max-seq-len", "2048", *where], ("model-small",), 300, 40, uses_slot=False))
         settings = [f"init_model_path={model}", f"pretrain_data_root_dir={REPO / 'pretraining_corpora'}",
-                    *MFU_SETTINGS, f"plugin={plan['plugin']}", f"precision={plan['precision']}",
-                    f"batch_size={plan['batch_size']}", f"gradient_checkpointing={plan['gradient_checkpointing']}"]
-        if "gemini_placement_policy" in plan:
-            settings.append(f"gemini_placement_policy={plan['gemini_placement_policy']}")
+                    *sized(args, MFU_SETTINGS), f"plugin={plan['plugin']}", f"precision={plan['precision']}",
+                    f"batch_size={REHEARSAL_SIZES['batch_size'] if args.rehearse else plan['batch_size']}",
+                    f"gradient_checkpointing={plan['gradient_checkpointing']}"]
+        settings += [f"{k}={plan[k]}" for k in ("gemini_placement_policy", "gemini_offload_optim_frac",
+                                                "gemini_offload_param_frac") if k in plan]
         deps = (f"model-{name}", "kernels") if plan["plugin"] == "gemini" else (f"model-{name}",)
-        jobs.append(train_job(args, f"mfu-{name}", nproc, settings, deps, 420 if name == "7b" else 240,
-                              150 if name == "7b" else 60, small=False))
+        budget = dict((phase, s) for phase, s, _ in PHASES)[f"mfu-{name}"]
+        jobs.append(train_job(args, f"mfu-{name}", nproc, settings, deps, budget + 120, budget, small=False))
         jobs[-1].exclusive = True
         shapes[f"mfu-{name}"] = plan
-    return jobs, shapes
+    return jobs, shapes, not_run
 
 
 def check(args, runner, say: Callable[[str], None], emit: Callable[[Result], None],
-          clock: Callable[[], float] = time.monotonic) -> None:
+          clock: Callable[[], float] = time.monotonic, outcomes: dict | None = None,
+          phases: dict | None = None, emit_plan: Callable[[dict], None] = lambda plan: None) -> None:
+    """The phases of PHASES in order; `outcomes` collects every job's outcome, `phases` each phase's seconds."""
+    outcomes = {} if outcomes is None else outcomes
+    phases = {} if phases is None else phases
     start = clock()
     deadline = start + args.budget_s
-    facts_run = run_jobs([Job("facts", lambda: device_step(args, "facts"), timeout_s=180, estimate_s=5)], runner, 1,
-                         deadline, say, clock)["facts"]
+
+    def phase(name: str, jobs: list[Job], parallel: int, slack: float = 0.0) -> None:
+        t0 = clock()
+        outcomes.update(run_jobs(jobs, runner, parallel, deadline + slack, say, clock, earlier=outcomes))
+        phases[name] = round(clock() - t0, 1)
+
+    phase("facts", [Job("facts", lambda: device_step(args, "facts"), timeout_s=180, estimate_s=5)], 1)
+    facts_run = outcomes["facts"]
     facts = facts_run.json() or {}
     env_problems = []
     if not facts:
@@ -478,43 +626,70 @@ def check(args, runner, say: Callable[[str], None], emit: Callable[[Result], Non
         return
     nproc = args.nproc or facts["gpus"]
     parallel = args.parallel or max(1, min(4, (facts.get("cpus") or 2) // (2 * nproc)))
-    small, info = plan_small(args, nproc)
-    mfu, shapes = plan_mfu(args, facts, nproc, info["tokenizer"]) if "mfu" in args.checks else ([], {})
-    setup = [j for j in small + mfu if not j.logdir]  # models (the MFU ones are written while small runs train)
-    runs, mfu_runs = [j for j in small if j.logdir], [j for j in mfu if j.logdir]
+    # Gemini needs HybridAdam's kernels: where facts found no toolchain to build them, the plan says so first.
+    problem = facts.get("toolchain_problem") if "toolchain_problem" in facts else (
+        None if facts.get("nvcc") else "no nvcc")
+    gemini = not problem
+    not_tested = {} if gemini else {
+        "gemini": f"{problem}: gemini and HybridAdam not testable on this image",
+        "kernels": f"{problem}: HybridAdam's kernels cannot be built on this image"}
+    small, info = plan_small(args, nproc, gemini)
+    mfu, shapes, mfu_not_run = (plan_mfu(args, facts, nproc, info["tokenizer"], gemini) if "mfu" in args.checks
+                                else ([], {}, {}))
+    not_tested.update(mfu_not_run)
+    optional = {name: why for name, why in OPTIONAL.items() if name in shapes}
+    plan = {"plan": True, "rehearsal": bool(args.rehearse), "nproc": nproc, "parallel": parallel,
+            "budget_s": args.budget_s,
+            "phases": [{"phase": p, "budget_s": b, "basis": why} for p, b, why in PHASES],
+            "not_tested": not_tested, "optional": optional}
+    emit_plan(plan)
+    stated = {**not_tested, **optional}
 
-    def needs_kernels(job: Job) -> bool:
-        return "kernels" in job.deps or job.name.startswith("gemini")
+    def emit_judged(result: Result) -> None:
+        if result.status == "skip":
+            result.planned = stated_skip(stated, result)
+        emit(result)
 
-    if any(needs_kernels(j) for j in runs + mfu_runs):
-        setup.insert(0, Job("kernels", lambda: device_step(args, "build-kernels"), timeout_s=420, estimate_s=60,
-                            uses_slot=False))
-    # In this order: what needs no kernel, while the kernels build; the MFU runs that need none, each alone on the
-    # GPUs (the build may still take CPU cores); gemini's runs; the reference; a gemini MFU run, alone.
-    outcomes = run_jobs(setup + [j for j in runs if not needs_kernels(j)]
-                        + [j for j in mfu_runs if not needs_kernels(j)] + [j for j in runs if needs_kernels(j)],
-                        runner, parallel, deadline, say, clock)
-    for job in setup:  # a model that could not be written fails here; what needs it is skipped, saying why
-        if job.name != "kernels" and outcomes[job.name].returncode not in (0, None):
-            emit(Result("setup", "fail", job.name, {"error": outcomes[job.name].why()}))
+    needs_kernels: set[str] = set()  # gemini's jobs and those after them (its resumed runs)
+    for job in small + mfu:
+        if any(d == "kernels" or d in needs_kernels for d in job.deps):
+            needs_kernels.add(job.name)
+    kernels = [Job("kernels", lambda: device_step(args, "build-kernels"), timeout_s=300, estimate_s=60,
+                   uses_slot=False)] if needs_kernels else []
+    models = [j for j in small if not j.logdir]
+    mfu_models = [j for j in mfu if not j.logdir]
+    runs = [j for j in small if j.logdir]
+    # facts; zero2 and ddp (no kernel), while the kernels build; gemini; the reference; MFU 1B; MFU 7B if time remains
+    phase("small", kernels + models + [j for j in runs if j.name not in needs_kernels], parallel)
+    phase("gemini", mfu_models + [j for j in runs if j.name in needs_kernels], parallel)
     if "kernels" in outcomes:
-        kernels = outcomes["kernels"]
-        status = "pass" if kernels.ok else ("skip" if not facts.get("nvcc") else "fail")
-        emit(Result("kernels", status, "", {**(kernels.json() or {}), "nvcc": facts.get("nvcc"), **(
-            {} if kernels.ok else {"reason": "gemini is not runnable here: " + kernels.why()})}))
-    judge_small(args, runner, say, emit, outcomes, info, deadline, clock)
-    if mfu_runs:
-        outcomes.update(run_jobs([j for j in mfu_runs if needs_kernels(j)], runner, 1, deadline, say, clock,
-                                 earlier=outcomes))
-        for name, shape in shapes.items():
-            emit(judged_run(outcomes, name, lambda: judge_mfu(name, train_records(
-                args.out / "runs" / name / "logs" / "metrics.jsonl"), shape), "mfu"))
+        built = outcomes["kernels"]
+        emit_judged(Result("kernels", "pass" if built.ok else "fail", "", {
+            **(built.json() or {}), "nvcc": facts.get("nvcc"),
+            **({} if built.ok else {"error": "gemini is not runnable here: " + built.why()})}))
+    elif "kernels" in not_tested:
+        emit_judged(Result("kernels", "skip", "", {"reason": not_tested["kernels"]}))
+    for job in models + mfu_models:  # a model that could not be written fails here; what needs it is skipped
+        if outcomes[job.name].returncode not in (0, None):
+            emit(Result("setup", "fail", job.name, {"error": outcomes[job.name].why()}))
+    t0 = clock()
+    judge_small(args, runner, say, emit_judged, outcomes, info, deadline, clock)
+    phases["reference"] = round(clock() - t0, 1)
+    for name in [f"mfu-{shape[0]}" for shape in (MFU_1B, MFU_7B)] if "mfu" in args.checks else ():
+        if name in shapes:
+            phase(name, [j for j in mfu if j.name == name], 1)
+            emit_judged(judged_run(outcomes, name, lambda: judge_mfu(name, train_records(
+                args.out / "runs" / name / "logs" / "metrics.jsonl"), shapes[name]), "mfu"))
+        else:
+            emit_judged(Result("mfu", "skip", name, {"reason": not_tested[name]}))
 
 
 def judged_run(outcomes: dict[str, Outcome], job: str, judge: Callable[[], Result], check_name: str,
                run: str = "") -> Result:
     """The judgement of a job's output, or why there is none: the job failed (fail) or never started (skip)."""
     outcome = outcomes.get(job)
+    if outcome is not None and outcome.returncode is None and outcome.reason.startswith("could not start"):
+        return Result(check_name, "fail", run or job, {"error": outcome.reason})  # e.g. no checkpoint to resume
     if outcome is None or outcome.returncode is None:
         return Result(check_name, "skip", run or job, {"reason": outcome.reason if outcome else "not planned"})
     if not outcome.ok:
@@ -537,7 +712,8 @@ def judge_small(args, runner, say, emit, outcomes: dict[str, Outcome], info: dic
         spec_path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
         ref_job = Job("reference", lambda: device_step(args, "reference", str(spec_path)), timeout_s=240,
                       estimate_s=20)
-        ref_outcome = run_jobs([ref_job], runner, 1, deadline + 60, say, clock)["reference"]
+        # Judging what ran is worth a little past the deadline (the MFU runs after it then do not start).
+        ref_outcome = run_jobs([ref_job], runner, 1, deadline + 20, say, clock)["reference"]
         outcomes["reference"] = ref_outcome
         reference = ref_outcome.json() or {"error": ref_outcome.why()}
 
@@ -568,38 +744,59 @@ def judge_small(args, runner, say, emit, outcomes: dict[str, Outcome], info: dic
         emit(judge_packing(step1, {n: r["packing"] for n, r in straight.items()}, reference.get("flash")))
 
 
-def summarize(results: list[Result], seconds: float) -> dict:
+def summarize(results: list[Result], seconds: float, phases: dict | None = None) -> dict:
+    """Counts, and what was tested and what not: `ok` only when nothing failed and every skip was planned."""
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
-    failed = sorted({f"{r.check}{':' + r.run if r.run else ''}" for r in results if r.status == "fail"})
-    return {"summary": True, **counts, "ok": counts["fail"] == 0, "failed": failed, "seconds": round(seconds, 1)}
+    failed = sorted({r.name for r in results if r.status == "fail"})
+    unplanned = sorted({r.name for r in results if r.status == "skip" and not r.planned})
+    judged = [r for r in results if r.status != "skip"]
+    not_tested = {r.name: r.planned or r.details.get("reason", "") for r in results if r.status == "skip"}
+    return {"summary": True, **counts, "ok": not failed and not unplanned, "failed": failed,
+            "unplanned_skips": unplanned,
+            "tested": {"runs": sorted({r.run for r in judged if r.run}), "checks": sorted({r.check for r in judged})},
+            "not_tested": not_tested, "phase_seconds": phases or {}, "seconds": round(seconds, 1)}
 
 
 def main(argv: list[str] | None = None, runner=None, clock: Callable[[], float] = time.monotonic) -> int:
     args = parse_args(argv)
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
-    runner = runner or Runner(args.out / "logs")
+    recorded = None
+    if args.replay:
+        recorded = json.loads((args.out / OUTCOMES).read_text(encoding="utf-8"))
+    else:
+        shutil.rmtree(args.out, ignore_errors=True)
+        args.out.mkdir(parents=True)
+    runner = runner or Runner(args.out / "logs", {"GPU_CHECK_REHEARSE": "1"} if args.rehearse else {})
+    if recorded is not None:
+        runner = ReplayRunner(recorded, runner)
     start = clock()
     results: list[Result] = []
+    outcomes: dict[str, Outcome] = {}
+    phases: dict[str, float] = {}
     report = open(args.out / "gpu_check.jsonl", "w", encoding="utf-8")
+
+    def write(line: str) -> None:
+        print(line, flush=True)
+        report.write(line + "\n")
+        report.flush()
 
     def emit(result: Result) -> None:
         results.append(result)
-        print(result.line(), flush=True)
-        report.write(result.line() + "\n")
-        report.flush()
+        write(result.line())
 
     def say(message: str) -> None:
         print(f"[gpu_check {clock() - start:4.0f} s] {message}", file=sys.stderr, flush=True)
 
     try:
-        check(args, runner, say, emit, clock)
+        check(args, runner, say, emit, clock, outcomes, phases, lambda plan: write(json.dumps(plan)))
     finally:
-        summary = json.dumps(summarize(results, clock() - start))
-        print(summary, flush=True)
-        report.write(summary + "\n")
+        summary = summarize(results, clock() - start, phases)
+        write(json.dumps(summary))
         report.close()
-    return 0 if not any(r.status == "fail" for r in results) else 1
+        if not args.replay:
+            (args.out / OUTCOMES).write_text(json.dumps(
+                {name: {"returncode": o.returncode, "output_tail": o.output_tail, "seconds": o.seconds,
+                        "reason": o.reason} for name, o in outcomes.items()}), encoding="utf-8")
+    return 0 if summary["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The GPU-side steps of scripts/gpu_check.py, one subcommand each; every step but `train` prints one JSON object.
 
-    python scripts/gpu_check_device.py facts                       torch, CUDA, GPUs, colossalai import, nvcc
+    python scripts/gpu_check_device.py facts                       torch, CUDA, GPUs, colossalai import, toolchain
+    python scripts/gpu_check_device.py imports                     every module the device side loads, and ninja
     python scripts/gpu_check_device.py build-kernels               HybridAdam's CPU and CUDA Adam kernels, built once
     python scripts/gpu_check_device.py scale-output DIR FACTOR     multiply DIR's output projection by FACTOR
     python scripts/gpu_check_device.py reference SPEC.json         fp32 step-1 losses, final/ reloads, flash probe
@@ -11,7 +12,10 @@
     trained_logits.pt       with GPU_CHECK_LOGITS=1, rank 0: fp32 logits of the trained, still boosted model on the
                             first row of rank 0's first batch, taken just before final/ is written: what final/ must
                             give back when reloaded
-GPU_CHECK_DETERMINISTIC=1 asks torch for deterministic kernels where it has them (for the exact-resume check).
+GPU_CHECK_DETERMINISTIC=1 asks torch for deterministic kernels and SDPA's math attention (the flash and memory-
+efficient backward passes accumulate with atomics), so that a resumed run repeats the straight one (the resume check).
+GPU_CHECK_REHEARSE=1 (scripts/gpu_check.sh --rehearse): the same steps on CPU under tests/zero_cpu.py's ZeRO-on-CPU
+stand-ins; `facts` reports the stand-in device and `build-kernels` the stand-in CPU Adam.
 Everything here also runs on CPU (the tests run `reference` and `train` there on the CPU fallback).
 """
 from __future__ import annotations
@@ -30,14 +34,57 @@ import torch  # noqa: E402
 
 from llama.llama_model import Llama  # noqa: E402
 
+
+def bitsandbytes_stand_in() -> bool:
+    """Where bitsandbytes is not installed (the carried wheels leave out its 43 MB), register a module that holds
+    only what `import colossalai.nn.optimizer` needs of it: colossalai/nn/optimizer/galore.py and
+    distributed_galore.py subclass `bitsandbytes.optim.optimizer.Optimizer2State` at import, for GaLore's 8-bit
+    Adam, which the check never builds (HybridAdam and torch's AdamW are what it runs). True when registered."""
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    try:
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            return False
+    except (ImportError, ValueError):
+        pass
+
+    class Optimizer2State(torch.optim.Optimizer):
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("bitsandbytes is not installed (gpu_check_device.py's import stand-in)")
+
+    for name in ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name != "bitsandbytes.optim.optimizer")
+        sys.modules[name] = module
+    sys.modules["bitsandbytes.optim.optimizer"].Optimizer2State = Optimizer2State
+    sys.modules["bitsandbytes"].optim = sys.modules["bitsandbytes.optim"]
+    sys.modules["bitsandbytes.optim"].optimizer = sys.modules["bitsandbytes.optim.optimizer"]
+    return True
+
+
+BITSANDBYTES_STAND_IN = bitsandbytes_stand_in()  # before anything imports colossalai
+
 FIRST_BATCH = "first_batch.rank{rank}.pt"
 TRAINED_LOGITS = "trained_logits.pt"
 BATCH_KEYS = ("input_ids", "loss_mask", "doc_ids")
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+REHEARSE = os.environ.get("GPU_CHECK_REHEARSE") == "1"
+REHEARSAL_GPU_GB = 150.8  # an H200's torch.cuda.get_device_properties(0).total_memory / 1e9: the device's plan
+STAND_INS = "tests/zero_cpu.py: CPU accelerator named cuda, null streams, torch CPU Adam"
+
+
+def install_stand_ins() -> None:
+    """The ZeRO-on-CPU stand-ins of the tests (tests/zero_cpu.py), for the rehearsal."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import zero_cpu
+
+    zero_cpu.install()
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and not REHEARSE else "cpu")
 
 
 # ---- facts ------------------------------------------------------------------------------------------------------
@@ -46,11 +93,19 @@ def facts() -> dict:
     """What the plan depends on. A colossalai import failure is a fact, not a crash: the report names it."""
     from torch.utils.cpp_extension import CUDA_HOME  # where torch's extension builder will look for nvcc
 
+    from training.optimizer import toolchain_problem
+
     nvcc = shutil.which("nvcc") or (str(Path(CUDA_HOME) / "bin" / "nvcc") if CUDA_HOME else None)
     found = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
              "cpus": os.cpu_count(), "nvcc": nvcc if nvcc and Path(nvcc).is_file() else None,
-             "python": sys.version.split()[0]}
-    if found["gpus"]:
+             "python": sys.version.split()[0], "cuda_home": CUDA_HOME, "cpath": os.environ.get("CPATH"),
+             "toolchain_problem": toolchain_problem(),
+             "bitsandbytes": "stand-in" if BITSANDBYTES_STAND_IN else "installed"}
+    if REHEARSE:  # what the plan reads, as the stand-in device presents it; the CPU Adam is the stand-in's
+        found.update(gpus=1, gpu_name="CPU (ZeRO-on-CPU stand-ins), planned as one H200",
+                     gpu_memory_gb=REHEARSAL_GPU_GB, capability=None, bf16=True, toolchain_problem=None,
+                     rehearsal=STAND_INS)
+    elif found["gpus"]:
         props = torch.cuda.get_device_properties(0)
         found.update(gpu_name=props.name, gpu_memory_gb=round(props.total_memory / 1e9, 1),
                      capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
@@ -67,22 +122,59 @@ def facts() -> dict:
     return found
 
 
+# ---- imports ----------------------------------------------------------------------------------------------------
+
+# Every module a device step or a training run loads beyond torch (training.*, llama.*, pretrain_main and what they
+# import, colossalai's engine chain, HybridAdam and its kernel loaders), so that a wheel set missing one fails here,
+# in seconds, and not in the middle of the check. torch.utils.tensorboard needs the tensorboard package.
+DEVICE_MODULES = ("training.engine", "training.loop", "training.optimizer", "training.lr_schedule", "training.metrics",
+                  "training.checkpoint", "training.zero_state", "training.settings", "pretrain_main", "pretrain_args",
+                  "llama.llama_model", "llama.tiny", "colossalai.nn.optimizer", "colossalai.kernel.kernel_loader",
+                  "colossalai.kernel.extensions.pybind.optimizer.fused_optimizer_cuda", "colossalai.lazy",
+                  "colossalai.zero.gemini.utils", "torch.utils.tensorboard", "sentencepiece", "safetensors.torch",
+                  "psutil", "tqdm", "numpy", "ninja")
+
+
+def imports() -> dict:
+    """Import DEVICE_MODULES (after the engine's own import chain, training.engine.import_colossalai) and say which
+    fail; the ninja executable counts too (torch's JIT build runs it)."""
+    import importlib
+
+    from torch.utils import cpp_extension
+
+    failed = {}
+    try:
+        from training.engine import import_colossalai
+
+        import_colossalai()
+    except Exception as e:  # noqa: BLE001 - reported, with every other failure
+        failed["import_colossalai"] = f"{type(e).__name__}: {e}"[:300]
+    for name in DEVICE_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001
+            failed[name] = f"{type(e).__name__}: {e}"[:300]
+    if not cpp_extension.is_ninja_available():
+        failed["ninja executable"] = "`ninja --version` does not run (torch's JIT build needs it on PATH)"
+    return {"ok": not failed, "modules": len(DEVICE_MODULES) + 1, **({"failed": failed} if failed else {})}
+
+
 # ---- kernels ----------------------------------------------------------------------------------------------------
 
 def build_kernels() -> dict:
-    """Load (JIT-building on first use) the kernels HybridAdam takes: CPUAdamLoader for offloaded states and
-    FusedOptimizerLoader for states on the GPU (HybridAdam.__init__, colossalai/nn/optimizer/hybrid_adam.py).
-    Built for this GPU only: without TORCH_CUDA_ARCH_LIST, torch's builder compiles for every arch it knows."""
-    if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in os.environ:
-        major, minor = torch.cuda.get_device_capability(0)
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    """Load (JIT-building on first use) the kernels HybridAdam takes, as the training runs will load them
+    (training.optimizer.load_kernels: the CPU Adam, and the fused CUDA Adam for this GPU's architecture only)."""
+    if REHEARSE:
+        return {"ok": True, "seconds": 0.0, "stand_in": STAND_INS}
+    from training.optimizer import load_kernels, toolchain_problem
+
     os.environ.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 4) // 2)))  # half: the small runs go on
     start = time.perf_counter()
+    problem = toolchain_problem()
+    if problem:
+        return {"ok": False, "error": f"toolchain: {problem}", "seconds": 0.0}
     try:
-        from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
-
-        CPUAdamLoader().load()
-        FusedOptimizerLoader().load()
+        load_kernels()
     except Exception as e:  # noqa: BLE001 - gemini is then reported not runnable here, with this reason
         return {"ok": False, "error": f"{type(e).__name__}: {e}"[-800:], "seconds": time.perf_counter() - start}
     return {"ok": True, "seconds": round(time.perf_counter() - start, 1)}
@@ -161,11 +253,12 @@ def reload_comparison(run: dict, init_dir: str, batch: dict) -> dict:
 def flash_probe(model: Llama, batch: dict) -> dict:
     """The unpacked path (is_causal, no mask) under SDPA's flash kernel alone, against the math kernel: fails if
     flash attention cannot take this model's shapes on this GPU."""
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not REHEARSE:  # the rehearsal probes torch's CPU flash kernel
         return {"ok": False, "error": "no CUDA device"}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    half = model.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)  # in place: its last use
+    bf16 = REHEARSE or torch.cuda.is_bf16_supported()  # the CPU kernel of the rehearsal takes bf16
+    half = model.to(torch.bfloat16 if bf16 else torch.float16)  # in place: its last use
     ids = batch["input_ids"]
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -189,18 +282,26 @@ def reference(spec_path: str) -> dict:
     out: dict = {"runs": {}}
     unpacked_batch = None
     for run in spec["runs"]:
-        batches = load_batches(Path(run["logdir"]))
-        if not batches:
-            out["runs"][run["name"]] = {"error": f"no {FIRST_BATCH.format(rank='*')} in {run['logdir']}"}
-            continue
-        result = {"ref_loss": mean_rank_loss(init, batches), "random_init_loss": mean_rank_loss(fresh, batches)}
-        if run.get("reload"):
-            result["reload"] = reload_comparison(run, spec["init_model"], batches[0])
+        try:  # one run's broken records fail that run's judges only
+            batches = load_batches(Path(run["logdir"]))
+            if not batches:
+                raise FileNotFoundError(f"no {FIRST_BATCH.format(rank='*')} in {run['logdir']}")
+            result = {"ref_loss": mean_rank_loss(init, batches), "random_init_loss": mean_rank_loss(fresh, batches)}
+            if run.get("reload"):
+                try:
+                    result["reload"] = reload_comparison(run, spec["init_model"], batches[0])
+                except Exception as e:  # noqa: BLE001 - the reload judge says so; step1_loss still holds
+                    result["reload"] = {"error": f"{type(e).__name__}: {e}"[:800]}
+        except Exception as e:  # noqa: BLE001
+            result = {"error": f"{type(e).__name__}: {e}"[:800]}
         out["runs"][run["name"]] = result
-        if "doc_ids" not in batches[0]:
+        if "error" not in result and "doc_ids" not in batches[0]:
             unpacked_batch = batches[0]
     if spec.get("flash_probe") and unpacked_batch is not None:
-        out["flash"] = flash_probe(init, unpacked_batch)
+        try:
+            out["flash"] = flash_probe(init, unpacked_batch)
+        except Exception as e:  # noqa: BLE001
+            out["flash"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:800]}
     return out
 
 
@@ -213,9 +314,16 @@ def train(argv: list[str]) -> None:
     from training.settings import load_settings
 
     settings = load_settings(pretrain_args, argv)
+    if REHEARSE:
+        install_stand_ins()
     if os.environ.get("GPU_CHECK_DETERMINISTIC") == "1":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # SDPA's math attention only: flash's and memory-efficient attention's backward passes stay
+        # nondeterministic under use_deterministic_algorithms (warn_only) and would break the resume comparison.
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     rank = int(os.environ.get("RANK", "0"))
     logdir = Path(settings.logdir)
     logdir.mkdir(parents=True, exist_ok=True)
@@ -241,8 +349,9 @@ def train(argv: list[str]) -> None:
         with torch.no_grad(), engine.autocast():
             _, out = engine.model(row["input_ids"].to(dev),
                                   doc_ids=row["doc_ids"].to(dev) if "doc_ids" in row else None)
-        if rank == 0:
-            torch.save({"logits": out.float().cpu()}, logdir / TRAINED_LOGITS)
+        if rank == 0:  # a plain tensor: gemini returns a ColoTensor, which torch.load(weights_only=True) refuses
+            plain = out.as_subclass(torch.Tensor) if isinstance(out, torch.Tensor) else out
+            torch.save({"logits": plain.detach().float().cpu().clone()}, logdir / TRAINED_LOGITS)
         return save_final(engine, *args, **kwargs)
 
     if os.environ.get("GPU_CHECK_LOGITS") == "1":
@@ -255,7 +364,7 @@ def main(argv: list[str]) -> None:
     if command == "train":
         train(rest)
         return
-    steps = {"facts": facts, "build-kernels": build_kernels,
+    steps = {"facts": facts, "imports": imports, "build-kernels": build_kernels,
              "scale-output": lambda: scale_output(rest[0], float(rest[1])), "reference": lambda: reference(rest[0])}
     if command not in steps:
         sys.exit(f"usage: gpu_check_device.py {{{','.join([*steps, 'train'])}}} ...")

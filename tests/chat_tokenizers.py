@@ -1,18 +1,13 @@
-"""Real-world chat templates and a tiny byte-level BPE tokenizer with chat special tokens, for the chat tests
-(not a test module).
+"""Real-world chat templates, and the session's tokenizers saved with one, for the chat tests (not a test module).
 
-BpeTokenizer wraps a transformers PreTrainedTokenizerFast in the names of the tokenizer contract (vocab_size,
-bos_id, eos_id, pad_id, bos_token, eos_token, chat_template, model_path, encode, encode_batch, decode). It stands in
-for the tokenizer.json kind of llama.load_tokenizer until that is merged; the lead switches these tests to it then.
+TemplatedTokenizers gives, for a tokenizer of the session (tests/conftest.py: the bpe_tokenizer_dirs families and
+the SentencePiece tokenizer_path) and a chat template, the pair (llama.load_tokenizer's tokenizer, transformers'
+AutoTokenizer) of one dir written by the tokenizer's own save with that template: ours is what training uses, the
+transformers one is what it is compared with (apply_chat_template, assistant masks).
 """
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
-
-SPECIALS = ["<|endoftext|>", "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|im_start|>", "<|im_end|>"]
 
 # Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template.
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -99,46 +94,19 @@ FEATURES = """{% if messages[0]['role'] not in ['system', 'user'] %}{{ raise_exc
 {% if add_generation_prompt %}>>{% endif %}"""
 
 
-def train_bpe(texts: list[str], directory: Path, vocab_size: int = 600) -> Path:
-    """A byte-level BPE tokenizer.json (as Llama 3, Qwen and SmolLM2 have) with the chat special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+class TemplatedTokenizers:
+    """(ours, transformers') tokenizer of sources[name] with a chat template, each pair written once."""
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    return directory / "tokenizer.json"
+    def __init__(self, sources: dict[str, Path], tmp_path_factory):
+        self.sources, self.tmp_path_factory, self.made = sources, tmp_path_factory, {}
 
+    def __call__(self, name: str, template: str):
+        if (name, template) not in self.made:
+            from transformers import AutoTokenizer
 
-class BpeTokenizer:
-    """A PreTrainedTokenizerFast in the tokenizer contract's names (see the module docstring)."""
+            from llama import load_tokenizer
 
-    def __init__(self, path: Path, chat_template: str | None, bos_token: str | None = "<|begin_of_text|>",
-                 eos_token: str = "<|im_end|>"):
-        from transformers import PreTrainedTokenizerFast
-
-        self.hf = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=bos_token, eos_token=eos_token,
-                                          pad_token="<|endoftext|>", chat_template=chat_template)
-        self.model_path = Path(path)
-        self.vocab_size = len(self.hf)
-        self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
-        self.bos_id = None if bos_token is None else self.hf.convert_tokens_to_ids(bos_token)
-        self.eos_id = self.hf.convert_tokens_to_ids(eos_token)
-        self.pad_id = self.hf.pad_token_id
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False)
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + ([self.eos_id] if eos else [])
-
-    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
-        return [self.encode(text, bos, eos) for text in texts]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(list(ids))
-
-    def token_ends(self, text: str, ids: list[int]) -> np.ndarray:
-        offsets = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        return np.array([end for _, end in offsets], dtype=np.int64)
+            directory = self.tmp_path_factory.mktemp(f"chat-{name}")
+            load_tokenizer(self.sources[name]).save(directory, chat_template=template)
+            self.made[name, template] = load_tokenizer(directory), AutoTokenizer.from_pretrained(directory)
+        return self.made[name, template]

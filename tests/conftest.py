@@ -35,3 +35,29 @@ def tokenizer_path(tmp_path_factory) -> Path:
     from llama.tiny import train_tokenizer
 
     return train_tokenizer(TOKENIZER_TEXT, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dirs(tmp_path_factory) -> dict:
+    """Tiny byte-level BPE tokenizers of the tokenizer.json families, trained on TOKENIZER_TEXT once per session
+    (llama.tiny.train_bpe_tokenizer, 600 tokens: a few hundred merges): {family: dir}, each dir holding
+    tokenizer.json, tokenizer_config.json and special_tokens_map.json as a transformers model dir does.
+      "llama3"           <|begin_of_text|> added before every text, eos <|end_of_text|>
+      "llama3-instruct"  the same tokenizer, eos <|eot_id|> and Llama 3's chat template
+      "qwen2"            no bos, eos <|im_end|>, pad <|endoftext|>, NFC, ChatML template
+      "smollm2"          no bos added (bos_token <|im_start|> is only named), eos <|im_end|>, specials at ids 0-2
+    Shared: write model files elsewhere (llama.tiny.make_tiny_model(out_dir, dir) copies the tokenizer files)."""
+    from llama.tiny import BPE_FAMILIES, train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("bpe")
+    return {family: train_bpe_tokenizer(TOKENIZER_TEXT, root / family, family).parent for family in BPE_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def templated_tokenizers(bpe_tokenizer_dirs, tokenizer_path, tmp_path_factory):
+    """templated_tokenizers(name, template) -> (llama.load_tokenizer's, transformers' AutoTokenizer) of the session
+    tokenizer `name` (a bpe_tokenizer_dirs family, or "sentencepiece" for tokenizer_path) saved with that chat
+    template (tests/chat_tokenizers.py)."""
+    from chat_tokenizers import TemplatedTokenizers
+
+    return TemplatedTokenizers({**bpe_tokenizer_dirs, "sentencepiece": tokenizer_path}, tmp_path_factory)

@@ -73,6 +73,16 @@ def stage1_corpus(root: Path, n: int = 40, n_files: int = 2) -> dict:
     return {"zh": 4, "en": 4, "translate": 2}
 
 
+def take(processor, n):
+    """n samples as (ids, loss_mask) lists: batch_size 1, so rows carry no padding."""
+    out = []
+    with processor:
+        for _, batch in zip(range(n), processor):
+            assert batch["input_ids"].shape[0] == 1
+            out.append((batch["input_ids"][0].tolist(), batch["loss_mask"][0].tolist()))
+    return out
+
+
 def sample_rows(batch: dict) -> list[tuple[list[int], list[int]]]:
     """(ids, loss_mask) of each row without its padding (rows end at their last non-pad token via num_tokens
     being per batch; with batch_size 1 there is no padding at all)."""

@@ -3,23 +3,28 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from data_corpus_helpers import stage1_corpus, task_records, write_set
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "data_throughput.py"
 
 
-def test_data_throughput_bench_prints_one_json_line(tmp_path, tokenizer_path, capsys):
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
+def test_data_throughput_bench_prints_one_json_line(tmp_path, tokenizer_path, bpe_tokenizer_dirs, capsys, kind):
     stage1_corpus(tmp_path)
     spec = importlib.util.spec_from_file_location("data_throughput", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--stage", "pretrain", "--corpus", str(tmp_path), "--tokenizer", str(tokenizer_path),
+    tokenizer = tokenizer_path if kind == "sentencepiece" else bpe_tokenizer_dirs["qwen2"] / "tokenizer.json"
+    reference = "sp" if kind == "sentencepiece" else "tokenizers"  # the raw library the pipeline is measured against
+    bench.main(["--stage", "pretrain", "--corpus", str(tmp_path), "--tokenizer", str(tokenizer),
                 "--batches", "5", "--batch-size", "4", "--max-seq-length", "512", "--packing"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) == {"batches_per_s", "real_tokens_per_s", "padded_tokens_per_s", "real_fraction",
-                           "discarded_tokens", "sp_tokens_per_s", "ratio", "cpu_ratio"}
+                           "discarded_tokens", f"{reference}_tokens_per_s", "ratio", "cpu_ratio"}
     assert result["discarded_tokens"] == 0 and 0 < result["real_fraction"] <= 1
-    assert result["real_tokens_per_s"] > 0 and result["sp_tokens_per_s"] > 0
+    assert result["real_tokens_per_s"] > 0 and result[f"{reference}_tokens_per_s"] > 0
 
 
 def test_long_input_corpus_puts_other_inputs_before_each_own(tmp_path):

@@ -6,9 +6,8 @@ from collections import Counter
 import pytest
 
 import alignment_sft_main
-from chat_tokenizers import QWEN25, SMOLLM2, BpeTokenizer, train_bpe
-from conftest import TOKENIZER_TEXT
-from data_corpus_helpers import messages_records, settings, write_set
+from chat_tokenizers import QWEN25, SMOLLM2
+from data_corpus_helpers import messages_records, settings, take, write_set
 from llama.tokenization_llama import Tokenizer
 from training.batching import pack_rows
 from training.conversation import Chat, ChatRenderer, chat_from_messages
@@ -20,20 +19,6 @@ from training.samples import Sample, SampleBuilder
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
     return Tokenizer(tokenizer_path)
-
-
-@pytest.fixture(scope="module")
-def bpe_path(tmp_path_factory):
-    return train_bpe(TOKENIZER_TEXT, tmp_path_factory.mktemp("bpe"))
-
-
-def rows(processor, n):
-    """n samples as (ids, loss_mask): batch_size 1, no padding."""
-    out = []
-    with processor:
-        for _, batch in zip(range(n), processor):
-            out.append((batch["input_ids"][0].tolist(), batch["loss_mask"][0].tolist()))
-    return out
 
 
 def billa_layout(tok, system, turns):
@@ -73,7 +58,7 @@ def test_billa_conversation_counts_every_answer_and_its_eos_and_nothing_else(tmp
     records = messages_records(24)
     write_set(tmp_path, "chat", records)
     forms = {tuple(billa_layout(tok, *record_turns(r))[0]): i for i, r in enumerate(records)}
-    samples = rows(alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, batch_size=1,
+    samples = take(alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, batch_size=1,
                                                              max_seq_length=512), tok, 0, 1), 24)
     seen = set()
     for ids, mask in samples:
@@ -99,21 +84,24 @@ def test_single_turn_message_and_alpaca_without_input_are_the_recipes_sample(tmp
         assert (sample.ids, [int(i >= sample.n_masked) for i in range(len(sample.ids))]) == expected
 
 
-def test_template_conversation_is_transformers_render_with_answers_and_end_token_counted(tmp_path, bpe_path):
-    tok = BpeTokenizer(bpe_path, QWEN25, bos_token=None, eos_token="<|im_end|>")  # Qwen: no bos
+def test_template_conversation_is_transformers_render_with_answers_and_end_token_counted(tmp_path,
+                                                                                         templated_tokenizers):
+    tok, hf = templated_tokenizers("qwen2", QWEN25)
+    assert (tok.bos_id, tok.eos_token) == (None, "<|im_end|>")  # Qwen: no bos
     records = messages_records(12)
     write_set(tmp_path, "chat", records, n_files=1)
-    samples = rows(alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, batch_size=1, max_seq_length=512,
+    samples = take(alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, batch_size=1, max_seq_length=512,
                                                              chat_format="template"), tok, 0, 1), 12)
-    forms = {tuple(tok.hf.apply_chat_template(r["messages"], tokenize=True)): r for r in records}
+    forms = {tuple(hf.apply_chat_template(r["messages"], tokenize=True)): r for r in records}
     for ids, mask in samples:
         record = forms[tuple(ids)]  # transformers' own ids of the whole render
         answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
-        assert [tok.decode(run) for run in counted_runs(ids, mask)] == [a + "<|im_end|>" for a in answers]
-        assert mask[-1] == 0 and tok.decode(ids[-1:]) == "\n"  # the "\n" after the last <|im_end|>: not counted
+        # transformers' decode keeps special tokens (ours leaves them out)
+        assert [hf.decode(run) for run in counted_runs(ids, mask)] == [a + "<|im_end|>" for a in answers]
+        assert mask[-1] == 0 and hf.decode(ids[-1:]) == "\n"  # the "\n" after the last <|im_end|>: not counted
 
 
-def test_template_mask_equals_transformers_assistant_mask(bpe_path):
+def test_template_mask_equals_transformers_assistant_mask(templated_tokenizers):
     """A ChatML template with {% generation %} around answer + end token: transformers' return_assistant_tokens_mask
     marks exactly what we count."""
     template = SMOLLM2.replace("{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}",
@@ -122,10 +110,10 @@ def test_template_mask_equals_transformers_assistant_mask(bpe_path):
                                "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
                                "{% endif %}")
     assert template != SMOLLM2
-    tok = BpeTokenizer(bpe_path, template, bos_token=None, eos_token="<|im_end|>")
+    tok, hf = templated_tokenizers("qwen2", template)
     renderer = ChatRenderer(tok, "template")
     for record in messages_records(6):
-        out = tok.hf.apply_chat_template(record["messages"], tokenize=True, return_dict=True,
+        out = hf.apply_chat_template(record["messages"], tokenize=True, return_dict=True,
                                          return_assistant_tokens_mask=True)
         ids, spans = renderer.encode(chat_from_messages(record))
         mask = [0] * len(ids)
@@ -187,7 +175,7 @@ def test_empty_last_answer_is_skipped_as_empty():
                                             {"role": "assistant", "content": "  "}]}) is None
 
 
-def test_template_format_needs_a_template_that_renders_turn_by_turn(tmp_path, tok, bpe_path):
+def test_template_format_needs_a_template_that_renders_turn_by_turn(tmp_path, tok, templated_tokenizers):
     write_set(tmp_path, "chat", messages_records(3), n_files=1)
     with pytest.raises(DataError, match=r"setting 'chat_format' = 'template': the tokenizer .*tokenizer\.model has "
                                         r"no chat template"):
@@ -198,7 +186,7 @@ def test_template_format_needs_a_template_that_renders_turn_by_turn(tmp_path, to
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
     with pytest.raises(DataError, match="does not render turn by turn"):
         alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, chat_format="template"),
-                                         BpeTokenizer(bpe_path, rewriting), 0, 1)
+                                         templated_tokenizers("qwen2", rewriting)[0], 0, 1)
 
 
 def test_chat_format_setting_is_checked_by_name():

@@ -14,8 +14,8 @@ import gpu_check  # noqa: E402
 from gpu_check import Outcome  # noqa: E402
 
 FACTS = {"torch": "2.11.0+cu130", "cuda": "13.0", "gpus": 1, "cpus": 16, "nvcc": "/usr/local/cuda/bin/nvcc",
-         "python": "3.12.3", "gpu_name": "NVIDIA H200", "gpu_memory_gb": 150.0, "capability": "9.0", "bf16": True,
-         "colossalai": "0.5.0"}
+         "python": "3.12.3", "toolchain_problem": None, "gpu_name": "NVIDIA H200", "gpu_memory_gb": 150.8,
+         "capability": "9.0", "bf16": True, "colossalai": "0.5.0"}
 REF_LOSS, RANDOM_LOSS = 18.2, 10.4
 
 
@@ -72,12 +72,14 @@ class StubRunner:
             if job.name.endswith("-overflow"):
                 records = overflow_records()
             elif job.name.endswith("-resumed"):
-                records = [r for r in straight_records(settings["precision"]) if r["step"] > 4]
+                straight = self.metrics.get(job.name[:-len("-resumed")]) or straight_records(settings["precision"])
+                records = [r for r in straight if r["step"] > 4]
             elif job.name.startswith("mfu-"):
                 records = [record(6, 9.0, mfu=0.3), record(12, 8.5, mfu=0.41, max_memory_gb=70.0)]
             else:
                 records = straight_records(settings["precision"])
-                (Path(settings["output_dir"]) / "ckpt_step-4_loss-17.9000").mkdir(parents=True)
+        if not job.name.endswith(("-overflow", "-resumed")) and not job.name.startswith("mfu-"):
+            (Path(settings["output_dir"]) / "ckpt_step-4_loss-17.9000").mkdir(parents=True)
         job.logdir.mkdir(parents=True, exist_ok=True)
         (job.logdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         return 0, "finished\n"
@@ -91,10 +93,13 @@ class _Done:
         return self.outcome
 
 
-def run_check(tmp_path, capsys, runner, *argv):
+def run_check(tmp_path, capsys, runner, *argv, with_plan=False):
+    """(exit code, the check lines, the summary), and the plan line first when `with_plan`."""
     code = gpu_check.main(["--out", str(tmp_path / "gc"), "--python", "python3", *argv], runner=runner)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    return code, lines[:-1], lines[-1]
+    plans = [line for line in lines if "plan" in line]
+    checks = [line for line in lines[:-1] if "plan" not in line]
+    return (code, checks, lines[-1], plans[0] if plans else None) if with_plan else (code, checks, lines[-1])
 
 
 def by_check(lines):
@@ -114,35 +119,83 @@ def test_recorded_passing_outputs_give_one_passing_line_per_check_and_a_summary(
     assert sorted(checks["overflow"]) == ["gemini-fp16-overflow", "zero2-fp16-overflow"]
     assert sorted(checks["mfu"]) == ["mfu-1b", "mfu-7b"]
     assert all(line["status"] == "pass" for line in lines), [line for line in lines if line["status"] != "pass"]
-    assert code == 0 and summary == {"summary": True, "pass": len(lines), "fail": 0, "skip": 0, "ok": True,
-                                     "failed": [], "seconds": summary["seconds"]}
-    # The report file holds the same lines; a resume starts from the straight run's step-4 checkpoint; on one GPU
-    # the 7B shape runs under gemini with auto placement, the 1B under zero2.
-    report = (tmp_path / "gc" / "gpu_check.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in report] == [*lines, summary]
+    assert code == 0 and summary["ok"] and (summary["pass"], summary["fail"], summary["skip"]) == (len(lines), 0, 0)
+    assert summary["unplanned_skips"] == [] and summary["not_tested"] == {} and "mfu-7b" in summary["tested"]["runs"]
+    # The report file holds the plan, the same lines and the summary; a resume starts from the straight run's step-4
+    # checkpoint; on one H200 the 7B shape runs under gemini with every chunk and Adam state on the GPU, the 1B
+    # under zero2.
+    report = [json.loads(line) for line in (tmp_path / "gc" / "gpu_check.jsonl").read_text().splitlines()]
+    assert [line for line in report if "plan" not in line] == [*lines, summary]
     assert any(a.startswith("recover_training_from_checkpoint=") and a.endswith("ckpt_step-4_loss-17.9000")
                for a in runner.commands["zero2-bf16-resumed"])
-    assert {"plugin=gemini", "precision=fp16", "gemini_placement_policy=auto"} <= set(runner.commands["mfu-7b"])
+    assert {"plugin=gemini", "precision=bf16", "gemini_placement_policy=static", "gemini_offload_optim_frac=0.0",
+            "gemini_offload_param_frac=0.0"} <= set(runner.commands["mfu-7b"])
     assert {"plugin=zero2", "precision=bf16", "max_seq_length=2048"} <= set(runner.commands["mfu-1b"])
+    assert f"initial_loss_scale={gpu_check.SMALL_LOSS_SCALE}" in runner.commands["zero2-fp16"]
     assert checks["mfu"]["mfu-1b"]["mfu"] == 0.41 and checks["step1_loss"]["zero2-bf16"]["logged"] == REF_LOSS
-    # Order: runs that need no kernel (while they build), the 1B MFU run, gemini's runs, the reference, gemini's 7B.
+    # Order: zero2 and ddp (while the kernels build), gemini, the reference, MFU 1B, MFU 7B.
     order = list(runner.commands)
-    assert order.index("ddp-fp16-resumed") < order.index("mfu-1b") < order.index("gemini-fp16") < \
-        order.index("reference") < order.index("mfu-7b") == len(order) - 1
+    assert order.index("kernels") < order.index("zero2-bf16") < order.index("ddp-fp16-resumed") < \
+        order.index("gemini-fp16") < order.index("gemini-fp16-resumed") < order.index("reference") < \
+        order.index("mfu-1b") < order.index("mfu-7b") == len(order) - 1
 
 
-def test_without_nvcc_gemini_is_reported_not_runnable_and_the_rest_still_runs(tmp_path, capsys):
-    runner = StubRunner(facts={**FACTS, "nvcc": None},
-                        answers={"kernels": (1, '{"ok": false, "error": "AssertionError: CUDA_HOME is not found"}')})
-    code, lines, summary = run_check(tmp_path, capsys, runner)
+def test_the_plan_fits_one_call_and_names_each_phase_budget(tmp_path, capsys):
+    _, _, summary, plan = run_check(tmp_path, capsys, StubRunner(), with_plan=True)
+    phases = {p["phase"]: p["budget_s"] for p in plan["phases"]}
+    assert list(phases) == ["facts", "small", "gemini", "reference", "mfu-1b", "mfu-7b"]
+    assert all(p["basis"] for p in plan["phases"]) and plan["optional"] == {"mfu-7b": gpu_check.OPTIONAL["mfu-7b"]}
+    # Without the optional 7B the phases fit the budget; the budget and ~25 s of wheel install fit one 420 s call.
+    assert sum(phases.values()) - phases["mfu-7b"] <= plan["budget_s"] <= 420 - 25
+    assert set(summary["phase_seconds"]) == set(phases)
+
+
+def test_a_skip_the_plan_did_not_state_fails_the_check(tmp_path, capsys):
+    """The MFU 7B run is optional (stated in the plan); a zero2 run cut by the time budget is not."""
+    now = [0.0]
+
+    class Slow(StubRunner):
+        def start(self, job):
+            now[0] += 60 if job.name.startswith("ddp") else 1  # each ddp run takes a minute
+            return super().start(job)
+
+    code = gpu_check.main(["--out", str(tmp_path / "gc"), "--python", "python3", "--budget-s", "200"],
+                          runner=Slow(), clock=lambda: now[0])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    summary, checks = lines[-1], by_check([line for line in lines[:-1] if "plan" not in line])
+    assert checks["mfu"]["mfu-7b"]["status"] == "skip" and checks["mfu"]["mfu-7b"]["planned"]
+    cut = [name for name in summary["unplanned_skips"] if name.startswith(("resume:ddp", "mfu:mfu-1b"))]
+    assert cut and code == 1 and not summary["ok"] and summary["fail"] == 0
+    assert "mfu:mfu-7b" not in summary["unplanned_skips"] and "mfu:mfu-7b" in summary["not_tested"]
+
+
+def test_without_a_toolchain_the_plan_states_gemini_untested_and_the_rest_runs(tmp_path, capsys):
+    problem = "CUDA_HOME is not set and no nvcc is on PATH"
+    runner = StubRunner(facts={**FACTS, "nvcc": None, "toolchain_problem": problem})
+    code, lines, summary, plan = run_check(tmp_path, capsys, runner, with_plan=True)
     checks = by_check(lines)
-    assert checks["kernels"][""]["status"] == "skip" and "CUDA_HOME" in checks["kernels"][""]["reason"]
+    stated = f"{problem}: gemini and HybridAdam not testable on this image"
+    assert plan["not_tested"]["gemini"] == stated and "mfu-7b" in plan["not_tested"]
     gemini = [line for line in lines if line.get("run", "").startswith("gemini") or line.get("run") == "mfu-7b"]
-    assert gemini and all(line["status"] == "skip" and "kernels did not succeed" in line["reason"] for line in gemini)
-    assert not any(name.startswith("gemini") for name in runner.commands)
+    assert gemini and all(line["status"] == "skip" and line["planned"] for line in gemini)
+    assert checks["kernels"][""]["status"] == "skip" and problem in checks["kernels"][""]["planned"]
+    assert not any(name.startswith("gemini") or name in ("kernels", "mfu-7b") for name in runner.commands)
     others = [line for line in lines if line not in gemini and line["check"] != "kernels"]
     assert all(line["status"] == "pass" for line in others)  # packing too: zero2 and ddp cover both modes
-    assert code == 0 and summary["skip"] == len(gemini) + 1
+    # ok, but the summary says what was not tested and why
+    assert code == 0 and summary["ok"] and summary["skip"] == len(gemini) + 1 and summary["unplanned_skips"] == []
+    assert summary["not_tested"]["step1_loss:gemini-fp16"] == stated
+    assert not any(run.startswith("gemini") for run in summary["tested"]["runs"])
+
+
+def test_a_kernel_build_that_fails_where_the_toolchain_looked_fine_fails_the_check(tmp_path, capsys):
+    runner = StubRunner(answers={"kernels": (1, '{"ok": false, "error": "fatal error: cublas_v2.h: No such file"}')})
+    code, lines, summary = run_check(tmp_path, capsys, runner)
+    checks = by_check(lines)
+    assert checks["kernels"][""]["status"] == "fail" and "cublas_v2.h" in checks["kernels"][""]["error"]
+    assert checks["step1_loss"]["gemini-fp16"]["status"] == "skip" and "kernels did not succeed" in \
+        checks["step1_loss"]["gemini-fp16"]["reason"]
+    assert code == 1 and "step1_loss:gemini-fp16" in summary["unplanned_skips"]
 
 
 def test_wrong_figures_fail_their_checks_and_name_them(tmp_path, capsys):
@@ -166,7 +219,7 @@ def test_wrong_figures_fail_their_checks_and_name_them(tmp_path, capsys):
     assert checks["resume"]["zero2-fp16"]["status"] == "skip"  # its straight run failed: nothing to resume
     assert checks["setup"]["model-1b"]["status"] == "fail" and "out of memory" in checks["setup"]["model-1b"]["error"]
     assert checks["mfu"]["mfu-1b"]["status"] == "skip" and checks["mfu"]["mfu-7b"]["status"] == "pass"
-    assert code == 1 and not summary["ok"]
+    assert code == 1 and not summary["ok"], summary
     assert summary["failed"] == sorted(["setup:model-1b", "step1_loss:gemini-fp16", "resume:zero2-bf16",
                                         "overflow:gemini-fp16-overflow", "finite:ddp-bf16", "step1_loss:zero2-fp16",
                                         "finite:zero2-fp16", "reload:zero2-fp16"])
@@ -268,9 +321,11 @@ def test_device_steps_record_and_recompute_the_first_step_on_the_cpu_fallback(tm
     fp32 loss recomputed from the recorded batches, and final/ reloads to the trained logits."""
     import gpu_check_device
 
+    from llama import load_tokenizer
+
     model = tmp_path / "model"
-    gpu_check_device.Llama.from_pretrained(tiny_model).save_pretrained(model, tokenizer_path=tiny_model /
-                                                                       "tokenizer.model")
+    gpu_check_device.Llama.from_pretrained(tiny_model).save_pretrained(model)
+    load_tokenizer(tiny_model).save(model)
     gpu_check_device.scale_output(str(model), gpu_check.OUTPUT_SCALE)
     run = {"name": "ddp-fp32", "plugin": "ddp", "precision": "fp32", "packing": True, "reload": True,
            "output_dir": str(tmp_path / "run"), "logdir": str(tmp_path / "run" / "logs")}

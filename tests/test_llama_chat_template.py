@@ -3,8 +3,7 @@ BILLA_CHAT_TEMPLATE renders the recipe's format exactly as stage 3 trains on it.
 import jinja2
 import pytest
 
-from chat_tokenizers import FEATURES, LLAMA3, QWEN25, SMOLLM2, BpeTokenizer, train_bpe
-from conftest import TOKENIZER_TEXT
+from chat_tokenizers import FEATURES, LLAMA3, QWEN25, SMOLLM2
 from llama.chat_template import (BILLA_CHAT_TEMPLATE, chat_template_for_export, render_chat, stored_chat_format,
                                  write_chat_format)
 from training.conversation import Chat, ChatRenderer
@@ -18,28 +17,25 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bpe_path(tmp_path_factory):
-    return train_bpe(TOKENIZER_TEXT, tmp_path_factory.mktemp("bpe"))
-
-
 @pytest.mark.parametrize("template", [LLAMA3, QWEN25, SMOLLM2, FEATURES, BILLA_CHAT_TEMPLATE],
                          ids=["llama3", "qwen2.5", "smollm2", "features", "billa"])
 @pytest.mark.parametrize("generation_prompt", [False, True])
 @pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
-def test_render_equals_transformers_apply_chat_template(bpe_path, template, generation_prompt, conversation):
-    tok = BpeTokenizer(bpe_path, template, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+def test_render_equals_transformers_apply_chat_template(templated_tokenizers, template, generation_prompt,
+                                                        conversation):
+    tok, hf = templated_tokenizers("llama3-instruct", template)
+    assert (tok.bos_token, tok.eos_token) == ("<|begin_of_text|>", "<|eot_id|>")
     messages = CONVERSATIONS[conversation]
-    expected = tok.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     got = render_chat(template, messages, tok.bos_token, tok.eos_token, generation_prompt)
     assert got == expected
 
 
-def test_raise_exception_is_a_template_error_as_in_transformers(bpe_path):
+def test_raise_exception_is_a_template_error_as_in_transformers(templated_tokenizers):
     messages = [{"role": "assistant", "content": "x"}]
-    tok = BpeTokenizer(bpe_path, FEATURES)
+    tok, hf = templated_tokenizers("llama3-instruct", FEATURES)
     with pytest.raises(jinja2.TemplateError, match="bad first role"):
-        tok.hf.apply_chat_template(messages, tokenize=False)
+        hf.apply_chat_template(messages, tokenize=False)
     with pytest.raises(jinja2.TemplateError, match="bad first role"):
         render_chat(FEATURES, messages, tok.bos_token, tok.eos_token)
 
@@ -50,14 +46,14 @@ def test_raise_exception_is_a_template_error_as_in_transformers(bpe_path):
     Chat("Answer briefly.", ((("q1",), "a1"), (("问题二",), "答案二"), (("q3",), None))),
     Chat("", ((("q1",), "a1"), (("q2",), None))),
 ])
-def test_billa_template_renders_exactly_the_training_format(bpe_path, chat):
-    for bos, eos in (("<|begin_of_text|>", "<|end_of_text|>"), ("<s>", "</s>")):
-        tok = BpeTokenizer(bpe_path, BILLA_CHAT_TEMPLATE, bos_token=bos, eos_token=eos)
+def test_billa_template_renders_exactly_the_training_format(templated_tokenizers, chat):
+    for name, bos, eos in (("llama3", "<|begin_of_text|>", "<|end_of_text|>"), ("sentencepiece", "<s>", "</s>")):
+        tok, hf = templated_tokenizers(name, BILLA_CHAT_TEMPLATE)
+        assert (tok.bos_token, tok.eos_token) == (bos, eos)
         ours = ChatRenderer(tok, "billa").text(chat)
         generation_prompt = chat.turns[-1][1] is None
         assert render_chat(BILLA_CHAT_TEMPLATE, chat.messages(), bos, eos, generation_prompt) == ours
-        assert tok.hf.apply_chat_template(chat.messages(), tokenize=False,
-                                          add_generation_prompt=generation_prompt) == ours
+        assert hf.apply_chat_template(chat.messages(), tokenize=False, add_generation_prompt=generation_prompt) == ours
     if not chat.system and len(chat.turns) == 1:  # the recipe's single turn, spelled out
         parts, answer = chat.turns[0]
         assert ours == "</s>".join(["<s>Human: " + "".join(p + "\n" for p in parts) + "Assistant: " + answer, ""])

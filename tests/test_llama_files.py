@@ -168,7 +168,7 @@ def test_missing_files_are_named(tmp_path, tokenizer_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["llama.convert", "from_hf", "--input", "{tmp}/none", "--output", "{tmp}/out"],
-     "convert: LLaMA config not found: {tmp}/none"),
+     "error: LLaMA config not found: {tmp}/none"),
     (["llama.tiny", "--corpus", "{tmp}/none", "--output", "{tmp}/out"], "tiny: text source not found: {tmp}/none"),
 ])
 def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, argv, message):
@@ -185,9 +185,10 @@ def test_wrong_config_key_is_named_with_its_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"config.json: unknown config key 'hiden_size'"):
         Llama.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="rope_scaling"):
+    with pytest.raises(ValueError, match="rope_scaling type 'dynamic' is not supported; supported: default, linear, "
+                                         "llama3"):
         LlamaConfig.from_dict({"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-                               "rope_scaling": {"type": "linear", "factor": 2.0}})
+                               "rope_scaling": {"type": "dynamic", "factor": 2.0}})
     with pytest.raises(ValueError, match="missing config key"):
         LlamaConfig.from_dict({"vocab_size": 8})
     (tmp_path / "config.json").write_text('{"vocab_size": 8,\n "hidden_size": }')

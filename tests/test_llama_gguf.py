@@ -300,8 +300,6 @@ def test_unsupported_quant_type_is_one_error_line(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".from_gguf-*"))
 
 
-@pytest.mark.xfail(not hasattr(llama, "load_tokenizer"), strict=True,
-                   reason="from_hf copies tokenizer.model only until the tokenizer.json kind (tok branch) lands")
 def test_cli_writes_a_model_dir_of_ours(tmp_path):
     from llama.convert import main as convert_main
 

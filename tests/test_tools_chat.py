@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import alignment_sft_main
-from chat_tokenizers import QWEN25, BpeTokenizer, train_bpe
-from conftest import TOKENIZER_TEXT
+from chat_tokenizers import QWEN25
 from llama import Llama, Tokenizer, generate
 from llama.tiny import make_tiny_model
 from tools import chat as chat_tool
@@ -130,16 +129,11 @@ def test_cli_missing_model_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"chat: LLaMA config not found: {tmp_path / 'none' / 'config.json'}\n"
 
 
-@pytest.fixture(scope="module")
-def bpe_tok(tmp_path_factory):
-    return BpeTokenizer(train_bpe(TOKENIZER_TEXT, tmp_path_factory.mktemp("bpe")), QWEN25, bos_token=None,
-                        eos_token="<|im_end|>")
-
-
 @pytest.mark.parametrize("chat_format", ["billa", "template"])
-def test_chat_prompt_is_what_training_puts_before_the_answer(model, tokenizer_path, bpe_tok, chat_format,
-                                                             monkeypatch):
+def test_chat_prompt_is_what_training_puts_before_the_answer(model, tokenizer_path, templated_tokenizers,
+                                                             chat_format, monkeypatch):
     """The ids tools.chat generates from == the stage-3 sample of the same conversation up to its last answer."""
+    bpe_tok, bpe_hf = templated_tokenizers("qwen2", QWEN25)
     tok = Tokenizer(tokenizer_path) if chat_format == "billa" else bpe_tok
     system = "You answer in one sentence."
     turns = [("北京是哪里？", "中国的首都。"), ("And Paris? ", " The capital of France.\n"),
@@ -163,9 +157,9 @@ def test_chat_prompt_is_what_training_puts_before_the_answer(model, tokenizer_pa
     assert prompts == [sample.ids[:last_answer]]
     stripped = [{"role": m["role"], "content": m["content"].strip()} for m in record["messages"][:-1]]
     if chat_format == "template":  # and it is the template's own prompt, as transformers renders and encodes it
-        assert prompts[0] == bpe_tok.hf.apply_chat_template(stripped, add_generation_prompt=True)
+        assert prompts[0] == bpe_hf.apply_chat_template(stripped, add_generation_prompt=True)
         assert session.renderer.text(conversation(session.history[:-1], turns[-1][0], system)) == \
-            bpe_tok.hf.apply_chat_template(stripped, tokenize=False, add_generation_prompt=True)
+            bpe_hf.apply_chat_template(stripped, tokenize=False, add_generation_prompt=True)
     else:  # written out: the system line, then each answer followed by eos and the next "Human: " right after it
         (q1, a1), (q2, a2), (q3, _) = [(q.strip(), a.strip()) for q, a in turns]
         assert prompts[0] == ([tok.bos_id] + tok.encode(f"{system}\nHuman: {q1}\nAssistant: ") + tok.encode(a1) +

@@ -81,6 +81,17 @@ def test_chinese_text_takes_fewer_tokens(expanded):
     assert en_after <= en_before * 1.05
 
 
+def test_the_widened_tokenizer_keeps_its_config_and_loads_in_transformers(expanded):
+    from transformers import AutoTokenizer
+
+    base, out, report = expanded
+    assert (out / "tokenizer_config.json").read_text() == (base / "tokenizer_config.json").read_text()
+    ours, hf = Tokenizer(out), AutoTokenizer.from_pretrained(out)
+    assert ours.vocab_size == len(hf) == report["vocab_after"]
+    text = corpus_texts(CORPUS / "zh" / "10001.jsonl")[0][:200] + " " + SAME_TEXTS[0]
+    assert hf(text)["input_ids"] == ours.encode(text, bos=True)
+
+
 def test_cli_trains_the_chinese_model_and_refuses_to_overwrite(tmp_path, tokenizer_path, capsys):
     base = make_tiny_model(tmp_path / "base", tokenizer_path, dim=32)
     argv = ["--model", str(base), "--zh-corpus", str(CORPUS / "zh"), "--zh-vocab-size", "1200",

@@ -6,6 +6,7 @@ import torch
 import pretrain_args
 from llama.configuration_llama import LlamaConfig
 from llama.llama_model import Llama
+from llama.tokenizer_files import load_tokenizer
 from training.checkpoint import GRAD_SCALER, TrainerState, load_checkpoint, save_checkpoint
 from training.engine import Engine, EngineChoice
 from training.settings import load_settings
@@ -66,7 +67,7 @@ def test_ddp_fp16_checkpoint_keeps_optimizer_and_scaler_and_no_sync_applies(tiny
     assert saved_scaler["scale"] == 1024 and saved_scaler["_growth_tracker"] == 2
 
     path = save_checkpoint(engine, _DataPosition(), TrainerState(step=2, loss=1.0), LlamaConfig.from_pretrained(
-        tiny_model), tiny_model / "tokenizer.model", out, keep=2)
+        tiny_model), load_tokenizer(tiny_model), out, keep=2)
     assert (path / "optimizer").is_dir() and (path / GRAD_SCALER).is_file()
 
     fresh_settings = _settings(tiny_model, out, initial_loss_scale=8)

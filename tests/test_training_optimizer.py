@@ -49,11 +49,16 @@ def test_torch_adamw_carries_the_settings(device, fused):
     assert built.defaults["weight_decay"] == 0.05
 
 
-def _fake_cuda_home(root, release: str):
+def _fake_cuda_home(root, release: str, toolkit: bool = True):
+    """An nvcc printing `release`; with `toolkit`, the headers and libraries the kernels' build reads (empty files)."""
     nvcc = root / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True)
     nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
     nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
+    if toolkit:
+        for path in [f"include/{h}" for h in optimizer.CUDA_HEADERS] + ["lib64/libcudart.so.12", "lib64/libcublas.so"]:
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).touch()
     return str(root)
 
 
@@ -103,6 +108,53 @@ def test_matching_toolchain_passes_and_the_build_step_refuses_a_bad_one(tmp_path
     assert stopped.value.code == 1
     assert capsys.readouterr().err.strip() == ("error: cannot build HybridAdam's kernels: ninja is not installed "
                                                "(pip install ninja)")
+
+
+def test_an_nvcc_wrapper_outside_the_toolkit_is_reported(tmp_path, monkeypatch):
+    """nvcc in /usr/local/bin (a wrapper): torch takes CUDA_HOME=/usr/local, where the CPU Adam's cublas_v2.h and the
+    fused Adam's libcudart are not; the check names them instead of passing a build that dies in the compiler."""
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", _fake_cuda_home(tmp_path, "12.4", toolkit=False))
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setenv("CXX", sys.executable)
+    for variable in ("CPATH", "CPLUS_INCLUDE_PATH", "LIBRARY_PATH"):
+        monkeypatch.delenv(variable, raising=False)
+    problem = optimizer.toolchain_problem()
+    assert problem is not None and f"CUDA_HOME={tmp_path} lacks" in problem
+    assert "cublas_v2.h" in problem and "libcudart.so" in problem and "libcublas.so" in problem
+    (tmp_path / "include").mkdir()
+    for header in optimizer.CUDA_HEADERS:
+        (tmp_path / "include" / header).touch()
+    (tmp_path / "targets" / "x86_64-linux" / "lib").mkdir(parents=True)
+    (tmp_path / "targets" / "x86_64-linux" / "lib" / "libcudart.so.12.4.127").touch()
+    problem = optimizer.toolchain_problem()  # headers there now, one library still missing
+    assert "cublas_v2.h" not in problem and "libcudart" not in problem and "libcublas.so" in problem
+    (tmp_path / "targets" / "x86_64-linux" / "lib" / "libcublas.so.12").touch()
+    assert optimizer.toolchain_problem() is None
+
+
+def test_cublas_from_torchs_cuda_wheels_counts_through_the_compilers_search_paths(tmp_path, monkeypatch):
+    """A toolkit of nvcc and cudart only, cuBLAS's header and library in torch's nvidia/cu13 wheel directory, named
+    by CPATH and LIBRARY_PATH (as scripts/gpu_check.sh sets them)."""
+    home = tmp_path / "cuda"
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", _fake_cuda_home(home, "13.0"))
+    (home / "include" / "cublas_v2.h").unlink()
+    (home / "lib64" / "libcublas.so").unlink()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setenv("CXX", sys.executable)
+    monkeypatch.delenv("CPATH", raising=False)
+    monkeypatch.delenv("CPLUS_INCLUDE_PATH", raising=False)
+    monkeypatch.delenv("LIBRARY_PATH", raising=False)
+    problem = optimizer.toolchain_problem()
+    assert "cublas_v2.h" in problem and "libcublas.so" in problem and "cuda.h" not in problem
+    wheel = tmp_path / "site-packages" / "nvidia" / "cu13"
+    for path in ("include/cublas_v2.h", "lib/libcublas.so.13"):
+        (wheel / path).parent.mkdir(parents=True, exist_ok=True)
+        (wheel / path).touch()
+    monkeypatch.setenv("CPATH", f"/nonexistent:{wheel / 'include'}")
+    monkeypatch.setenv("LIBRARY_PATH", str(wheel / "lib"))
+    assert optimizer.toolchain_problem() is None
 
 
 TORCHRUN = {"TORCHELASTIC_RUN_ID": "job", "LOCAL_WORLD_SIZE": "8"}

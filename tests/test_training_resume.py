@@ -62,7 +62,7 @@ def test_resume_with_a_longer_max_steps_follows_the_new_schedule(tiny_model, tmp
     """Training on past the first run's max_steps: the lr continues on the new cosine, not the saved one's."""
     import torch
 
-    from training.engine import import_colossalai
+    from training.lr_schedule import WarmupCosineLR
 
     run = TINY_RUN + [f"init_model_path={tiny_model}", "saving_steps=2", f"output_dir={tmp_path}",
                       f"logdir={tmp_path}/logs"]
@@ -74,8 +74,8 @@ def test_resume_with_a_longer_max_steps_follows_the_new_schedule(tiny_model, tmp
 
     settings = dict(arg.split("=", 1) for arg in TINY_RUN)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(settings["lr"]))
-    schedule = import_colossalai().CosineAnnealingWarmupLR(
-        optimizer, total_steps=8, warmup_steps=int(settings["warmup_steps"]), eta_min=float(settings["min_lr"]))
+    schedule = WarmupCosineLR(optimizer, total_steps=8, warmup_steps=int(settings["warmup_steps"]),
+                              min_lr=float(settings["min_lr"]))  # ColossalAI's values: tests/test_training_lr_schedule.py
     expected = []
     for _ in range(8):
         expected.append(optimizer.param_groups[0]["lr"])

@@ -229,3 +229,26 @@ def test_global_batch_error_is_one_line_before_any_work(tmp_path):
     assert ("error: SettingsError: setting 'global_batch_size' = 7 is not a multiple of batch_size 2 x 1 processes "
             "= 2; use batch_size=1 (1 x 1 x 7 accumulation = 7)") in output
     assert "Traceback" not in output and "no such model directory" not in output  # stopped before the model check
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"architecture": "MistralForCausalLM", "sliding_window": 32},
+     r"max_seq_length=64 is above the sliding_window=32 of .*/config.json: this model has no sliding-window "
+     r"attention; use sequences of at most 32, or set sliding_window to null there"),
+    ({"architecture": "GemmaForCausalLM"},
+     r"init_model_path=.*config.json: architecture 'GemmaForCausalLM' is not supported; supported: LlamaForCausalLM, "
+     r"MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+])
+def test_model_inputs_refuse_what_this_model_cannot_compute(tiny_model, tmp_path, changes, message):
+    import json
+    import shutil
+
+    from training.model_loading import ModelInputError, check_model_inputs
+
+    model_dir = shutil.copytree(tiny_model, tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(ModelInputError, match=message):
+        check_model_inputs(_inputs_settings(model_dir))
+    if "sliding_window" in changes:  # a window as long as the run's sequences cuts nothing
+        check_model_inputs(_inputs_settings(model_dir, max_seq_length=32))

@@ -9,6 +9,8 @@ and each carries one of the faults the GPU path must survive.
                                        state (C4) and the resume starts from it; step 3 has one empty micro-batch
     gemini fp16  alignment_sft         gradient accumulation and a loss scale that overflows for the first steps
                                        (C2); the resume restores the backed-off scale and its counters
+    zero2, gemini bf16 and ddp fp32    a Llama-3.2-style model with tied embeddings (tied_tiny_model): one parameter
+                                       for embedding and output, updated once per step, saved once, resumed exactly
 """
 import json
 import math
@@ -16,7 +18,7 @@ import math
 import pytest
 import torch
 
-from training_runs import TINY_RUN, explain, read_metrics, tiny_model, torchrun  # noqa: F401
+from training_runs import TINY_RUN, explain, read_metrics, tied_tiny_model, tiny_model, torchrun  # noqa: F401
 
 INF_GRAD_STEP = 3
 COMBOS = {  # name: (stage, settings, harness environment, the step whose checkpoint is followed by SIGKILL: None for
@@ -37,18 +39,23 @@ COMBOS = {  # name: (stage, settings, harness environment, the step whose checkp
                                       "keep_checkpoints=5", "gradient_accumulation_steps=2", "packing=True",
                                       f"initial_loss_scale={2**20}"],
                     {}, None),
+    # Tied embeddings, one stage-1 run per engine (ddp: fp32 on CPU, the reference the ZeRO ones must follow).
+    "zero2-tied": ("pretrain", ["plugin=zero2", "precision=bf16", "max_steps=4", "saving_steps=2"], {}, 2),
+    "gemini-tied": ("pretrain", ["plugin=gemini", "precision=bf16", "max_steps=4", "saving_steps=2"], {}, 2),
+    "ddp-tied": ("pretrain", ["plugin=ddp", "max_steps=4", "saving_steps=2"], {}, 2),
 }
 COMPARED = ("loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "empty_steps")
 
 
 @pytest.fixture(scope="module")
-def zero_runs(tiny_model, tmp_path_factory):
+def zero_runs(tiny_model, tied_tiny_model, tmp_path_factory):
     """name -> (straight run's output dir, its metrics by step), each combo run once per module."""
     done = {}
 
     def run(name):
         if name not in done:
-            done[name] = _straight_killed_resumed(name, tiny_model, tmp_path_factory.mktemp(name))
+            model = tied_tiny_model if name.endswith("-tied") else tiny_model
+            done[name] = _straight_killed_resumed(name, model, tmp_path_factory.mktemp(name))
         return done[name]
 
     return run
@@ -56,17 +63,19 @@ def zero_runs(tiny_model, tmp_path_factory):
 
 def _straight_killed_resumed(name, tiny_model, root):
     stage, settings, env, kill_step = COMBOS[name]
-    env = {"HARNESS_ZERO_ON_CPU": "1", **env}
+    zero = "plugin=ddp" not in settings
+    env = {"HARNESS_ZERO_ON_CPU": "1", **env} if zero else env
     run = TINY_RUN + settings + [f"init_model_path={tiny_model}"]
     whole, split = root / "whole", root / "split"
     (root / "loaded").mkdir()
 
     straight = torchrun(run + [f"output_dir={whole}", f"logdir={whole}/logs"], stage=stage,
-                        env={**env, "HARNESS_DUMP_LOADED": str(root / "loaded")})
+                        env={**env, "HARNESS_DUMP_LOADED": str(root / "loaded")} if zero else env)
     assert straight.returncode == 0, explain(straight)
-    assert "host memory with the model loaded, GiB resident / peak: rank 0 " in straight.stdout
-    assert ", rank 1 " in straight.stdout.split("host memory with the model loaded")[1].splitlines()[0]
-    _check_loaded(root / "loaded", tiny_model, torch.bfloat16 if "precision=bf16" in settings else torch.float16)
+    if zero:
+        assert "host memory with the model loaded, GiB resident / peak: rank 0 " in straight.stdout
+        assert ", rank 1 " in straight.stdout.split("host memory with the model loaded")[1].splitlines()[0]
+        _check_loaded(root / "loaded", tiny_model, torch.bfloat16 if "precision=bf16" in settings else torch.float16)
     kill_step = kill_step or min(_step_of(path) for path in whole.glob("ckpt_step-*"))
     killed = torchrun(run + [f"output_dir={split}", f"logdir={split}/logs"], stage=stage,
                       env={**env, "HARNESS_KILL_AFTER_SAVE": str(kill_step)})
@@ -171,3 +180,26 @@ def test_fp16_gemini_accumulation_recovers_from_overflow(zero_runs):
     first = min(_step_of(path) for path in (root / "whole").glob("ckpt_step-*"))
     assert json.loads(next((root / "whole").glob(f"ckpt_step-{first}_*")).joinpath("loss_scaler.json").read_text()
                       ) == expected[first]
+
+
+def test_tied_embeddings_are_one_parameter_under_every_engine(zero_runs, tied_tiny_model):
+    """Each engine trains the tied matrix as one parameter: the ZeRO runs follow the fp32 ddp run to bf16 round-off
+    (an embedding updated twice a step, or an output copy drifting from it, would not), every checkpoint and the
+    final dir hold it once, and each resumes exactly (zero_runs)."""
+    from safetensors import safe_open
+
+    runs = {name: zero_runs(name) for name in ("ddp-tied", "zero2-tied", "gemini-tied")}
+    reference = runs["ddp-tied"][1]
+    for name in ("zero2-tied", "gemini-tied"):
+        for step, record in runs[name][1].items():
+            assert record["loss"] == pytest.approx(reference[step]["loss"], rel=5e-4), f"{name} step {step}"
+    source_names = set(_weights(tied_tiny_model))
+    assert "output.weight" not in source_names and "tok_embeddings.weight" in source_names
+    for name, (root, metrics) in runs.items():
+        assert metrics[4]["loss"] < metrics[1]["loss"], name
+        for model_dir in [root / "whole" / "final", *(root / "whole").glob("ckpt_step-*")]:
+            stored = []
+            for f in model_dir.glob("model*.safetensors"):
+                with safe_open(str(f), framework="pt") as tensors:
+                    stored += list(tensors.keys())
+            assert sorted(stored) == sorted(source_names), model_dir

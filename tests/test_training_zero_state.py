@@ -44,3 +44,34 @@ def test_masters_from_source_leaves_what_is_already_exact():
     model = _gemini(0, 1, sources, chunk_size=4)
     assert masters_from_source(model, None, "gemini", sources.items(), compute_dtype=torch.bfloat16) == 0
     assert torch.equal(model.chunk_manager.get_chunk(None).payload, torch.full((4,), -1.0))
+
+
+def test_gemini_masters_recut_for_another_world_size(tmp_path):
+    """Masters saved by 2 ranks (chunk of 24, shards of 12) load into 3 ranks (shards of 8) and into 1 (the chunk
+    whole): every new shard gets exactly its elements, read through the saved layout by name and offset."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from training.zero_state import load_resharded_masters, master_layout
+
+    torch.manual_seed(0)
+    sources = {"a": torch.randn(2, 3), "b": torch.randn(10), "c": torch.randn(2, 2)}
+    expected = torch.cat([t.reshape(-1) for t in sources.values()])
+    saved = []
+    for rank in range(2):
+        model = _gemini(rank, 2, sources, chunk_size=24)
+        masters_from_source(model, None, "gemini", sources.items(), compute_dtype=torch.bfloat16)
+        path = tmp_path / f"rank{rank}.safetensors"
+        save_file(master_views(model, None, "gemini"), str(path),
+                  metadata={"layout": json.dumps(master_layout(model, None, "gemini"))})
+        saved.append((json.loads(safe_open(str(path), "pt").metadata()["layout"]), safe_open(str(path), "pt")))
+    for world, chunk_size in ((3, 24), (1, 20)):
+        models = [_gemini(rank, world, sources, chunk_size=chunk_size) for rank in range(world)]
+        for model in models:
+            assert load_resharded_masters(model, None, "gemini", saved) == []
+        whole = torch.cat([master_views(model, None, "gemini")["chunk.0"] for model in models])
+        assert torch.equal(whole[:20], expected), world
+    assert load_resharded_masters(_gemini(0, 1, {**sources, "d": torch.randn(3)}, 23), None, "gemini",
+                                  saved) == ["d"]  # a parameter the saved masters do not hold is named

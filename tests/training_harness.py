@@ -11,13 +11,19 @@ Environment:
     HARNESS_DISK_FULL_AT_SAVE N: the disk is full while the step-N checkpoint is written: torch.save into it (the
                               optimizer, rank 0 on the CPU fallback) leaves an empty file and gets the kernel's
                               ENOSPC, by writing its bytes to /dev/full
-    HARNESS_RECORD_BATCHES    1: append a hash of every batch to <logdir>/batches.rank<R>.jsonl
+    HARNESS_RECORD_BATCHES    1: append a hash of every batch to <logdir>/batches.rank<R>.jsonl; 2: also the text of
+                              each row (the tokenizer's decode), for tests that trace which records were trained on
     HARNESS_ZERO_ON_CPU       1: run the settings' plugin (gemini, zero2) and precision on CPU (tests/zero_cpu.py)
     HARNESS_INF_GRAD_STEPS    "2": on these steps the last rank's gradient of one embedding element is inf (its loss
                               stays finite); under zero2 that element's shard lives on rank 0
     HARNESS_EMPTY_BATCHES     "1.0,1.1": these micro-batches (step.micro, every rank) count no target token
     HARNESS_DUMP_LOADED       DIR: once the fresh model is loaded and boosted, save its weights to DIR/weights and
                               its fp32 master weights, gathered, to DIR/masters.safetensors
+    HARNESS_TRANSFORMERS      1: train transformers' own class (AutoModelForCausalLM of init_model_path, a transformers
+                              dir) in place of ours, behind our forward's signature: the reference a run of ours
+                              from that dir must equal (unpacked rows, no dropout)
+    HARNESS_SAVE_AFTER_RESUME DIR: right after a resume, write a checkpoint of what was loaded into DIR (the same
+                              save_checkpoint), to compare it with the checkpoint resumed from
 Steps are the optimizer steps of the run (1-based), counted on from the checkpoint after a resume.
 """
 from __future__ import annotations
@@ -35,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from llama import load_tokenizer  # noqa: E402
 import training.checkpoint as checkpoint  # noqa: E402
 import training.loop as loop  # noqa: E402
 from training.settings import load_settings  # noqa: E402
@@ -75,10 +82,10 @@ def kill_after_save(step: int) -> None:
 def crash_during_save(step: int) -> None:
     original = checkpoint._write_json
 
-    def write_or_die(path, obj):
+    def write_or_die(path, obj, **kwargs):
         if path.name == checkpoint.TRAINER_STATE and f"ckpt_step-{step}_" in path.parent.name:
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(path, obj)
+        return original(path, obj, **kwargs)
 
     checkpoint._write_json = write_or_die
 
@@ -200,7 +207,55 @@ def dump_loaded(directory: Path) -> None:
     loop.load_weights_after_boost = load_then_dump
 
 
-def recording(data_processor_cls):
+class TransformersAsOurs(torch.nn.Module):
+    """transformers' causal LM behind Llama.forward's (loss, logits) signature: loss_mask -> labels (-100 where a
+    token is no target; transformers shifts them as we do)."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids, loss_mask=None, labels=None, doc_ids=None):
+        assert doc_ids is None, "transformers' class has no packed rows"
+        if loss_mask is not None:
+            labels = input_ids.masked_fill(loss_mask == 0, -100)
+        return self.hf(input_ids, labels=labels).loss, None
+
+
+def train_transformers_class() -> None:
+    from transformers import AutoModelForCausalLM
+
+    def load_model(settings, inputs, dtype, plugin):
+        assert plugin == "ddp" and float(settings.dropout_prob) == 0.0
+        return TransformersAsOurs(AutoModelForCausalLM.from_pretrained(settings.init_model_path, torch_dtype=dtype,
+                                                                       attn_implementation="sdpa"))
+
+    loop.load_model = load_model
+    loop.load_weights_after_boost = lambda engine, settings, inputs: None  # loaded whole above
+    loop.save_final = lambda *args: None  # a reference run: its weights (transformers' names) are not a model dir
+
+
+def save_after_resume(directory: Path) -> None:
+    original = loop.load_checkpoint
+
+    class ConfigFrom:
+        def __init__(self, path):
+            self.path = path
+
+        def save_pretrained(self, target):
+            import shutil
+            shutil.copyfile(self.path / "config.json", Path(target) / "config.json")
+
+    def load_then_save(path, engine, data, settings):
+        state = original(path, engine, data, settings)
+        checkpoint.save_checkpoint(engine, data, state, ConfigFrom(path), load_tokenizer(path), directory,
+                                   1)
+        return state
+
+    loop.load_checkpoint = load_then_save
+
+
+def recording(data_processor_cls, texts: bool):
     class Recording(data_processor_cls):
         """Records every batch handed to the loop (not the ones prefetched behind it)."""
 
@@ -210,8 +265,13 @@ def recording(data_processor_cls):
         def __next__(self):
             batch = super().__next__()
             digest = hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()
+            record = {"sha1": digest, "num_tokens": batch["num_tokens"]}
+            if texts:
+                pad = self.tokenizer.pad_id
+                record["texts"] = [self.tokenizer.decode([t for t in row if t != pad])
+                                   for row in batch["input_ids"].tolist()]
             with open(Path(self._harness_logdir) / f"batches.rank{_rank()}.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"sha1": digest, "num_tokens": batch["num_tokens"]}) + "\n")
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
             return batch
 
     return Recording
@@ -242,8 +302,12 @@ def main() -> None:
         data_processor_cls = emptying(data_processor_cls, which)
     if os.environ.get("HARNESS_DUMP_LOADED"):
         dump_loaded(Path(os.environ["HARNESS_DUMP_LOADED"]))
+    if os.environ.get("HARNESS_TRANSFORMERS"):
+        train_transformers_class()
+    if os.environ.get("HARNESS_SAVE_AFTER_RESUME"):
+        save_after_resume(Path(os.environ["HARNESS_SAVE_AFTER_RESUME"]))
     if os.environ.get("HARNESS_RECORD_BATCHES"):
-        data_processor_cls = recording(data_processor_cls)
+        data_processor_cls = recording(data_processor_cls, texts=os.environ["HARNESS_RECORD_BATCHES"] == "2")
         data_processor_cls._harness_logdir = settings.logdir
     loop.train(settings, data_processor_cls)
 

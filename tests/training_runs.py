@@ -32,6 +32,29 @@ def tiny_model(tmp_path_factory, tokenizer_path) -> Path:
                            max_seq_len=128)
 
 
+@pytest.fixture(scope="session")
+def tied_tiny_model(tmp_path_factory, tokenizer_path) -> Path:
+    """A random Llama-3.2-style dir (dim 32, 2 layers): tied embeddings, llama3 RoPE scaling, grouped-query
+    attention, with the session's tiny tokenizer."""
+    import torch
+
+    from llama.configuration_llama import LlamaConfig
+    from llama.llama_model import Llama
+    from llama.tokenization_llama import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_sequence_length=128, tie_word_embeddings=True,
+                         rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                            "original_max_position_embeddings": 32},
+                         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    torch.manual_seed(0)
+    model_dir = Llama(config).save_pretrained(tmp_path_factory.mktemp("tied") / "model")
+    tokenizer.save(model_dir)
+    return model_dir
+
+
 @pytest.fixture
 def one_process_group(monkeypatch):
     """A gloo process group of this test process alone (rank 0 of 1), for engine and evaluation code that calls

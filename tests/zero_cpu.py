@@ -4,7 +4,8 @@ ColossalAI's ZeRO code is device-agnostic except for its plumbing: it asks its a
 synchronisation, and gemini's HybridAdam loads a compiled CPU Adam kernel. Four stand-ins replace exactly those:
     1. the accelerator: a CpuAccelerator whose name is "cuda" (LowLevelZeroOptimizer._sanity_checks and the plugins'
        device checks compare that name), with no-op synchronize/set_device/empty_cache, device 0 of 1;
-    2. streams: current_stream()/default_stream()/Stream() return a stream that does nothing;
+    2. streams: current_stream()/default_stream()/Stream() return a stream that does nothing; autocast() is CUDA's
+       on the CPU device;
     3. torch.Tensor.record_stream: a no-op (LowLevelZeroOptimizer._run_reduction calls it on CPU tensors);
     4. CPUAdamLoader().load(): a torch implementation of the kernel's CPUAdamOptimizer.step, so that HybridAdam stays
        the real class (GeminiOptimizer accepts exact optimizer types only).
@@ -113,6 +114,11 @@ def cuda_named_cpu_accelerator():
 
         def stream(self, stream_):
             return contextlib.nullcontext()
+
+        def autocast(self, enabled=True, dtype=torch.float16, cache_enabled=True):
+            # CudaAccelerator.autocast on the CPU device (CpuAccelerator's returns the nullcontext class itself, which
+            # FP16TorchMixedPrecision's `with` cannot enter: ddp + fp16)
+            return torch.amp.autocast("cpu", enabled=enabled, dtype=dtype, cache_enabled=cache_enabled)
 
     return CudaNamedCpuAccelerator()
 

@@ -29,6 +29,8 @@ from typing import Iterable
 from tokenizers import Tokenizer
 from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
+from llama.model_files import read_json_object
+
 BYTE_CHAR = bytes_to_unicode()  # byte -> its character in the byte-level alphabet (GPT-2's table)
 CHAR_BYTE = {c: b for b, c in BYTE_CHAR.items()}
 # UTF-8 lead bytes of U+3000-U+9FFF (CJK punctuation, kana, CJK ideographs: 0xE3-0xE9) and U+F000-U+FFFF
@@ -81,10 +83,10 @@ def load_bpe(path: str | Path) -> BpeTokenizer:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer not found: {path}")
+    spec = read_json_object(path)  # ValueError naming the file and line
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
         tokenizer = Tokenizer.from_str(json.dumps(spec))
-    except Exception as e:  # noqa: BLE001 -- json and the Rust parser raise different types; one message for both
+    except Exception as e:  # noqa: BLE001 -- the Rust parser raises a bare Exception
         raise ValueError(f"{path}: not a tokenizer.json the tokenizers library reads ({e})") from None
     model = spec.get("model") or {}
     if model.get("type") != "BPE":

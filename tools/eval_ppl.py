@@ -109,13 +109,12 @@ def prepare_texts(tokenizer, items: list[tuple[str | Chat, str]], max_seq_length
     chats = [(chat, lang) for chat, lang in items if isinstance(chat, Chat)]
     items = [(text, lang) for text, lang in items if not isinstance(text, Chat)]
     texts = prepare_chats(ChatRenderer(tokenizer, chat_format), chats, max_seq_length, notes) if chats else []
-    encoded = tokenizer.encode_batch([text for text, _ in items])
-    for (_, lang), tokens in zip(items, encoded):
-        ids = [tokenizer.bos_id, *tokens]
+    encoded = tokenizer.encode_batch([text for text, _ in items], bos=True)  # bos where the tokenizer adds one
+    for (_, lang), ids in zip(items, encoded):
         if len(ids) > max_seq_length:
             notes["truncated"] += 1
             ids = ids[:max_seq_length]
-        n = len(ids) - 1  # text tokens
+        n = len(ids) - 1  # tokens with one before them: the text's (after bos), or all but the first
         n_context = 1 + n // 2 if conditional else 1
         if n < (2 if conditional else 1):
             notes["too_short"] += 1  # nothing (or no condition) to count

@@ -11,7 +11,8 @@ Chinese vocabulary"), made reproducible.
 3. tok_embeddings and output grow to the new size: old rows are copied unchanged, and each new row starts as the
    mean of the old rows of the pieces the OLD tokenizer splits the new piece into (so a new piece starts where
    the model's reading of its text already is).
-4. A complete model dir is written: config.json with the new vocab_size, tokenizer.model, weights.
+4. A complete model dir is written: config.json with the new vocab_size, tokenizer.model (with the source's
+   tokenizer_config.json and special_tokens_map.json), weights.
 
 A model whose tokenizer is a byte-level BPE tokenizer.json (Llama 3, Qwen, SmolLM2; a dir with no tokenizer.model,
 or --tokenizer X.json) is widened by continued BPE training instead (tools/bpe_merge.py):
@@ -49,17 +50,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llama.configuration_llama import CONFIG_NAME
-from llama.model_files import (BIN_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_INDEX_NAME, TOKENIZER_NAME, load_tensors,
-                               save_tensors)
+from llama.configuration_llama import CONFIG_NAME, LlamaConfig
+from llama.model_files import (BIN_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_INDEX_NAME, TOKENIZER_CONFIG_NAME,
+                               TOKENIZER_JSON_NAME, TOKENIZER_NAME, load_tensors, read_json_object, save_tensors)
 from llama.pretrained import DTYPES, load_pretrained
+from llama.tokenizer_files import tokenizer_file
 from llama.tiny import corpus_texts
 from tools import bpe_merge
 from tools.vocab_merge import load_proto, merge_pieces, old_ids_of, piece_splitter, processor
 
 BUNDLED = Path(__file__).resolve().parents[1] / "pretraining_corpora"
 SAMPLE_CHARS = 2_000_000  # characters of sample text measured per language
-TOKENIZER_JSON = "tokenizer.json"
 # Embedding and output matrix names: this repo's layout, then transformers'. A tied model has no output matrix.
 EMBEDDING_NAMES = ("tok_embeddings.weight", "model.embed_tokens.weight")
 OUTPUT_NAMES = ("output.weight", "lm_head.weight")
@@ -139,24 +140,13 @@ def sample_texts(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
             if path is not None and path.exists()]
 
 
-def tokenizer_kind(args: argparse.Namespace) -> tuple[str, Path]:
-    """("sentencepiece" | "bpe", path): --tokenizer by its suffix, else the model dir's tokenizer.model (the
-    recipe's kind), else its tokenizer.json."""
-    if args.tokenizer is not None:
-        return ("bpe" if args.tokenizer.suffix == ".json" else "sentencepiece"), args.tokenizer
-    if (args.model / TOKENIZER_NAME).is_file():
-        return "sentencepiece", args.model / TOKENIZER_NAME
-    if (args.model / TOKENIZER_JSON).is_file():
-        return "bpe", args.model / TOKENIZER_JSON
-    raise FileNotFoundError(f"{args.model}: no tokenizer ({TOKENIZER_NAME} or {TOKENIZER_JSON}); pass --tokenizer")
-
-
 def run(args: argparse.Namespace, out=None) -> dict:
     out = out or sys.stdout
     if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{args.output} is not empty; pass --overwrite to write into it")
-    kind, tokenizer_path = tokenizer_kind(args)
-    if kind == "bpe":
+    # --tokenizer, else the model dir's: tokenizer.model (the recipe's kind) first, as load_tokenizer picks
+    tokenizer_path = tokenizer_file(args.tokenizer or args.model)
+    if tokenizer_path.suffix == ".json":
         return run_bpe(args, tokenizer_path, out)
     return run_sentencepiece(args, out)
 
@@ -182,7 +172,9 @@ def run_sentencepiece(args: argparse.Namespace, out) -> dict:
     splits = [old_ids_of(splitter, piece)
               for piece in tqdm(merge.added, desc="split new pieces", disable=args.quiet, file=sys.stderr)]
     expanded = expand_model(model, splits)
-    args.output.mkdir(parents=True, exist_ok=True)
+    # The source's tokenizer_config.json (bos/eos, chat template) and special_tokens_map.json stay valid (old ids
+    # keep their meaning): written by the tokenizer's save, then the widened tokenizer.model replaces the old.
+    tokenizer.save(args.output)
     (args.output / TOKENIZER_NAME).write_bytes(merge.proto.SerializeToString())
     expanded.save_pretrained(args.output, max_shard_size=args.max_shard_size)
 
@@ -200,27 +192,20 @@ def run_sentencepiece(args: argparse.Namespace, out) -> dict:
     return report
 
 
-def read_model_config(directory: Path) -> dict:
-    """config.json as a dict, to write back with only vocab_size changed (this repo's keys or transformers').
-    Read raw rather than through LlamaConfig, which refuses tie_word_embeddings until tied support lands."""
-    path = directory / CONFIG_NAME
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the model config ({e})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("vocab_size"), int):
-        raise ValueError(f"{path}: no integer vocab_size")
-    return config
+def read_model_config(directory: Path) -> tuple[LlamaConfig, dict]:
+    """(the model's LlamaConfig, config.json as a dict): the config is checked (a supported architecture, its
+    vocab_size and tie_word_embeddings) before any weight is read; the dict is written back with only vocab_size
+    changed, in the layout it came in (this repo's keys or transformers')."""
+    return LlamaConfig.from_pretrained(directory), read_json_object(directory / CONFIG_NAME)
 
 
-def matrix_names(directory: Path, state: dict, config: dict) -> list[str]:
+def matrix_names(directory: Path, state: dict, tied: bool) -> list[str]:
     """The weights that have one row per token: the embedding, and the output matrix unless it is tied."""
     embedding = [n for n in EMBEDDING_NAMES if n in state]
     output = [n for n in OUTPUT_NAMES if n in state]
     if len(embedding) != 1:
         raise KeyError(f"{directory}: expected one embedding matrix ({' or '.join(EMBEDDING_NAMES)}), found "
                        f"{embedding or 'none'}")
-    tied = config.get("tie_word_embeddings") is True
     if tied and output:
         raise ValueError(f"{directory}: config.json sets tie_word_embeddings but the weights hold {output[0]}")
     if not tied and not output:
@@ -233,13 +218,13 @@ def copy_sidecars(args: argparse.Namespace, tokenizer_path: Path) -> None:
     """The source's other JSON files (tokenizer_config.json, special_tokens_map.json, generation_config.json, ...):
     old ids keep their meaning, so they stay valid. Without a tokenizer_config.json a minimal one is written, so
     transformers' AutoTokenizer loads the dir."""
-    skip = {CONFIG_NAME, TOKENIZER_JSON, SAFE_WEIGHTS_INDEX_NAME, BIN_WEIGHTS_INDEX_NAME}
+    skip = {CONFIG_NAME, TOKENIZER_JSON_NAME, SAFE_WEIGHTS_INDEX_NAME, BIN_WEIGHTS_INDEX_NAME}
     for folder in dict.fromkeys((args.model, tokenizer_path.parent)):
         for f in sorted(folder.glob("*.json")):
             if f.name not in skip and f.resolve() != (args.output / f.name).resolve():
                 shutil.copyfile(f, args.output / f.name)
-    if not (args.output / "tokenizer_config.json").is_file():
-        (args.output / "tokenizer_config.json").write_text(
+    if not (args.output / TOKENIZER_CONFIG_NAME).is_file():
+        (args.output / TOKENIZER_CONFIG_NAME).write_text(
             json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n", encoding="utf-8")
 
 
@@ -250,11 +235,11 @@ def run_bpe(args: argparse.Namespace, tokenizer_path: Path, out) -> dict:
     if args.zh_vocab_size <= 0 or args.min_frequency < 1:
         raise ValueError("--zh-vocab-size and --min-frequency must be positive")
     base = bpe_merge.load_bpe(tokenizer_path)
-    config = read_model_config(args.model)
+    model_config, config = read_model_config(args.model)
     first_id = base.next_id()
-    if first_id > config["vocab_size"]:
+    if first_id > model_config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_path} has ids up to {first_id - 1} but {args.model / CONFIG_NAME} "
-                         f"has vocab_size {config['vocab_size']}")
+                         f"has vocab_size {model_config.vocab_size}")
     texts = corpus_texts(args.zh_corpus)
     print(f"learning up to {args.zh_vocab_size:,} new merges on {sum(map(len, texts)):,} characters of "
           f"{args.zh_corpus}", file=out)
@@ -267,18 +252,18 @@ def run_bpe(args: argparse.Namespace, tokenizer_path: Path, out) -> dict:
     splits = [bpe_merge.old_ids_of(base, token) for token in learned.new_tokens]
 
     state = load_tensors(args.model, DTYPES[args.dtype])
-    names = matrix_names(args.model, state, config)
+    names = matrix_names(args.model, state, model_config.tie_word_embeddings)
     for name in names:
-        if state[name].shape[0] != config["vocab_size"]:
+        if state[name].shape[0] != model_config.vocab_size:
             raise ValueError(f"{args.model}: {name} has {state[name].shape[0]} rows but config.json has vocab_size "
-                             f"{config['vocab_size']}")
+                             f"{model_config.vocab_size}")
         state[name] = grow_rows(state[name], first_id, splits)  # (rows, dim)
     config["vocab_size"] = state[names[0]].shape[0]
     args.output.mkdir(parents=True, exist_ok=True)
     save_tensors(state, args.output, args.max_shard_size)
     (args.output / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     copy_sidecars(args, tokenizer_path)
-    new_tokenizer = bpe_merge.write_tokenizer(bpe_merge.expanded_spec(base, learned), args.output / TOKENIZER_JSON)
+    new_tokenizer = bpe_merge.write_tokenizer(bpe_merge.expanded_spec(base, learned), args.output / TOKENIZER_JSON_NAME)
 
     report = {"vocab_before": first_id, "vocab_after": first_id + len(learned.new_tokens),
               "added": len(learned.new_tokens), "embedding_rows": config["vocab_size"], "tied": len(names) == 1,

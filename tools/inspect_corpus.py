@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings overrides, as the stage takes them")
     p.add_argument("--root", type=Path, help="corpus root (overrides pretrain_data_root_dir)")
     p.add_argument("--world-size", type=int, default=1, help="GPUs the stage will run on (default 1)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.model or model dir: token counts and the "
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.model, tokenizer.json or model dir: token counts and the "
                    "DataProcessor start-up check (default: the stage's own, if it exists)")
     p.add_argument("--exact-mb", type=float, default=64, help="count every line of files up to this size")
     p.add_argument("--sample-mb", type=float, default=8, help="bytes read from a bigger file to estimate it")
@@ -86,7 +86,7 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
         print(f"problem: {problem}", file=out)
         return [], [problem]
     split = parse_split(settings.pretrain_data_split)
-    tokenizer = _tokenizer(args.tokenizer or _stage_tokenizer(settings))
+    tokenizer = _tokenizer(args.tokenizer or _stage_tokenizer(settings), settings.eos_token)
     reports = []
     for name, spec in split.items():
         report = SetReport(name, spec.weight)
@@ -111,18 +111,22 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
 
 
 def _stage_tokenizer(settings) -> Path | None:
-    """The tokenizer the stage itself would load (tokenizer_path, else <init_model_path>/tokenizer.model), if it
-    exists here."""
-    path = resolved_tokenizer_path(settings)
-    return path if path.is_file() else None
+    """The tokenizer the stage itself would load (tokenizer_path, else init_model_path's), if it exists here."""
+    try:
+        return resolved_tokenizer_path(settings)
+    except FileNotFoundError:
+        return None
 
 
-def _tokenizer(path: Path | None):
+def _tokenizer(path: Path | None, eos_token: str):
     if path is None:
         return None
-    from llama.tokenization_llama import Tokenizer
+    from llama.tokenizer_files import load_tokenizer
 
-    return Tokenizer(path)
+    try:
+        return load_tokenizer(path, eos_token)
+    except ValueError as e:  # an unreadable tokenizer file, an eos_token not in its vocabulary
+        raise DataError(str(e)) from None
 
 
 def _read_set(report: SetReport, checker: RecordChecker, tokenizer, args) -> None:

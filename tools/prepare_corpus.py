@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace the folder's numbered files")
     existing.add_argument("--append", action="store_true", help="number new files after the existing ones")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.model (or model dir): also count tokens")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.model, tokenizer.json (or model dir): also count tokens")
     p.add_argument("--strict", action="store_true", help="write nothing if any record is bad")
     p.add_argument("--show-bad", type=int, default=20, help="bad records listed in the summary (default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -126,9 +126,12 @@ def run(args: argparse.Namespace, out=None) -> dict:
         raise PrepareError(f"stage {stage} cannot check set {check_as!r} with root {root}: {e}") from None
     tokenizer = None
     if args.tokenizer:
-        from llama.tokenization_llama import Tokenizer
+        from llama.tokenizer_files import load_tokenizer
 
-        tokenizer = Tokenizer(args.tokenizer)
+        try:
+            tokenizer = load_tokenizer(args.tokenizer)
+        except ValueError as e:
+            raise PrepareError(f"--tokenizer: {e}") from None
 
     files = list_inputs(args.inputs)
     input_bytes = sum(f.stat().st_size for f in files)

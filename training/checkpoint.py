@@ -1,7 +1,7 @@
 """Checkpoints: atomic save, "latest" discovery, exact resume, and the final model directory.
 
 Layout of output_dir/ckpt_step-<step>_loss-<loss>/ (written as <name>.tmp/, renamed when complete):
-    config.json, tokenizer.model,                       a loadable model directory: the next stage's init_model_path
+    config.json, tokenizer files (.model or .json),     a loadable model directory: the next stage's init_model_path
     model.safetensors.index.json + model-*.safetensors  (booster.save_model, shard=True, use_safetensors=True)
     optimizer/  or  optimizer.bin                       ColossalAI sharded save under ZeRO; one file on ddp; or
     optimizer.none.json                                 instead, when no optimizer step had succeeded yet (ZeRO)
@@ -14,6 +14,11 @@ Layout of output_dir/ckpt_step-<step>_loss-<loss>/ (written as <name>.tmp/, rena
     trainer_state.json                                  step, tokens seen, loss, skipped steps, world size, settings;
                                                         written last, so its presence marks a complete checkpoint
 Nothing is unpickled on load: JSON, safetensors, and the optimizer through torch.load(weights_only=True).
+
+Another number of processes resumes too: the weights and the ZeRO optimizer states are saved whole and cut by
+ColossalAI's loaders for the new world; the fp32 masters are re-cut by parameter name and offset
+(zero_state.load_resharded_masters); the scalers and the lr schedule are the same on every rank; the data stream
+goes on from all the old ranks' positions (DataProcessor.load_resharded); the RNGs are seeded afresh (reseed_rng).
 
 Saving and loading are collective, and a disk can fill or a file can be damaged on one rank only: then every rank
 ends with the same one-line CheckpointError naming the checkpoint, the cause and the last complete checkpoint to
@@ -44,10 +49,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llama.model_files import TOKENIZER_NAME
-from training.zero_state import load_scaler_state, scaler_state
+from training.zero_state import load_resharded_masters, load_scaler_state, master_layout, scaler_state
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +156,7 @@ def set_aside_newer(output_dir: str | Path, step: int) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------- save
 
 
-def save_checkpoint(engine, data_processor, state: TrainerState, model_config, tokenizer_path: str | Path,
+def save_checkpoint(engine, data_processor, state: TrainerState, model_config, tokenizer,
                     output_dir: str | Path, keep: int) -> Path:
     """Collective: every rank calls it. Writes <name>.tmp/, then rank 0 renames it to <name>/ and prunes old ones."""
     rank, world_size = _rank(), _world_size()
@@ -162,10 +167,10 @@ def save_checkpoint(engine, data_processor, state: TrainerState, model_config, t
         _write_json(tmp / TRAINER_STATE, asdict(state))
 
     with _atomic_directory(final, write_trainer_state) as tmp:
-        _save_model_dir(engine, tmp, model_config, tokenizer_path)
+        _save_model_dir(engine, tmp, model_config, tokenizer)
         _save_optimizer(engine, tmp, state.step)
-        _write_json(tmp / f"data_state.rank{rank}.json", data_processor.state_dict())
-        _write_json(tmp / f"rng_state.rank{rank}.json", capture_rng_state())
+        _write_json(tmp / f"data_state.rank{rank}.json", data_processor.state_dict(), compact=True)
+        _write_json(tmp / f"rng_state.rank{rank}.json", capture_rng_state(), compact=True)
         if rank == 0:
             _write_json(tmp / "scheduler.json", engine.scheduler.state_dict())
     if rank == 0:
@@ -174,7 +179,7 @@ def save_checkpoint(engine, data_processor, state: TrainerState, model_config, t
     return final
 
 
-def save_final(engine, model_config, tokenizer_path: str | Path, output_dir: str | Path,
+def save_final(engine, model_config, tokenizer, output_dir: str | Path,
                chat_format: str | None = None) -> Path:
     """The finished stage's model directory, output_dir/final/ (atomic too: final.tmp/ then rename). Stage 3 passes
     its chat_format: written as chat_format.json, which tools.chat and tools.eval_ppl follow."""
@@ -183,7 +188,7 @@ def save_final(engine, model_config, tokenizer_path: str | Path, output_dir: str
     final = Path(output_dir) / FINAL_DIR
     finish = None if chat_format is None else (lambda tmp: write_chat_format(tmp, chat_format))
     with _atomic_directory(final, finish) as tmp:
-        _save_model_dir(engine, tmp, model_config, tokenizer_path)
+        _save_model_dir(engine, tmp, model_config, tokenizer)
     return final
 
 
@@ -219,12 +224,13 @@ def _atomic_directory(final: Path, finish=None):
             _fsync_dir(final.parent)
 
 
-def _save_model_dir(engine, directory: Path, model_config, tokenizer_path: str | Path) -> None:
-    """config.json + tokenizer.model + safetensors shards with their index: what Llama.from_pretrained reads."""
+def _save_model_dir(engine, directory: Path, model_config, tokenizer) -> None:
+    """config.json + the tokenizer's files (Tokenizer.save) + safetensors shards with their index: what
+    Llama.from_pretrained and llama.load_tokenizer read."""
     engine.booster.save_model(engine.model, str(directory), shard=True, use_safetensors=True)
     if _rank() == 0:
         model_config.save_pretrained(directory)
-        shutil.copyfile(tokenizer_path, directory / TOKENIZER_NAME)
+        tokenizer.save(directory)
 
 
 def _save_optimizer(engine, directory: Path, step: int) -> None:
@@ -241,9 +247,10 @@ def _save_optimizer(engine, directory: Path, step: int) -> None:
     else:
         engine.booster.save_optimizer(engine.checkpoint_optimizer, str(directory / "optimizer.bin"), shard=False)
     masters = engine.master_weights()
-    if masters:
+    if masters:  # with their layout by parameter name, for a resume on another number of processes
+        layout = master_layout(engine.model, engine.optimizer, engine.choice.plugin)
         save_file({name: t.detach().to("cpu").contiguous() for name, t in masters.items()},
-                  str(directory / MASTER_WEIGHTS.format(rank=rank)))
+                  str(directory / MASTER_WEIGHTS.format(rank=rank)), metadata={"layout": json.dumps(layout)})
     if engine.loss_scaler is not None and rank == 0:  # the same on every rank: overflows are agreed
         _write_json(directory / LOSS_SCALER, scaler_state(engine.loss_scaler))
     if engine.grad_scaler is not None and rank == 0:  # ddp + fp16: the same on every rank (all-reduced gradients)
@@ -270,7 +277,7 @@ def load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerStat
 
     def describe(exc: BaseException) -> str | None:
         if isinstance(exc, CheckpointError) and not isinstance(exc, DamagedCheckpointError):
-            return str(exc)  # e.g. another world size: an earlier checkpoint would not help
+            return str(exc)  # e.g. masters that do not fit this model: an earlier checkpoint would not help
         cause = str(exc) if isinstance(exc, DamagedCheckpointError) else _io_cause(exc, path)
         if cause is None:
             return None
@@ -286,17 +293,30 @@ def load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerStat
 def _load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerState:
     rank, world_size = _rank(), _world_size()
     state = TrainerState(**read_trainer_state(path))
-    if state.world_size != world_size:
-        raise CheckpointError(f"{path} was written by {state.world_size} processes, this run has {world_size}: "
-                              f"each rank resumes its own data position, so the world size must match")
+    old_world = state.world_size
+    if old_world != world_size:
+        logger.warning("%s was written by %d processes, this run has %d: weights and optimizer states are re-sharded, "
+                       "the data stream goes on from every old rank's position, the RNGs are seeded afresh; the run "
+                       "will not match one that kept %d processes", path, old_world, world_size, old_world)
     verify_files(path)
+    # Both are world-size independent: the model is saved whole, and the ZeRO optimizers' sharded saves gather
+    # every state whole (GeminiOptimizer.state_shard, LowLevelZeroOptimizer.state_dict_shard), which their loaders
+    # cut for this world (GeminiOptimizer.load_single_param_states; LowLevelZeroCheckpointIO.load_sharded_optimizer
+    # pads and splits by the current world size).
     engine.booster.load_model(engine.model, str(path))
-    _load_optimizer(engine, path)
+    _load_optimizer(engine, path, old_world)
     changed = {k: (v, getattr(settings, k)) for k, v in state.settings.items()
                if k in settings and getattr(settings, k) != v and k in _SETTINGS_THAT_CHANGE_THE_RUN}
     for name, (old, new) in changed.items():
         logger.warning("resuming with %s=%r (the checkpoint ran with %r): the run will not match an uninterrupted one",
                        name, new, old)
+    # Accumulation is derived from global_batch_size and the world size, so it may change on another GPU count while
+    # the samples per optimizer step (what the recipe fixes) stay the same: compare those.
+    old_samples = state.settings.get("batch_size", 0) * old_world * state.settings.get("gradient_accumulation_steps", 1)
+    new_samples = settings.batch_size * world_size * settings.gradient_accumulation_steps
+    if old_samples != new_samples:
+        logger.warning("resuming with %d samples per optimizer step (the checkpoint ran with %d): set global_batch_size "
+                       "to keep the recipe's batch on another GPU count", new_samples, old_samples)
     if changed.keys() & _SCHEDULE_SETTINGS:
         engine.restart_schedule(settings, state.step)
         logger.warning("lr schedule rebuilt from this run's lr/min_lr/warmup_steps/max_steps at step %d", state.step)
@@ -306,14 +326,20 @@ def _load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerSta
         # still holds the initial lr.
         for group, lr in zip(engine.optimizer.param_groups, engine.scheduler.get_last_lr()):
             group["lr"] = lr
-    data_processor.load_state_dict(_read_json(path / f"data_state.rank{rank}.json"))
-    restore_rng_state(_read_json(path / f"rng_state.rank{rank}.json"))
+    if old_world == world_size:
+        data_processor.load_state_dict(_read_json(path / f"data_state.rank{rank}.json"))
+        restore_rng_state(_read_json(path / f"rng_state.rank{rank}.json"))
+    else:
+        data_processor.load_resharded([_read_json(path / f"data_state.rank{r}.json") for r in range(old_world)])
+        reseed_rng(settings.seed, state.step, rank, world_size)
+    state.world_size = world_size
     return state
 
 
-def _load_optimizer(engine, path: Path) -> None:
+def _load_optimizer(engine, path: Path, old_world: int) -> None:
     """After the booster's model load: the optimizer state, then the fp32 master weights and the loss scaler, which
-    replace what the booster rebuilt from the half-precision weights (training/zero_state.py)."""
+    replace what the booster rebuilt from the half-precision weights (training/zero_state.py). The scalers are the
+    same on every rank, so they carry over to another world size as they are."""
     with weights_only_torch_load():
         if (path / "optimizer").is_dir():
             engine.booster.load_optimizer(engine.checkpoint_optimizer, str(path / "optimizer"))
@@ -325,7 +351,9 @@ def _load_optimizer(engine, path: Path) -> None:
         else:
             raise CheckpointError(f"{path}: no optimizer state (optimizer/, optimizer.bin or {NO_OPTIMIZER_STATE})")
     masters = engine.master_weights()
-    if masters:
+    if masters and old_world != _world_size():
+        _load_resharded_masters(engine, path, old_world)
+    elif masters:
         masters_file = path / MASTER_WEIGHTS.format(rank=_rank())
         if masters_file.is_file():
             saved = load_file(str(masters_file))
@@ -350,10 +378,33 @@ def _load_optimizer(engine, path: Path) -> None:
             logger.warning("%s holds no %s: the fp16 loss scale restarts from initial_loss_scale", path, GRAD_SCALER)
 
 
+def _load_resharded_masters(engine, path: Path, old_world: int) -> None:
+    """The fp32 masters of another world size, re-cut by parameter name and offset (zero_state.master_layout)."""
+    files = [path / MASTER_WEIGHTS.format(rank=r) for r in range(old_world)]
+    if not all(f.is_file() for f in files):
+        logger.warning("%s lacks the fp32 master weights of some of its %d ranks: they are rebuilt from the "
+                       "half-precision weights", path, old_world)
+        return
+    with contextlib.ExitStack() as stack:
+        saved = []
+        for f in files:
+            handle = stack.enter_context(safe_open(str(f), framework="pt"))
+            layout = (handle.metadata() or {}).get("layout")
+            if layout is None:
+                logger.warning("%s has no layout (written before resumes on another world size were possible): the "
+                               "fp32 master weights are rebuilt from the half-precision weights", f.name)
+                return
+            saved.append((json.loads(layout), handle))
+        missing = load_resharded_masters(engine.model, engine.optimizer, engine.choice.plugin, saved)
+    if missing:
+        raise CheckpointError(f"{path}: the fp32 master weights of its {old_world} ranks do not cover "
+                              f"{missing[:3]} of this model (written with another plugin or model)")
+
+
 # Settings whose change makes a resumed run differ from the run that wrote the checkpoint.
 _SETTINGS_THAT_CHANGE_THE_RUN = ("pretrain_data_split", "max_seq_length", "batch_size", "packing", "long_text",
                                  "long_prompt", "seed",
-                                 "lr", "min_lr", "warmup_steps", "max_steps", "gradient_accumulation_steps",
+                                 "lr", "min_lr", "warmup_steps", "max_steps", "weight_decay", "weight_decay_skip",
                                  "precision", "plugin", "dropout_prob")
 _SCHEDULE_SETTINGS = {"lr", "min_lr", "warmup_steps", "max_steps"}
 
@@ -387,6 +438,16 @@ def capture_rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def reseed_rng(seed: int, step: int, rank: int, world_size: int) -> None:
+    """After a world-size change: an old rank's RNG streams cannot be a new rank's (there are more or fewer of them,
+    and two ranks sharing one would draw the same dropout masks), so torch (CPU and every CUDA device) and Python's
+    `random` are seeded with seed + rank + world_size * step: distinct across the new ranks, reproducible for a
+    resume at this step, and never a seed of the fresh start (seed + rank, rank < world_size)."""
+    value = seed + rank + world_size * step
+    random.seed(value)
+    torch.manual_seed(value)
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
@@ -597,9 +658,10 @@ class _FailureWatch:
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: Any, compact: bool = False) -> None:
+    """compact: one line, no spaces (the data and RNG states: long lists of ints, read by programs only)."""
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
+        json.dump(obj, f, ensure_ascii=False, **({"separators": (",", ":")} if compact else {"indent": 1}))
         f.flush()
         os.fsync(f.fileno())
 

@@ -11,7 +11,8 @@ State (state_dict(), JSON): per set the reader position (file, byte offset, line
 built from read records but not yet handed out, with the record each came from); the cycle cursor; the RNG state;
 the skip/discard counters; the packing pool. It is the position right after the last batch handed out: every
 produced batch carries a snapshot, and a resumed run seeks to it and continues with the exact next batch, without
-re-reading earlier data.
+re-reading earlier data. Another number of ranks continues from all the old ranks' states (load_resharded): the
+files are divided afresh, no line read before is read again, and the samples in flight are dealt out.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ class BaseDataProcessor:
         self.long_prompt = _setting(settings, "long_prompt", "middle")
         self.packing = bool(_setting(settings, "packing", False))
         self.skip_bad_records = bool(_setting(settings, "skip_bad_records", False))
-        seed = _setting(settings, "seed", 42)
+        self.seed = seed = _setting(settings, "seed", 42)
         for name, value, low in (("max_seq_length", self.max_seq_length, 2), ("batch_size", self.batch_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise DataError(f"setting '{name}' must be an integer >= {low}, got {value!r}")
@@ -209,13 +210,7 @@ class BaseDataProcessor:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a state_dict(): same corpus, ranks, mix, max_seq_length, long_text, long_prompt, packing."""
-        expected = {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                    "max_seq_length": self.max_seq_length, "long_text": self.long_text,
-                    "long_prompt": self.long_prompt, "packing": self.packing, "mix": self._mix}
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise DataError(f"cannot resume the data stream: the saved state has {key}={state.get(key)!r}, "
-                                f"this run has {value!r}")
+        self._check_saved(state, self.rank, self.world_size, "")
         self._stop_prefetch()
         for name, reader in self.readers.items():
             saved = state["sets"][name]
@@ -228,6 +223,80 @@ class BaseDataProcessor:
         self._counters = {key: int(state["counters"].get(key, 0)) for key in COUNTERS}
         self._pool = [sample_from_json(row) for row in state["packing_pool"]]
         self._handed = self._snapshot()
+
+    def load_resharded(self, states: list[dict]) -> dict[str, dict[str, int]]:
+        """Continue the stream of another number of ranks: `states` are the state_dict()s of all its ranks, in rank
+        order. Returns, per set, what was in flight and how it is handled (also logged, once per rank).
+
+        - Every set's files are divided afresh among this world's ranks; each old rank's reader position becomes a
+          claim on the lines it had read (SetReader.resume_from), so no line read before is read again, and none
+          is left out.
+        - The samples in flight -- built from lines already read but not yet in a handed-out batch: the set buffers
+          and the packing pool -- are dealt out to the new ranks, a whole document to one rank, instead of being
+          read again. A batch handed out is trained on before a checkpoint is written, and batches built ahead
+          (prefetch) are not in the state, so nothing else is in flight: no line is read a second time.
+        - What cannot carry over: the order in which those samples and the lines still to read come out (another
+          division of the files, another data RNG: random.Random(f"data seed=... rank=... world=... resharded from
+          N at sample S")), so the batches differ from those of an uninterrupted run from here on.
+        - The skip/discard counters: old rank r's go to new rank r % world_size, so their sum is kept.
+        """
+        old_world = len(states)
+        for rank, state in enumerate(states):
+            self._check_saved(state, rank, old_world, f" of {old_world} ranks (rank {rank}'s state)")
+        self._stop_prefetch()
+        for name, reader in self.readers.items():
+            reader.resume_from([{**state["sets"][name], "rank": rank, "world_size": old_world}
+                                for rank, state in enumerate(states)])
+            self._last_sample_pass[name] = reader.passes
+
+        # The documents in flight, dealt out whole: the n-th (pool first, then each set's buffer, old ranks in order)
+        # to rank n % world_size, renumbered -2, -3, ... (fresh documents count up from the record counter; -1 is
+        # Sample's "no document").
+        new_doc: dict[tuple[int, int], int] = {}
+
+        def mine(old_rank: int, doc: int) -> bool:
+            if (old_rank, doc) not in new_doc:
+                new_doc[old_rank, doc] = -2 - len(new_doc)
+            return (-2 - new_doc[old_rank, doc]) % self.world_size == self.rank
+
+        def carried(old_rank: int, entries) -> list[Sample]:
+            return [s._replace(doc=new_doc[old_rank, s.doc]) for s in map(sample_from_json, entries)
+                    if mine(old_rank, s.doc)]
+
+        self._pool = [s for rank, state in enumerate(states) for s in carried(rank, state["packing_pool"])]
+        in_flight = {}
+        for name in self.split:
+            self._pending[name] = SetBuffer(s for rank, state in enumerate(states)
+                                            for s in carried(rank, state["sets"][name]["pending"]))
+            in_flight[name] = {"samples": sum(len(state["sets"][name]["pending"]) for state in states),
+                               "documents": len({(rank, row[2]) for rank, state in enumerate(states)
+                                                 for row in state["sets"][name]["pending"]}),
+                               "read_again": 0}
+        in_flight["packing_pool"] = {"samples": sum(len(state["packing_pool"]) for state in states), "read_again": 0}
+        self._cursor = 0  # the cycle restarts: every window of one period still holds the exact mix
+        samples = sum(int(state["counters"].get("samples", 0)) for state in states)
+        self._rng = random.Random(f"data seed={self.seed} rank={self.rank} world={self.world_size} "
+                                  f"resharded from {old_world} at sample {samples}")
+        self._counters = {key: sum(int(state["counters"].get(key, 0)) for rank, state in enumerate(states)
+                                   if rank % self.world_size == self.rank) for key in COUNTERS}
+        self._handed = self._snapshot()
+        logger.info("data: the stream of %d ranks continues on %d; the files are divided afresh and no line read "
+                    "before is read again (0 lines per set); in flight at the checkpoint, dealt out to the new ranks: "
+                    "%s", old_world, self.world_size,
+                    ", ".join(f"{name} {v['samples']} samples" + (f" of {v['documents']} records" if "documents" in v
+                                                                   else "") for name, v in in_flight.items()))
+        return in_flight
+
+    def _check_saved(self, state: dict, rank: int, world_size: int, whose: str) -> None:
+        """A saved state continues this stream only with the same version, mix, lengths and modes (and the rank
+        and world size it says)."""
+        expected = {"version": STATE_VERSION, "rank": rank, "world_size": world_size,
+                    "max_seq_length": self.max_seq_length, "long_text": self.long_text,
+                    "long_prompt": self.long_prompt, "packing": self.packing, "mix": self._mix}
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise DataError(f"cannot resume the data stream{whose}: the saved state has {key}="
+                                f"{state.get(key)!r}, this run has {value!r}")
 
     def close(self) -> None:
         self._stop_prefetch()

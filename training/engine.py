@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from training.lr_schedule import WarmupCosineLR
 from training.optimizer import build_optimizer, check_toolchain, parameter_groups
 from training import zero_state
 from training.settings import SettingsError
@@ -150,8 +151,8 @@ class Engine:
 
     @staticmethod
     def _schedule(cai, optimizer, settings):
-        return cai.CosineAnnealingWarmupLR(optimizer, total_steps=settings.max_steps,
-                                           warmup_steps=settings.warmup_steps, eta_min=settings.min_lr)
+        return WarmupCosineLR(optimizer, total_steps=settings.max_steps, warmup_steps=settings.warmup_steps,
+                              min_lr=settings.min_lr)  # ColossalAI's CosineAnnealingWarmupLR's values, any torch
 
     def restart_schedule(self, settings, step: int) -> None:
         """The lr schedule of `settings`, advanced to `step`: for a resume whose lr, min_lr, warmup_steps or

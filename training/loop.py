@@ -103,7 +103,7 @@ def _train(settings, data_processor_cls) -> None:
         # ---- the loop
         completed = _run_steps(settings, run, engine, data, inputs, state, fpt, held_out)
         if completed:
-            final = save_final(engine, inputs.config, inputs.tokenizer_path, settings.output_dir,
+            final = save_final(engine, inputs.config, inputs.tokenizer, settings.output_dir,
                                settings.chat_format if "chat_format" in settings else None)  # stage 3 only
             logger.info("finished %d steps; model saved to %s", state.step, final)
     finally:
@@ -180,7 +180,7 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
                 save_due = False
                 state.loss = metrics.recent_loss()
                 with metrics.paused():
-                    path = save_checkpoint(engine, data, state, inputs.config, inputs.tokenizer_path,
+                    path = save_checkpoint(engine, data, state, inputs.config, inputs.tokenizer,
                                            settings.output_dir, settings.keep_checkpoints)
                 logger.info("saved checkpoint %s", path)
             if stopping:

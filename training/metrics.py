@@ -51,7 +51,9 @@ PEAK_TFLOPS = {  # name: (half, fp32)
 
 def flops_per_token(model: torch.nn.Module, n_layers: int, hidden_size: int, seq_len: int) -> float:
     embedding = getattr(model, "tok_embeddings", None)
-    n_embedding = embedding.weight.numel() if embedding is not None else 0
+    # The lookup costs no matmul; a tied embedding is also the output projection, which does.
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    n_embedding = embedding.weight.numel() if embedding is not None and not tied else 0
     n_params = sum(p.numel() for p in model.parameters()) - n_embedding
     return 6.0 * n_params + 12.0 * n_layers * hidden_size * seq_len
 

@@ -18,8 +18,10 @@ import torch.distributed as dist
 
 from llama.configuration_llama import CONFIG_NAME, LlamaConfig
 from llama.llama_model import Llama
-from llama.model_files import TOKENIZER_NAME, is_transformers_dir, weight_files
+from llama.model_files import TOKENIZER_JSON_NAME, TOKENIZER_NAME, is_transformers_dir, weight_files
 from llama.tokenization_llama import Tokenizer, check_tokenizer_matches
+from llama.tokenizer_files import load_tokenizer, tokenizer_file
+from llama.tokenizer_json import TokenizerJson
 from llama.weight_layouts import llama_tensors
 
 logger = logging.getLogger(__name__)
@@ -32,13 +34,18 @@ class ModelInputError(ValueError):
 @dataclass
 class ModelInputs:
     config: LlamaConfig  # as it will be trained (the run's dropout_prob); saved into every checkpoint
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | TokenizerJson  # with the run's end token (eos_token); saved into every checkpoint
     tokenizer_path: Path
 
 
 def resolved_tokenizer_path(settings) -> Path:
-    """tokenizer_path, or <init_model_path>/tokenizer.model when it is empty."""
-    return Path(settings.tokenizer_path or Path(settings.init_model_path) / TOKENIZER_NAME)
+    """tokenizer_path (a tokenizer.model or tokenizer.json), or when it is empty init_model_path's tokenizer file
+    (tokenizer.model, else tokenizer.json). FileNotFoundError naming the setting when there is none."""
+    try:
+        return tokenizer_file(settings.tokenizer_path or settings.init_model_path)
+    except FileNotFoundError as e:
+        which = "tokenizer_path" if settings.tokenizer_path else "init_model_path (tokenizer_path is empty)"
+        raise FileNotFoundError(f"{which}: {e}") from None
 
 
 def check_model_inputs(settings) -> ModelInputs:
@@ -46,27 +53,40 @@ def check_model_inputs(settings) -> ModelInputs:
     if not init.is_dir():
         raise ModelInputError(
             f"init_model_path={settings.init_model_path!r}: no such model directory. It must hold config.json, "
-            f"tokenizer.model and safetensors weights (this repo's format or a transformers LLaMA dir); stages 2 and "
-            f"3 start from the previous stage's <output_dir>/final")
+            f"{TOKENIZER_NAME} or {TOKENIZER_JSON_NAME}, and safetensors weights (this repo's format or a "
+            f"transformers LLaMA dir); stages 2 and 3 start from the previous stage's <output_dir>/final")
     try:
         config = LlamaConfig.from_pretrained(init)
         weight_files(init)
     except (FileNotFoundError, ValueError) as e:
         raise ModelInputError(f"init_model_path={settings.init_model_path!r}: {e}") from None
-    tokenizer_path = resolved_tokenizer_path(settings)
-    if not tokenizer_path.is_file():
-        which = "tokenizer_path" if settings.tokenizer_path else "init_model_path (tokenizer_path is empty)"
-        raise ModelInputError(f"{which}: tokenizer not found at {tokenizer_path}")
-    tokenizer = Tokenizer(tokenizer_path)
+    try:
+        tokenizer_path = resolved_tokenizer_path(settings)
+        tokenizer = load_tokenizer(tokenizer_path, getattr(settings, "eos_token", ""))
+    except (FileNotFoundError, ValueError) as e:  # a missing file, or an eos_token not in the vocabulary
+        raise ModelInputError(str(e)) from None
     try:
         check_tokenizer_matches(config, tokenizer)
     except ValueError as e:
         raise ModelInputError(f"tokenizer_path / init_model_path: {e}") from None
-    if settings.max_seq_length > config.max_sequence_length:
-        raise ModelInputError(f"max_seq_length={settings.max_seq_length} is above the model's max_sequence_length="
-                              f"{config.max_sequence_length} ({init / 'config.json'})")
+    _end_with(config, tokenizer)
+    try:  # the model's length, and a sliding window (Mistral, Qwen) that would cut the run's sequences
+        config.check_sequence_length(settings.max_seq_length, "max_seq_length", str(init / CONFIG_NAME))
+    except ValueError as e:
+        raise ModelInputError(str(e)) from None
     config.dropout_prob = float(settings.dropout_prob)
     return ModelInputs(config, tokenizer, tokenizer_path)
+
+
+def _end_with(config: LlamaConfig, tokenizer) -> None:
+    """With eos_token set to another token than the model's eos, the run teaches the model to end with it: the
+    config saved with every checkpoint says so, and so does the tokenizer's (Tokenizer.save), so that the next stage,
+    chat and generation stop there."""
+    listed = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    if tokenizer.eos_id not in listed:
+        logger.info("eos_token %r (id %d): documents and answers end with it; the saved config's eos_token_id "
+                    "becomes it (was %s)", tokenizer.eos_token, tokenizer.eos_id, config.eos_token_id)
+        config.eos_token_id = [tokenizer.eos_id, *listed] if isinstance(config.eos_token_id, list) else tokenizer.eos_id
 
 
 def load_model(settings, inputs: ModelInputs, dtype: torch.dtype, plugin: str) -> Llama:

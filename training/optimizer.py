@@ -12,7 +12,11 @@ HybridAdam's kernels: the colossalai wheel ships none (colossalai/_C/ holds only
 (colossalai/kernel/kernel_loader.py) compiles them on first use. Before every load, even of a kernel built earlier,
 `_CudaExtension.assert_compatible` (colossalai/kernel/extensions/cuda_extension.py) asserts CUDA_HOME and an nvcc
 whose major version equals torch's CUDA (`check_system_pytorch_cuda_match` in .../extensions/utils.py), and torch's
-`cpp_extension.load` needs ninja and a C++ compiler. `check_toolchain` checks all of that before the model is built.
+`cpp_extension.load` needs ninja and a C++ compiler. The CPU Adam's header (csrc/kernel/x86/cpu_adam.h) includes
+cublas_v2.h, cuda.h, cuda_fp16.h and cuda_runtime_api.h from CUDA_HOME/include (`_CudaExtension.include_dirs`), and
+the fused CUDA Adam links libcudart from CUDA_HOME/lib64 (torch's `_prepare_ldflags`): an nvcc wrapper in
+/usr/local/bin makes torch take CUDA_HOME=/usr/local, where neither is. `check_toolchain` checks all of that before
+the model is built.
 
     python -m training.optimizer --build-kernels     compile them once per node, before the first run (minutes)
 """
@@ -77,6 +81,33 @@ def _nvcc_release(nvcc: Path) -> str:
     return f"{match.group(1)}.{match.group(2)}" if match else ""
 
 
+# What the kernels' build reads from CUDA_HOME (see the module docstring); a library counts in any of its versions.
+CUDA_HEADERS = ("cublas_v2.h", "cuda.h", "cuda_fp16.h", "cuda_runtime.h", "cuda_runtime_api.h")
+CUDA_LIBRARIES = ("libcudart.so", "libcublas.so")
+CUDA_LIBRARY_DIRS = ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")
+
+
+def _search_path(variable: str) -> list[Path]:
+    return [Path(d) for d in os.environ.get(variable, "").split(os.pathsep) if d]
+
+
+def cuda_home_problem(cuda_home: str) -> str | None:
+    """The headers and libraries of CUDA_HEADERS and CUDA_LIBRARIES that neither CUDA_HOME nor the compiler's and
+    linker's search paths (CPATH, CPLUS_INCLUDE_PATH; LIBRARY_PATH) hold, in words, or None. A toolkit without cuBLAS
+    may take it from torch's own CUDA wheels (site-packages/nvidia/cu13) through those variables."""
+    home = Path(cuda_home)
+    include_dirs = [home / "include", *_search_path("CPATH"), *_search_path("CPLUS_INCLUDE_PATH")]
+    library_dirs = [home / d for d in CUDA_LIBRARY_DIRS] + _search_path("LIBRARY_PATH")
+    headers = [h for h in CUDA_HEADERS if not any((d / h).is_file() for d in include_dirs)]
+    libraries = [lib for lib in CUDA_LIBRARIES if not any(any(d.glob(lib + "*")) for d in library_dirs)]
+    if not headers and not libraries:
+        return None
+    missing = ([f"{', '.join(headers)} in {home / 'include'} (or CPATH)"] if headers else []) + (
+        [f"{', '.join(libraries)} in {home}/{{{','.join(CUDA_LIBRARY_DIRS)}}} (or LIBRARY_PATH)"] if libraries else [])
+    return (f"CUDA_HOME={cuda_home} lacks the CUDA toolkit's {' and '.join(missing)} (an nvcc wrapper outside a "
+            f"toolkit? set CUDA_HOME to the toolkit's directory)")
+
+
 def toolchain_problem() -> str | None:
     """What stops HybridAdam's kernels from building here, in words, or None when nothing does."""
     from torch.utils import cpp_extension
@@ -99,6 +130,9 @@ def toolchain_problem() -> str | None:
     if release.split(".")[0] != torch_cuda.split(".")[0]:
         return (f"{nvcc} is CUDA {release} but torch was built with CUDA {torch_cuda}: the major versions must "
                 f"match")
+    missing = cuda_home_problem(cuda_home)
+    if missing:
+        return missing
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (pip install ninja)"
     compiler = os.environ.get("CXX", "c++")
@@ -122,13 +156,52 @@ def check_toolchain(settings, choice) -> None:
         f"which runs torch's fused AdamW and needs no compiler")
 
 
+def gencode_for_this_node() -> list[str]:
+    """nvcc's -gencode flags for the GPUs of this node only, for the fused CUDA Adam.
+
+    ColossalAI's FusedOptimizerCudaExtension.nvcc_flags adds one -gencode per arch of torch's own build list up to this
+    GPU's (`get_cuda_cc_flag`, colossalai/kernel/extensions/utils.py), whatever TORCH_CUDA_ARCH_LIST says: on an H200
+    under a CUDA 13 torch that is sm_75, 80, 86 and 90, four builds of every kernel. The kernel cache is per node
+    already (see main's --build-kernels help)."""
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return [flag for major, minor in caps
+            for flag in ("-gencode", f"arch=compute_{major}{minor},code=sm_{major}{minor}")]
+
+
+def _without_std_flags(cls) -> None:
+    """Drop the -std= flags from an extension's compiler flags, leaving torch's own (once per class)."""
+    for method in ("cxx_flags", "nvcc_flags"):
+        original = getattr(cls, method)
+        if getattr(original, "torch_std", False):
+            continue
+
+        def flags(self, original=original):
+            return [flag for flag in original(self) if not flag.startswith("-std=")]
+
+        flags.torch_std = True
+        setattr(cls, method, flags)
+
+
 def load_kernels() -> None:
     """Load HybridAdam's two kernels, compiling them into ColossalAI's cache (~/.cache/colossalai/torch_extensions)
-    where they are not there yet: the CPU Adam (`CPUAdam.__init__`) and the fused CUDA Adam (`HybridAdam.__init__`)."""
+    where they are not there yet: the CPU Adam (`CPUAdam.__init__`) and the fused CUDA Adam (`HybridAdam.__init__`).
+
+    Two of ColossalAI 0.5.0's build flags are adapted, for the rest of this process, so that HybridAdam's own loads
+    pass the same flags (torch's JIT loader rebuilds a kernel whose flags changed): the CPU Adam's compiler flags
+    end in -std=c++14 -std=c++17 (CpuAdamX86Extension.cxx_flags), after torch's own -std, and torch 2.14's headers
+    stop with "#error C++20 or later compatible compiler is required": they are dropped, torch's -std stays; and the
+    fused Adam is built for this node's GPUs only (gencode_for_this_node)."""
+    from colossalai.kernel.extensions.pybind.cpu_adam import cpu_adam_arm, cpu_adam_x86
     from colossalai.kernel.kernel_loader import CPUAdamLoader, FusedOptimizerLoader
 
+    _without_std_flags(cpu_adam_x86.CpuAdamX86Extension)
+    _without_std_flags(cpu_adam_arm.CpuAdamArmExtension)
     CPUAdamLoader().load()
     if torch.cuda.is_available():  # as HybridAdam.__init__, which loads the CUDA kernel only where CUDA is
+        from colossalai.kernel.extensions.pybind.optimizer import fused_optimizer_cuda
+
+        flags = gencode_for_this_node()
+        fused_optimizer_cuda.get_cuda_cc_flag = lambda: flags
         FusedOptimizerLoader().load()
 
 

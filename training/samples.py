@@ -1,9 +1,10 @@
 """From what a stage's DataProcessor says a record is (LM text, or prompt prefix + answer) to token samples.
 
-A sample is (ids, n_masked): bos ... eos with the first n_masked tokens out of the loss, the rest counted. Every
-sample kind of the recipe has this shape, so a loss mask is never stored, only rebuilt (arange(n) >= n_masked). A
-multi-turn conversation (stage 3) counts several answers: it carries its counted spans instead (`counted`), and
-only it pays for them. Texts are tokenized many records at a time with the tokenizer's batch call.
+A sample is (ids, n_masked): bos ... eos with the first n_masked tokens out of the loss, the rest counted (no bos
+where the tokenizer adds none: Qwen, SmolLM2). Every sample kind of the recipe has this shape, so a loss mask is
+never stored, only rebuilt (arange(n) >= n_masked). A multi-turn conversation (stage 3) counts several answers: it
+carries its counted spans instead (`counted`), and only it pays for them. Texts are tokenized many records at a time
+with the tokenizer's batch call.
 """
 from __future__ import annotations
 
@@ -110,7 +111,8 @@ class SampleBuilder:
         self.max_seq_length = max_seq_length
         self.long_text = long_text
         self.long_prompt = long_prompt
-        self.bos, self.eos = tokenizer.bos_id, tokenizer.eos_id
+        self.head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # bos where the tokenizer adds one
+        self.eos = tokenizer.eos_id
         self.chats = ChatRenderer(tokenizer, chat_format)
         self._logged: set[str] = set()  # counters whose first event was logged
 
@@ -169,7 +171,7 @@ class SampleBuilder:
             logger.warning("%s (%s; further ones are only counted)", what, counter)
 
     def _lm(self, text_ids: list[int], rng: random.Random, counters: dict) -> list[Sample]:
-        ids = [self.bos, *text_ids, self.eos]
+        ids = [*self.head, *text_ids, self.eos]
         length = self.max_seq_length
         if len(ids) > length and self.long_text == "truncate":
             counters["discarded_tokens"] += len(ids) - length
@@ -180,7 +182,7 @@ class SampleBuilder:
 
     def _prompted(self, spec: Prompted, prefix_ids: list[int], answer_ids: list[int], counters: dict) -> list[Sample]:
         answer = [*answer_ids, self.eos]
-        prefix = [self.bos, *prefix_ids]
+        prefix = [*self.head, *prefix_ids]
         if len(prefix) + len(answer) > self.max_seq_length and self.long_prompt == "middle":
             shortened = self._cut_inputs(spec, prefix_ids, len(answer))
             counters["cut_input_tokens"] += len(prefix) - len(shortened)
@@ -211,16 +213,16 @@ class SampleBuilder:
                 stop = int(np.searchsorted(ends, offset + len(text), side="right"))
                 inner.append((first, max(first, stop)))
             offset += len(text)
-        fixed = 1 + len(prefix_ids) - sum(stop - first for first, stop in inner)  # bos and what no cut removes
+        fixed = len(self.head) + len(prefix_ids) - sum(stop - first for first, stop in inner)  # bos + what stays
         length = self.max_seq_length
         budget = length - answer_length if fixed + answer_length <= length else length // 2
-        excess = 1 + len(prefix_ids) - budget
+        excess = len(self.head) + len(prefix_ids) - budget
         drops = []
         for first, stop in reversed(inner):
             drop = min(max(excess, 0), stop - first)
             drops.append(drop)
             excess -= drop
-        prefix, position = [self.bos], 0
+        prefix, position = list(self.head), 0
         for (first, stop), drop in zip(inner, reversed(drops)):
             keep = stop - first - drop
             prefix += prefix_ids[position:first + keep // 2]  # everything before, then the head

@@ -135,6 +135,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gemini_offload_optim_frac": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
     "gemini_offload_param_frac": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
     "init_model_path": (lambda v: v.strip() != "", "a model directory"),
+    "eos_token": (lambda v: v == v.strip(), "a token of the vocabulary without surrounding spaces (empty: the "
+                                           "tokenizer's eos)"),
     "pretrain_data_root_dir": (lambda v: v.strip() != "", "a directory"),
     "pretrain_data_split": (lambda v: len(v) > 0, "a non-empty dict {set: weight}"),
     "output_dir": (lambda v: v.strip() != "", "a directory"),

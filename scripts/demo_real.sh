@@ -23,6 +23,8 @@
 #                     measured), + the gradient all-reduce               -> ~5.5 s per step on 2 idle cores
 #                     (3.2-4.1 s on 2 pinned cores of an idle Xeon; 3.0-3.6 s in one process of 2 threads)
 #   385 s x 0.7 (margin for a busier machine) / 5.5 s per step           -> ~49 steps: STEPS=16 per stage (48)
+# Measured, these defaults on this 2-core machine with other work on it (load ~2): 367 s end to end (from_gguf 8 s,
+# expand_vocab 4 s, stages 93 / 136 / 109 s, table and chat 17 s), plus ~10 s for the wheel; 487 s at load ~5.
 # Each doubling of SEQ or BATCH doubles the step time; on a GPU machine drop plugin/precision below and raise all three.
 set -euo pipefail
 cd "$(dirname "$0")/.."

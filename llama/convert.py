@@ -3,6 +3,7 @@
     python -m llama.convert from_hf   --input HF_DIR   --output OUR_DIR
     python -m llama.convert to_hf     --input OUR_DIR  --output HF_DIR
     python -m llama.convert from_meta --input META_DIR --output OUR_DIR   (consolidated.*.pth + params.json)
+    python -m llama.convert from_gguf --input X.gguf   --output OUR_DIR   (llama.cpp; llama/gguf_reader.py)
 
 transformers dirs of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM are read; the class
 is recorded in config.json (`architecture`), so to_hf writes the same class back. The layouts and the q/k permutation
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from llama.chat_template import chat_template_for_export
 from llama.configuration_llama import LlamaConfig
+from llama.gguf_reader import gguf_as_hf_dir
 from llama.model_files import (DEFAULT_MAX_SHARD_SIZE, TOKENIZER_JSON_NAME, TOKENIZER_NAME, iter_tensors,
                                read_json_object, save_tensors)
 from llama.pretrained import DTYPES
@@ -99,9 +101,16 @@ def from_meta(args) -> None:
     write_tokenizer(tokenizer, args.output)
 
 
+def from_gguf(args) -> None:
+    """A llama.cpp GGUF file, dequantized to --dtype (keep: float32) into a transformers dir beside the output
+    (llama/gguf_reader.py), then from_hf; the intermediate dir is removed."""
+    with gguf_as_hf_dir(args.input, args.dtype or DTYPES["float32"], args.output.parent) as hf_dir:
+        from_hf(argparse.Namespace(**{**vars(args), "input": hf_dir, "dtype": None}))
+
+
 # direction -> function(args); args has input, output, tokenizer (Path or None), dtype (torch dtype or None for
 # "keep") and max_shard_size.
-DIRECTIONS = {"from_hf": from_hf, "to_hf": to_hf, "from_meta": from_meta}
+DIRECTIONS = {"from_hf": from_hf, "to_hf": to_hf, "from_meta": from_meta, "from_gguf": from_gguf}
 
 
 def main(argv: list[str] | None = None) -> None:

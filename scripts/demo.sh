@@ -3,7 +3,7 @@
 # stage 1 -> 2 -> 3 with 2 processes each, each scoring its held-out sets (heldout_corpora/) every 10 steps, then
 # a table of the held-out losses, the curves as a picture (curves.png) and a "Human: ... Assistant: ..." generation.
 #
-#   scripts/demo.sh                  (what `make demo` runs after creating .venv)
+#   scripts/demo.sh                  (what `make demo-tiny` runs after creating .venv)
 #   PY=python DEMO_DIR=/tmp/d STEPS=60 scripts/demo.sh
 #
 # On a GPU machine drop the plugin/precision overrides below: the args files' defaults (gemini, fp16/bf16) apply.
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
-DEMO_DIR=${DEMO_DIR:-outputs/demo}
+DEMO_DIR=${DEMO_DIR:-outputs/demo-tiny}
 STEPS=${STEPS:-40}  # optimizer steps per stage
 NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per process: 2 processes on 2 cores
@@ -51,6 +51,8 @@ echo
     --out "$DEMO_DIR/curves.png" >/dev/null
 
 echo
+"$PY" scripts/demo_summary.py "$DEMO_DIR"
+
 "$PY" - "$DEMO_DIR" <<'EOF'
 import sys
 from pathlib import Path
@@ -60,27 +62,8 @@ import torch
 from llama.generation import generate
 from llama.llama_model import Llama
 from llama.tokenizer_files import load_tokenizer
-from training.metrics import read_records
 
 demo = Path(sys.argv[1])
-stages = ("pretrain", "task_instruct_tuning", "alignment_sft")
-print("== training loss per stage (window means from logs/metrics.jsonl)")
-for stage in stages:
-    train = read_records(demo / stage / "logs" / "metrics.jsonl", "loss")
-    print(f"  {stage:<22} step {train[0]['step']:>3}: {train[0]['loss']:.3f}  ->  "
-          f"step {train[-1]['step']:>3}: {train[-1]['loss']:.3f}")
-print("\n== held-out loss per set, first -> last evaluation (logs/metrics.jsonl)")
-for stage in stages:
-    evals = read_records(demo / stage / "logs" / "metrics.jsonl", "eval")
-    first, last = evals[0], evals[-1]
-    print(f"  {stage} (step {first['step']} -> step {last['step']})")
-    for name, score in first["eval"]["sets"].items():
-        print(f"    {name:<20} {score['loss']:.3f}  ->  {last['eval']['sets'][name]['loss']:.3f}"
-              f"   ({score['tokens']:,} tokens)")
-    if "mix" in first["eval"]:
-        print(f"    {'mix-weighted':<20} {first['eval']['mix']['loss']:.3f}  ->  {last['eval']['mix']['loss']:.3f}")
-print(f"\n== curves (training loss, held-out loss per set, lr against tokens seen): {demo / 'curves.png'}")
-
 final = demo / "alignment_sft" / "final"
 model = Llama.from_pretrained(final).eval()
 tokenizer = load_tokenizer(final)

@@ -30,7 +30,15 @@ if [[ -n "$wheels" ]]; then
   compgen -G "$wheels/*.whl" >/dev/null || { echo "error: --wheels $wheels: no .whl files there" >&2; exit 2; }
   site=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
   start=$SECONDS
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
+  # numpy is carried for an image without one; over the image's own (2.x on the H200 image) the set's 1.26 shadowed
+  # it, and the image's packages failed on import ("module 'numpy' has no attribute 'long'": the first device run).
+  # The site is rebuilt each time: pip --target leaves an earlier install's packages in place.
+  to_install=("$wheels"/*.whl)
+  if "$PY" -c "import numpy" 2>/dev/null; then
+    to_install=($(printf '%s\n' "${to_install[@]}" | grep -v '/numpy-'))
+  fi
+  rm -rf "$site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" "${to_install[@]}"
   echo "{\"wheels\": \"$wheels\", \"site\": \"$site\", \"install_seconds\": $((SECONDS - start))}"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
 fi

@@ -244,3 +244,28 @@ def test_a_step_leaves_skipped_parameters_undecayed(plugin, monkeypatch):
             assert torch.equal(p, before[name]), name
         else:
             assert torch.allclose(p, before[name] * (1 - 0.1 * 0.5)), name
+
+
+def test_a_resumed_fused_adamw_gets_its_step_back_on_the_parameters_device():
+    """ColossalAI's optimizer loaders leave `step` where it was loaded (the CPU); torch's fused AdamW wants it on the
+    parameter's device. A parameter on the meta device stands in for one on the GPU: its CPU step is moved there, as
+    float32, through ColossalAI's wrapper; a non-fused optimizer's step stays on the CPU, as torch keeps it."""
+    from colossalai.interface import OptimizerWrapper
+
+    from training.checkpoint import fused_steps_to_param_device
+
+    def loaded_as_colossalai_leaves_it(fused: bool):
+        param = torch.nn.Parameter(torch.empty(4, device="meta"))
+        optimizer = torch.optim.AdamW([param], lr=1e-3, fused=fused)
+        optimizer.state[param] = {"step": torch.tensor(7, dtype=torch.int64),
+                                  "exp_avg": torch.empty(4, device="meta"), "exp_avg_sq": torch.empty(4, device="meta")}
+        return param, optimizer
+
+    param, fused = loaded_as_colossalai_leaves_it(fused=True)
+    fused_steps_to_param_device(OptimizerWrapper(fused))
+    step = fused.state[param]["step"]
+    assert step.device.type == "meta" and step.dtype == torch.float32
+
+    param, plain = loaded_as_colossalai_leaves_it(fused=False)
+    fused_steps_to_param_device(OptimizerWrapper(plain))
+    assert plain.state[param]["step"].device.type == "cpu"

@@ -350,6 +350,7 @@ def _load_optimizer(engine, path: Path, old_world: int) -> None:
                         _read_json(path / NO_OPTIMIZER_STATE)["reason"])
         else:
             raise CheckpointError(f"{path}: no optimizer state (optimizer/, optimizer.bin or {NO_OPTIMIZER_STATE})")
+    fused_steps_to_param_device(engine.checkpoint_optimizer)
     masters = engine.master_weights()
     if masters and old_world != _world_size():
         _load_resharded_masters(engine, path, old_world)
@@ -376,6 +377,26 @@ def _load_optimizer(engine, path: Path, old_world: int) -> None:
             engine.grad_scaler.load_state_dict(_read_json(path / GRAD_SCALER))
         else:
             logger.warning("%s holds no %s: the fp16 loss scale restarts from initial_loss_scale", path, GRAD_SCALER)
+
+
+def fused_steps_to_param_device(optimizer) -> None:
+    """torch's fused AdamW keeps each parameter's `step` on that parameter's device and refuses a CPU one
+    (`_fused_adamw_`: "state_steps is on cpu, different from other tensors on cuda:0"; found by the device check's
+    zero2 and ddp resumes). torch's own Optimizer.load_state_dict moves it there for fused groups
+    (Optimizer._process_value_according_to_param_policy), but ColossalAI's loaders copy the state in themselves and
+    leave every `step` where it was loaded, on the CPU (checkpoint_io/utils.py load_states_into_optimizer, used by
+    GeneralCheckpointIO and LowLevelZeroCheckpointIO.load_sharded_optimizer). `optimizer` may be wrapped (ColossalAI's
+    OptimizerWrapper and LowLevelZeroOptimizer hold the torch optimizer as .optim)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optim"):
+        optimizer = optimizer.optim
+    for group in getattr(optimizer, "param_groups", ()):
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            step = state.get("step")
+            if torch.is_tensor(step) and step.device != param.device:
+                state["step"] = step.to(device=param.device, dtype=torch.float32)
 
 
 def _load_resharded_masters(engine, path: Path, old_world: int) -> None:

@@ -59,8 +59,9 @@ gpu-wheels:
 	@total=$$(cat .whl/*.whl | wc -c); echo "$$total bytes in .whl/"; \
 	  test $$total -le $(GPU_WHEELS_MAX_BYTES) || { echo "error: .whl/ holds $$total bytes, over 64 MiB"; exit 1; }
 
-# The device image emulated: pyenv's Python 3.12, a fresh venv holding only the newest torch from the registry
-# (with its CUDA libraries: several GB to download), the carried wheels installed with --target exactly as
+# The device image emulated: pyenv's Python 3.12, a fresh venv holding the newest torch from the registry (with its
+# CUDA libraries: several GB to download) and the newest numpy, as the H200 image has (2.5.2 there: the carried 1.26
+# shadowed it on the first device run), the carried wheels installed with --target exactly as
 # `scripts/gpu_check.sh --wheels` does on the device, then its `facts` and `imports` steps. Not part of `make test`.
 GPU_REHEARSAL_DIR ?= /tmp/gpu-rehearsal
 PYTHON312 ?= $(lastword $(sort $(wildcard $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)/versions/3.12.*/bin/python3.12)))
@@ -68,7 +69,7 @@ PYTHON312 ?= $(lastword $(sort $(wildcard $(shell pyenv root 2>/dev/null || echo
 gpu-rehearsal: gpu-wheels
 	@test -n "$(PYTHON312)" || { echo "error: no python3.12 under pyenv (set PYTHON312=...)"; exit 1; }
 	rm -rf $(GPU_REHEARSAL_DIR) && $(PYTHON312) -m venv $(GPU_REHEARSAL_DIR)/venv
-	$(GPU_REHEARSAL_DIR)/venv/bin/python -m pip install -q torch
+	$(GPU_REHEARSAL_DIR)/venv/bin/python -m pip install -q torch numpy
 	GPU_CHECK_SITE=$(GPU_REHEARSAL_DIR)/site PY=$(GPU_REHEARSAL_DIR)/venv/bin/python \
 	  scripts/gpu_check.sh --wheels .whl --setup-only | tee $(GPU_REHEARSAL_DIR)/result.jsonl
 	@tail -1 $(GPU_REHEARSAL_DIR)/result.jsonl | grep -q '"ok": true' || { echo "error: imports failed in the emulated image"; exit 1; }

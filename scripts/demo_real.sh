@@ -23,7 +23,7 @@
 #                     measured), + the gradient all-reduce               -> ~5.5 s per step on 2 idle cores
 #                     (3.2-4.1 s on 2 pinned cores of an idle Xeon; 3.0-3.6 s in one process of 2 threads)
 #   385 s x 0.7 (margin for a busier machine) / 5.5 s per step           -> ~49 steps: STEPS=16 per stage (48)
-# Measured, these defaults on this 2-core machine with other work on it (load ~2): 367 s end to end (from_gguf 8 s,
+# Measured, these defaults on this 2-core machine: 239 s idle; with other work on it (load ~2): 367 s end to end (from_gguf 8 s,
 # expand_vocab 4 s, stages 93 / 136 / 109 s, table and chat 17 s), plus ~10 s for the wheel; 487 s at load ~5.
 # Each doubling of SEQ or BATCH doubles the step time; on a GPU machine drop plugin/precision below and raise all three.
 set -euo pipefail
@@ -95,14 +95,16 @@ run_stage() {  # run_stage <stage> <init_model_path> <eval_sets> [setting=value 
 }
 
 # Documents and task answers end with <|endoftext|>, SmolLM2's end of text; <|im_end|> (the GGUF's eos) ends a chat
-# turn and stays the end token of stage 3's template turns.
+# turn. Stages 1-2 record <|endoftext|> in their final/ as the model's end token, so stage 3 names <|im_end|> again:
+# its template turns end there, and tools.chat stops at the end token stage 3 records (without it the answer ran on
+# into a new "<|im_start|>system" turn).
 run_stage pretrain "$DEMO_DIR/smollm2-zh" "[]" eos_token="<|endoftext|>"
 run_stage task_instruct_tuning "$DEMO_DIR/pretrain/final" "['zh', 'en', 'translate', 'zh-qa-short', 'en-squad2']" \
     eos_token="<|endoftext|>"
 # Stage 3's samples are whole conversations, never split: SmolLM2's template (its system turn included) makes the
 # bundled leet-code-zh ones 150-280 tokens, so this stage takes one sample of 320 per process (as many tokens a step).
 run_stage alignment_sft "$DEMO_DIR/task_instruct_tuning/final" "['mwp-zh', 'cot-en', 'others']" \
-    chat_format="$CHAT_FORMAT" max_seq_length="$SEQ3" batch_size="$BATCH3"
+    chat_format="$CHAT_FORMAT" max_seq_length="$SEQ3" batch_size="$BATCH3" eos_token="<|im_end|>"
 
 echo
 "$PY" -m tools.plot_metrics "$DEMO_DIR/pretrain" "$DEMO_DIR/task_instruct_tuning" "$DEMO_DIR/alignment_sft" \

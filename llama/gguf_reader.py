@@ -29,7 +29,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from llama.model_files import DEFAULT_MAX_SHARD_SIZE, save_tensors
+from llama.model_files import DEFAULT_MAX_SHARD_SIZE, TOKENIZER_JSON_NAME, save_tensors
+from llama.tokenizer_files import write_tokenizer_config
 from llama.weight_layouts import _HF_TO_OURS, permute_to_hf
 
 # GGUF general.architecture -> (transformers class, transformers model_type)
@@ -385,9 +386,10 @@ def gguf_to_hf(path: str | Path, output: str | Path, dtype: torch.dtype = torch.
     output.mkdir(parents=True, exist_ok=True)
     save_tensors(dict([first, *names]), output, max_shard_size)
     (output / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    tokenizer.save(str(output / "tokenizer.json"))
-    (output / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
-                                                  encoding="utf-8")
+    tokenizer.save(str(output / TOKENIZER_JSON_NAME))
+    tokens = {key: tokenizer_config[key] for key in ("bos_token", "eos_token", "pad_token", "unk_token")
+              if key in tokenizer_config}
+    write_tokenizer_config(output, tokenizer_config, tokens, tokenizer_config.get("chat_template"))
     return config
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer as _Tokenizer
 
-from llama.model_files import TOKENIZER_JSON_NAME
+from llama.model_files import TOKENIZER_CONFIG_NAME, TOKENIZER_JSON_NAME
 from llama.tokenizer_files import (copy_tokenizer_file, end_token_id, read_tokenizer_config, token_text,
                                    write_tokenizer_config)
 
@@ -62,7 +62,7 @@ class TokenizerJson:
     def _token_id(self, token: str | None, key: str) -> int:
         token_id = self.tk.token_to_id(token) if token else None
         if token_id is None:
-            raise ValueError(f"{self.model_path.parent / 'tokenizer_config.json'}: {key} {token!r} is not in the "
+            raise ValueError(f"{self.model_path.parent / TOKENIZER_CONFIG_NAME}: {key} {token!r} is not in the "
                              f"vocabulary of {self.model_path}")
         return token_id
 

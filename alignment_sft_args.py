@@ -22,7 +22,7 @@ pretrain_data_split = {  # set: weight and first file number; every 12 samples h
     "others": {"weight": 6, "file_start": 0},  # AlpacaGPT4, Dolly, GPT4Tools, GPTeacher, HC3, COIG, ...
 }
 max_seq_length = 1024  # tokens per sample, bos and eos included
-batch_size = 24  # samples per GPU: 24 x 2 GPUs x 1024 tokens = 49,152 tokens/step at most
+batch_size = 24  # samples per GPU (the most, under global_batch_size): 24 x 2 GPUs x 1024 tokens = 49,152 tokens/step at most
 long_text = "split"  # LM sets only; a prompted sample that is too long is cut on the input side
 long_prompt = "middle"  # too long: the input's, then the instruction's middle goes, answer stays; "recipe": the original's end cut
 chat_format = "billa"  # "billa": the recipe's "Human: q\nAssistant: " + answer + eos per turn; "template": the tokenizer's chat template (tokenizer_config.json), for a base with its own format
@@ -35,7 +35,8 @@ lr = 2e-5  # peak learning rate
 min_lr = 2e-6  # cosine floor: 0.1 x lr
 warmup_steps = 2000  # linear warmup: 2,000 of 20,000 steps = 10%
 max_steps = 20_000  # 20,000 steps x 48 samples = 960,000 samples
-global_batch_size = 48  # samples per optimizer step: the recipe's 24 x 2 GPUs; 8 GPUs: batch_size=6 (6 x 8 x 1 = 48); 0: off
+global_batch_size = 48  # samples per optimizer step: the recipe's 24 x 2 GPUs; 8 GPUs: 6 per GPU (6 x 8 x 1 = 48); 0: off
+global_batch_exact = False  # True: stop where batch_size x GPUs x accumulation cannot make global_batch_size; False: nearest
 gradient_accumulation_steps = 1  # micro-batches per optimizer step; derived instead when global_batch_size > 0
 weight_decay = 0.1  # AdamW decoupled weight decay
 weight_decay_skip = False  # True: norms, biases, embeddings get no decay; False: all decay, the recipe's

@@ -29,7 +29,7 @@ pretrain_data_split = {  # set: weight and first file number; LM 10 : tasks 10 =
     "en-wikihow": {"weight": 1, "file_start": 10001},  # WikiHow
 }
 max_seq_length = 1024  # tokens per sample, bos and eos included
-batch_size = 20  # samples per GPU: 20 x 8 GPUs x 1024 tokens = 163,840 tokens/step
+batch_size = 20  # samples per GPU (the most, under global_batch_size): 20 x 8 GPUs x 1024 tokens = 163,840 tokens/step
 long_text = "split"  # "split": a long document becomes several samples; "truncate": the recipe's cut-off
 long_prompt = "middle"  # too long: the input's middle goes, question and answer stay; "recipe": the original's end cut
 packing = False  # True: pack samples into rows of max_seq_length (20 x 1024 = 20,480 tokens per GPU)
@@ -41,7 +41,8 @@ lr = 2e-5  # peak learning rate
 min_lr = 2e-6  # cosine floor: 0.1 x lr
 warmup_steps = 2000  # linear warmup: 2,000 of 20,000 steps = 10%
 max_steps = 20_000  # 20,000 steps x 163,840 tokens = 3.3B tokens
-global_batch_size = 160  # samples per optimizer step: the recipe's 20 x 8 GPUs; accumulation = 160 / (batch_size x GPUs); 0: off
+global_batch_size = 160  # samples per optimizer step: the recipe's 20 x 8 GPUs; 6 GPUs: nearest, 13 x 6 x 2 = 156; 0: off
+global_batch_exact = False  # True: stop where batch_size x GPUs x accumulation cannot make global_batch_size; False: nearest
 gradient_accumulation_steps = 1  # micro-batches per optimizer step; derived instead when global_batch_size > 0
 weight_decay = 0.1  # AdamW decoupled weight decay
 weight_decay_skip = False  # True: norms, biases, embeddings get no decay; False: all decay, the recipe's

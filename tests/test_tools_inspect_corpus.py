@@ -66,6 +66,16 @@ def test_bad_settings_and_missing_root_exit_nonzero(tmp_path, capsys):
     assert "batch_size" in capsys.readouterr().err
 
 
+def test_global_batch_is_resolved_as_a_launch_resolves_it(capsys):
+    # Stage 3's 48 samples a step on 8 GPUs: the launch lowers the per-GPU batch to 6, and so does the inspection.
+    assert main(["alignment_sft", "--root", str(CORPUS), "--world-size", "8", "--quiet"]) == 0
+    assert "batch 6 per GPU x 8 processes x 1 accumulation" in capsys.readouterr().out
+    # Where the launch would stop (the exact batch insisted on, and 48 is no multiple of 5), so does the inspection.
+    assert main(["alignment_sft", "--root", str(CORPUS), "--world-size", "5", "--quiet",
+                 "global_batch_exact=True"]) == 1
+    assert "'global_batch_size' = 48 is not a multiple of batch_size 24 x 5 processes" in capsys.readouterr().err
+
+
 def test_big_file_record_count_is_estimated_from_samples(tmp_path):
     path = tmp_path / "10001.jsonl"
     with open(path, "w", encoding="utf-8") as f:

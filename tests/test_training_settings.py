@@ -205,15 +205,48 @@ def test_global_batch_derives_the_accumulation(argv, world, accumulation):
     assert resolved.overridden == settings.overridden and resolved.lr == settings.lr
 
 
-def test_global_batch_that_does_not_divide_names_the_numbers():
+# (stage args, GPUs, per GPU, accumulation): batch_size is the most one GPU holds, so a smaller per-GPU batch keeps the
+# recipe's global batch where one fits; where none does (the global batch is not a multiple of the GPU count) the
+# nearest is trained, with the fewest micro-batches.
+FITTED = [(alignment_sft_args, 8, 6, 1),  # 48 = 6 x 8: batch_size=24 lowered to 6
+          (pretrain_args, 16, 10, 1), (pretrain_args, 5, 16, 2),  # 160 exactly
+          (pretrain_args, 6, 13, 2), (pretrain_args, 3, 18, 3), (pretrain_args, 7, 11, 2),  # 156, 162, 154
+          (pretrain_args, 12, 13, 1), (pretrain_args, 24, 7, 1),  # 156, 168
+          (alignment_sft_args, 5, 10, 1), (alignment_sft_args, 7, 7, 1)]  # 50, 49
+
+
+@pytest.mark.parametrize("module, world, per_gpu, accumulation", FITTED)
+def test_global_batch_fits_any_gpu_count(module, world, per_gpu, accumulation, caplog):
+    settings = load_settings(module, [])
+    with caplog.at_level("INFO", logger="training.settings"):
+        resolved = resolve_global_batch(settings, world)
+    assert (resolved.batch_size, resolved.gradient_accumulation_steps) == (per_gpu, accumulation)
+    got = per_gpu * world * accumulation
+    assert abs(got - settings.global_batch_size) < world  # the nearest multiple of the GPU count, or exact
+    if got == settings.global_batch_size:
+        assert f"{per_gpu} per GPU (batch_size={settings.batch_size} is the most)" in caplog.text
+    else:
+        assert (f"global_batch_size={settings.global_batch_size} fits no per-GPU batch on {world} processes"
+                in caplog.text and f"training with the nearest, {per_gpu} per GPU x {world} x {accumulation} "
+                f"accumulation = {got} samples per step (global_batch_exact=True stops instead)" in caplog.text)
+    with caplog.at_level("INFO", logger="training.settings"):
+        caplog.clear()
+        assert resolve_global_batch(load_settings(module, []), 2 if module is alignment_sft_args else 8).batch_size \
+            == settings.batch_size
+    assert caplog.text == ""  # the recipe's own GPU count: nothing to say
+
+
+def test_global_batch_exact_stops_and_names_the_numbers():
     # Stage 3 as shipped (24 per GPU, 48 a step) on 8 GPUs: 24 x 8 = 192 > 48.
     with pytest.raises(SettingsError, match=r"'global_batch_size' = 48 is not a multiple of batch_size 24 x 8 "
-                                            r"processes = 192; use batch_size=6 \(6 x 8 x 1 accumulation = 48\); the "
-                                            r"per-GPU batch sizes that fit: \[1, 2, 3, 6\]"):
-        resolve_global_batch(load_settings(alignment_sft_args, []), 8)
-    with pytest.raises(SettingsError, match="= 160 is not a multiple of batch_size 20 x 3 processes = 60; "
-                                            "use global_batch_size a multiple of 3"):
-        resolve_global_batch(load_settings(pretrain_args, []), 3)
+                                            r"processes = 192 \(global_batch_exact=True\); use batch_size=6 \(6 x 8 x "
+                                            r"1 accumulation = 48\); the per-GPU batch sizes that fit: \[1, 2, 3, 6\]"):
+        resolve_global_batch(load_settings(alignment_sft_args, ["global_batch_exact=True"]), 8)
+    with pytest.raises(SettingsError, match=r"= 160 is not a multiple of batch_size 20 x 3 processes = 60 "
+                                            r"\(global_batch_exact=True\); use global_batch_size a multiple of 3"):
+        resolve_global_batch(load_settings(pretrain_args, ["global_batch_exact=True"]), 3)
+    exact = resolve_global_batch(load_settings(pretrain_args, ["global_batch_exact=True", "batch_size=10"]), 8)
+    assert (exact.batch_size, exact.gradient_accumulation_steps) == (10, 2)
     with pytest.raises(SettingsError, match="'gradient_accumulation_steps' is derived from 'global_batch_size' = 160"):
         load_settings(pretrain_args, ["gradient_accumulation_steps=2"])
     with pytest.raises(SettingsError, match="'global_batch_size' = -1 is invalid"):
@@ -222,12 +255,13 @@ def test_global_batch_that_does_not_divide_names_the_numbers():
 
 def test_global_batch_error_is_one_line_before_any_work(tmp_path):
     result = subprocess.run([sys.executable, "pretrain_main.py", "global_batch_size=7", "batch_size=2",
+                             "global_batch_exact=True",
                              f"init_model_path={tmp_path / 'no-model'}", f"output_dir={tmp_path / 'out'}",
                              f"logdir={tmp_path / 'logs'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     output = result.stdout + result.stderr
     assert ("error: SettingsError: setting 'global_batch_size' = 7 is not a multiple of batch_size 2 x 1 processes "
-            "= 2; use batch_size=1 (1 x 1 x 7 accumulation = 7)") in output
+            "= 2 (global_batch_exact=True); use batch_size=1 (1 x 1 x 7 accumulation = 7)") in output
     assert "Traceback" not in output and "no such model directory" not in output  # stopped before the model check
 
 

@@ -30,7 +30,7 @@ from tools.text_stats import estimate_tokens, text_fields
 from training.corpus import (DataError, RecordError, SetReader, list_set_files, parse_record, parse_split,
                              weighted_cycle)
 from training.model_loading import resolved_tokenizer_path
-from training.settings import SettingsError, load_settings
+from training.settings import SettingsError, load_settings, resolve_global_batch
 
 SHOW_PER_SET = 5  # problems listed per set before "... and N more"
 
@@ -79,6 +79,7 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
     out = out or sys.stdout
     overrides = list(args.overrides) + ([f"pretrain_data_root_dir={args.root}"] if args.root else [])
     settings = load_settings(args_module(args.stage), overrides)
+    settings = resolve_global_batch(settings, args.world_size)  # as the launch does: per-GPU batch, accumulation
     root = Path(settings.pretrain_data_root_dir)
     global_problems: list[str] = []
     if not root.is_dir():
@@ -199,8 +200,9 @@ def _print(reports: list[SetReport], global_problems: list[str], settings, args,
     total_weight = sum(r.weight for r in reports)
     batch = settings.batch_size
     period = weighted_cycle({r.name: r.weight for r in reports}) if reports else []
-    print(f"stage {args.stage}: root {Path(settings.pretrain_data_root_dir).resolve()}, batch_size {batch}, "
-          f"world size {args.world_size}, mix period {len(period)} samples", file=out)
+    print(f"stage {args.stage}: root {Path(settings.pretrain_data_root_dir).resolve()}, batch {batch} per GPU x "
+          f"{args.world_size} processes x {settings.gradient_accumulation_steps} accumulation, "
+          f"mix period {len(period)} samples", file=out)
     print(f"tokens: {'counted with ' + str(tokenizer.model_path) if tokenizer else 'estimated from characters'}"
           f" ('~' = estimated)", file=out)
     header = ("set", "weight", "share", "per batch", "files", "files/rank", "records", "tokens", "status")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ast
 import copy
+import logging
+import math
 import types
 from pathlib import Path
 from typing import Any, Callable
@@ -23,6 +25,8 @@ PRECISIONS = ("fp16", "bf16", "fp32")
 LONG_TEXT_MODES = ("split", "truncate")
 LONG_PROMPT_MODES = ("middle", "recipe")
 GEMINI_PLACEMENTS = ("static", "auto")
+
+logger = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
@@ -186,28 +190,62 @@ def validate(values: dict[str, Any], source: str = "settings") -> None:
 
 
 def resolve_global_batch(settings: Settings, world_size: int) -> Settings:
-    """The settings with gradient_accumulation_steps derived from global_batch_size (samples per optimizer step) and
-    the number of processes: global = batch_size (per GPU) x world_size x accumulation. Unchanged when
-    global_batch_size is 0 or absent. A global batch that is not such a product is a SettingsError naming the
-    numbers and the per-GPU batch sizes that would fit."""
+    """The settings with batch_size (per GPU) and gradient_accumulation_steps derived from global_batch_size (samples
+    per optimizer step) and the number of processes: global = batch_size x world_size x accumulation. Unchanged when
+    global_batch_size is 0 or absent.
+
+    By default batch_size is the most one GPU holds: a smaller per-GPU batch keeps global_batch_size exactly where one
+    fits, and where none does (160 on 6 processes) the nearest global batch is used; either is logged. With
+    global_batch_exact=True, batch_size and global_batch_size are taken as set, and a global batch that is not their
+    product is a SettingsError naming the numbers and the per-GPU batch sizes that would fit."""
     wanted = settings.global_batch_size if "global_batch_size" in settings else 0
     if wanted == 0:
         return settings
     per_step = settings.batch_size * world_size  # samples of one micro-batch over all processes
-    if wanted % per_step:
-        fits = [b for b in range(1, wanted // world_size + 1) if wanted % (b * world_size) == 0]
-        if fits:
-            b = max((fit for fit in fits if fit <= settings.batch_size), default=fits[0])  # fits its memory
-            hint = (f"batch_size={b} ({b} x {world_size} x {wanted // (b * world_size)} accumulation = {wanted}); "
-                    f"the per-GPU batch sizes that fit: {fits}")
-        else:
-            hint = f"global_batch_size a multiple of {world_size}: no batch_size fits {world_size} processes"
-        raise SettingsError(f"setting 'global_batch_size' = {wanted} is not a multiple of batch_size "
-                            f"{settings.batch_size} x {world_size} processes = {per_step}; use {hint} "
-                            f"({settings.source})")
+    if "global_batch_exact" in settings and settings.global_batch_exact:
+        if wanted % per_step:
+            raise SettingsError(_global_batch_mismatch(settings, wanted, world_size, per_step))
+        batch, accumulation = settings.batch_size, wanted // per_step
+    else:
+        batch, accumulation = fit_global_batch(wanted, settings.batch_size, world_size)
+        got = batch * world_size * accumulation
+        if got != wanted:
+            logger.warning("global_batch_size=%d fits no per-GPU batch on %d processes (%d is not a multiple of %d): "
+                           "training with the nearest, %d per GPU x %d x %d accumulation = %d samples per step "
+                           "(global_batch_exact=True stops instead) (%s)", wanted, world_size, wanted, world_size,
+                           batch, world_size, accumulation, got, settings.source)
+        elif batch != settings.batch_size:
+            logger.info("global_batch_size=%d on %d processes: %d per GPU (batch_size=%d is the most) x %d x %d "
+                        "accumulation = %d", wanted, world_size, batch, settings.batch_size, world_size, accumulation,
+                        wanted)
     values = settings.to_dict()
-    values["gradient_accumulation_steps"] = wanted // per_step
+    values["batch_size"], values["gradient_accumulation_steps"] = batch, accumulation
     return Settings(values, settings.source, settings.overridden)
+
+
+def fit_global_batch(wanted: int, batch_size: int, world_size: int) -> tuple[int, int]:
+    """(per-GPU batch, accumulation) for `wanted` samples per optimizer step on `world_size` processes, with at most
+    `batch_size` samples per GPU. Exactly `wanted` where some per-GPU batch up to batch_size fits it (the largest:
+    fewest micro-batches); otherwise the fewest micro-batches in which batch_size reaches `wanted`, with the per-GPU
+    batch that brings the product nearest to it (e.g. 160 on 6 processes: 13 x 6 x 2 = 156)."""
+    per_gpu = wanted / world_size  # samples each process contributes to one optimizer step
+    if wanted % world_size == 0:
+        fits = [b for b in range(min(batch_size, wanted // world_size), 0, -1) if (wanted // world_size) % b == 0]
+        return fits[0], wanted // world_size // fits[0]
+    accumulation = math.ceil(per_gpu / batch_size)
+    return max(1, min(batch_size, math.floor(per_gpu / accumulation + 0.5))), accumulation
+
+
+def _global_batch_mismatch(settings: Settings, wanted: int, world_size: int, per_step: int) -> str:
+    fits = [b for b in range(1, wanted // world_size + 1) if wanted % (b * world_size) == 0]
+    if fits:
+        b = max((fit for fit in fits if fit <= settings.batch_size), default=fits[0])  # fits its memory
+        hint = (f"batch_size={b} ({b} x {world_size} x {wanted // (b * world_size)} accumulation = {wanted}); "
+                f"the per-GPU batch sizes that fit: {fits}")
+    else:
+        hint = f"global_batch_size a multiple of {world_size}: no batch_size fits {world_size} processes"
+    return (f"setting 'global_batch_size' = {wanted} is not a multiple of batch_size {settings.batch_size} x "
+            f"{world_size} processes = {per_step} (global_batch_exact=True); use {hint} ({settings.source})")
 
 
 _UNPARSED = object()

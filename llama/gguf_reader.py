@@ -19,6 +19,7 @@ What llama.cpp's convert_hf_to_gguf.py changes on the way in, and we undo here:
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import json
 import math
@@ -128,21 +129,33 @@ def _hf_names(arch: str, n_layers: int) -> dict[str, str]:
 
 
 def _check_quant_types(reader, path: Path) -> None:
-    """One error naming the first tensor whose type gguf-py cannot dequantize, before any tensor is read."""
+    """One error naming the first tensor whose type gguf-py cannot dequantize, and the types it can, before any
+    tensor is read."""
+    supported = _dequantizable_types()
+    for t in reader.tensors:
+        if t.tensor_type.name not in supported:
+            raise GGUFError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which gguf "
+                            f"{importlib.metadata.version('gguf')} cannot dequantize; supported: "
+                            f"{', '.join(supported)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantizable_types() -> tuple[str, ...]:
+    """The tensor types the installed gguf-py dequantizes: asked of gguf-py itself, on one zero block of each type,
+    since its dequantize is the only list of them."""
     import gguf
 
-    checked = set()
-    for t in reader.tensors:
-        if t.tensor_type in checked:
+    names = []
+    for qtype in gguf.GGMLQuantizationType:
+        if qtype not in gguf.GGML_QUANT_SIZES:
             continue
-        # Ask gguf-py itself, on one zero block: its dequantize is the list of supported types.
-        block_size, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
         try:
-            gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), t.tensor_type)
-        except NotImplementedError:
-            raise GGUFError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which gguf "
-                            f"{importlib.metadata.version('gguf')} cannot dequantize") from None
-        checked.add(t.tensor_type)
+            gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+        except (NotImplementedError, ValueError, TypeError):
+            continue
+        names.append(qtype.name)
+    return tuple(names)
 
 
 def _llama3_rope_scaling(factors: np.ndarray, meta: dict, arch: str, head_dim: int, theta: float,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -69,11 +70,40 @@ def weight_files(directory: str | Path) -> list[Path]:
             for f in files:
                 if not f.is_file():
                     raise FileNotFoundError(f"{f}: listed in {index_path} but missing")
-            return files
+            return [_whole(f) for f in files]
         if (directory / single_name).is_file():
-            return [directory / single_name]
+            return [_whole(directory / single_name)]
     raise FileNotFoundError(f"{directory}: no weights ({SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, "
                             f"{BIN_WEIGHTS_NAME} or {BIN_WEIGHTS_INDEX_NAME})")
+
+
+def _whole(path: Path) -> Path:
+    """`path`, or a ValueError naming it when it is cut short, before any model is built from it. Cheap: safe_open
+    reads the header and checks that its tensors end where the file ends; a torch .bin (a zip) needs its directory,
+    which sits at the end of the file."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt"):
+                pass
+        else:
+            with zipfile.ZipFile(path):
+                pass
+    except zipfile.BadZipFile:
+        if _is_legacy_torch_file(path):
+            return path  # torch.save's pre-zipfile format has no directory to check
+        raise ValueError(f"{path}: not a whole weight file ({path.stat().st_size:,} bytes; truncated or overwritten?): "
+                         f"copy it again") from None
+    except Exception as e:  # safetensors_rust.SafetensorError, which safetensors does not export
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{path}: not a whole weight file ({path.stat().st_size:,} bytes; {e}): "
+                         f"copy it again") from None
+    return path
+
+
+def _is_legacy_torch_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x80\x02"  # a pickle (protocol 2) at byte 0: torch.save(_use_new_zipfile_serialization=False)
 
 
 def iter_tensors(directory: str | Path, dtype: torch.dtype | None = None,

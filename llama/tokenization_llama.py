@@ -31,7 +31,11 @@ class Tokenizer:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"SentencePiece tokenizer not found: {self.model_path}")
-        self.sp = SentencePieceProcessor(model_file=str(self.model_path))
+        try:
+            self.sp = SentencePieceProcessor(model_file=str(self.model_path))
+        except (RuntimeError, OSError) as e:  # SentencePiece's "Internal: could not parse ModelProto from ..."
+            raise ValueError(f"{self.model_path}: not a SentencePiece model ({str(e).strip().splitlines()[0]}); "
+                             f"copy it again") from None
         self.config = read_tokenizer_config(self.model_path.parent)
         self.vocab_size: int = self.sp.vocab_size()
         bos = self.sp.bos_id()

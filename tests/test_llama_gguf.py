@@ -268,7 +268,7 @@ def test_unsupported_architecture_is_one_error(tmp_path):
 
 def test_unsupported_quant_type_is_one_error_line(tmp_path):
     """A type gguf-py cannot dequantize (Q8_1: llama.cpp's activation-only type) stops the CLI with one line that
-    names the type and the tensor, before anything is written."""
+    names the type, the tensor and the supported types, before anything is written."""
     tok = _train_tokenizer("smollm")
     src = tiny_llama(tok.get_vocab_size())
     write_gguf(tmp_path / "m.gguf", src, tok, "smollm")
@@ -297,6 +297,8 @@ def test_unsupported_quant_type_is_one_error_line(tmp_path):
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.gguf" in lines[0] and "'blk.1.ffn_up.weight'" in lines[0] and "Q8_1" in lines[0]
+    supported = lines[0].split("; supported: ")[1].split(", ")  # the types this gguf-py dequantizes, named
+    assert {"F32", "F16", "BF16", "Q8_0", "Q4_1", "Q4_K", "Q6_K"} <= set(supported) and "Q8_1" not in supported
     assert not out.exists() and not list(tmp_path.glob(".from_gguf-*"))
 
 

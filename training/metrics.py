@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from training.settings import SettingsError
+
 logger = logging.getLogger(__name__)
 
 # Dense tensor-core peak TFLOPS per GPU for fp16/bf16, and plain fp32, by a substring of torch.cuda.get_device_name();
@@ -134,13 +136,17 @@ def setup_logging(logdir: str | Path, rank: int) -> Path:
     """Root logger: logdir/log.txt.<rank> on every rank (INFO); the console on rank 0 (INFO) and on others only
     errors, so N processes do not print N copies."""
     logdir = Path(logdir)
-    logdir.mkdir(parents=True, exist_ok=True)
     path = logdir / f"log.txt.{rank}"
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as e:  # before any work: the checkpoints would go beside the logs (output_dir)
+        raise SettingsError(f"setting 'logdir' = {str(logdir)!r} (default: <output_dir>/logs): cannot write "
+                            f"{e.filename or path}: {e.strerror or e}") from None
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(logging.INFO)
-    file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(file_handler)
     console = _TqdmHandler()

@@ -76,3 +76,16 @@ def test_resume_from_either_schedulers_state_continues_the_same_values(epoch):
             optimizer.step()
             resumed.step()
         assert after == pytest.approx(straight[epoch:], rel=1e-15), type(saved).__name__
+
+
+@pytest.mark.parametrize("total, warmup", [(4, 1), (20_000, 2_000), (100_000, 2_000)])
+def test_the_last_step_stays_one_cosine_step_above_min_lr(total, warmup):
+    # What the docs say: the floor would be reached one step after max_steps; the last step trains at
+    # min_lr + (lr - min_lr) (1 - cos(pi / T)) / 2, T = max_steps - warmup_steps.
+    lr, min_lr = 3e-5, 3e-6
+    last, _ = lrs(ours(total, warmup, min_lr), lr, total)
+    cosine_steps = total - warmup
+    assert math.isclose(last[-1], min_lr + (lr - min_lr) * (1 - math.cos(math.pi / cosine_steps)) / 2, rel_tol=1e-9)
+    assert last[-1] > min_lr
+    if total == 100_000:  # the recipe's stage 1: the floor to 3e-9 of it
+        assert (last[-1] - min_lr) / min_lr < 3e-9

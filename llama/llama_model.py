@@ -75,8 +75,12 @@ def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
     x: (bs, L, n_heads, head_dim); freqs_cis: complex, broadcastable to (bs, L, 1, head_dim // 2).
     """
-    x_c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (bs, L, n_heads, head_dim/2) complex
-    return torch.view_as_real(x_c * freqs_cis).flatten(3).type_as(x)  # (bs, L, n_heads, head_dim)
+    # The complex product (x0 + i x1)(cos + i sin) in real arithmetic: torch.compile's inductor generates no code
+    # for complex tensors and would leave the rotation to eager kernels.
+    x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)  # each (bs, L, n_heads, head_dim/2)
+    cos, sin = freqs_cis.real, freqs_cis.imag
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (bs, L, n_heads, head_dim/2, 2)
+    return rotated.flatten(3).type_as(x)  # (bs, L, n_heads, head_dim)
 
 
 def positions_and_documents(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,8 @@ from training.engine import Engine, choose_engine
 from training.evaluation import HeldOut, load_held_out
 from training.launch import StopRequest, launch, shutdown
 from training.metrics import Metrics, batch_line, flops_per_token, peak_tflops_per_gpu, setup_logging
-from training.model_loading import (ModelInputError, check_model_inputs, load_model, load_weights_after_boost,
-                                    log_host_memory)
+from training.model_loading import (ModelInputError, check_model_inputs, compile_blocks_if_allowed, load_model,
+                                    load_weights_after_boost, log_host_memory)
 from training.corpus import DataError
 from training.settings import SettingsError, load_settings, resolve_global_batch
 
@@ -83,6 +83,7 @@ def _train(settings, data_processor_cls) -> None:
         held_out = load_held_out(settings, data, run.rank, run.world_size)  # None: no evaluation
         # ---- model and engine (booster, plugin, optimizer, lr schedule)
         model = load_model(settings, inputs, choice.load_dtype, choice.plugin)
+        compile_blocks_if_allowed(model, settings, choice.compile_refusal)
         fpt = flops_per_token(model, inputs.config.num_hidden_layers, inputs.config.hidden_size,
                               settings.max_seq_length)
         engine = Engine(settings, choice, model)

@@ -2,9 +2,10 @@
 
     loss, logits = model(input_ids, loss_mask=None, labels=None, doc_ids=None)
 
-Differences from Meta's inference-only model.py: dropout (BiLLa's 0.05 after attention and FFN), optional gradient
-checkpointing, packed rows (doc_ids), attention through F.scaled_dot_product_attention, and a loss that projects to
-the vocabulary only the positions whose target counts. Generation lives in llama/generation.py on top of
+Differences from Meta's inference-only model.py: dropout (BiLLa's 0.05 after attention and FFN), gradient
+checkpointing of every block or every other one, packed rows (doc_ids), attention through the kernels of
+llama/attention.py (SDPA, flex_attention), regional torch.compile (compile_blocks), and a loss that projects to the
+vocabulary only the positions whose target counts. Generation lives in llama/generation.py on top of
 `forward_with_cache`.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llama.attention import CAUSAL, AttentionMask, attend, packed_mask
 from llama.configuration_llama import CONFIG_NAME, LlamaConfig
 from llama.loss import LOSS_PATHS
 from llama.model_files import DEFAULT_MAX_SHARD_SIZE, save_tensors
@@ -73,17 +75,12 @@ def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
     x: (bs, L, n_heads, head_dim); freqs_cis: complex, broadcastable to (bs, L, 1, head_dim // 2).
     """
-    x_c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (bs, L, n_heads, head_dim/2) complex
-    return torch.view_as_real(x_c * freqs_cis).flatten(3).type_as(x)  # (bs, L, n_heads, head_dim)
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """Grouped-query attention: key/value head h serves query heads h*n_rep .. h*n_rep + n_rep-1."""
-    if n_rep == 1:
-        return x
-    bs, n_kv, seqlen, head_dim = x.shape
-    # (bs, n_kv, n_rep, seqlen, head_dim) -> (bs, n_kv * n_rep, seqlen, head_dim)
-    return x[:, :, None].expand(bs, n_kv, n_rep, seqlen, head_dim).reshape(bs, n_kv * n_rep, seqlen, head_dim)
+    # The complex product (x0 + i x1)(cos + i sin) in real arithmetic: torch.compile's inductor generates no code
+    # for complex tensors and would leave the rotation to eager kernels.
+    x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)  # each (bs, L, n_heads, head_dim/2)
+    cos, sin = freqs_cis.real, freqs_cis.imag
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (bs, L, n_heads, head_dim/2, 2)
+    return rotated.flatten(3).type_as(x)  # (bs, L, n_heads, head_dim)
 
 
 def positions_and_documents(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,12 +96,18 @@ def positions_and_documents(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.
     return index - start_index, starts.cumsum(dim=1)
 
 
-def document_causal_mask(runs: torch.Tensor) -> torch.Tensor:
-    """Boolean SDPA mask (True = may attend): causal and within the same document. runs: (bs, L)."""
-    seqlen = runs.shape[1]
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=runs.device).tril()
-    same_doc = runs[:, :, None] == runs[:, None, :]  # (bs, L, L)
-    return (same_doc & causal)[:, None]  # (bs, 1, L, L), broadcast over heads
+CHECKPOINTING_MODES = ("none", "selective", "full")
+
+
+def checkpointing_mode(value: str | bool) -> str:
+    """A gradient_checkpointing value as one of CHECKPOINTING_MODES: True/False (and their text) are "full"/"none",
+    the setting's meanings before it had modes (old args files and checkpoints)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    mode = {"true": "full", "false": "none"}.get(str(value).strip().lower(), str(value).strip().lower())
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"gradient_checkpointing {value!r}: expected one of {CHECKPOINTING_MODES} (or True/False)")
+    return mode
 
 
 class KVCache:
@@ -142,8 +145,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None,
+                start_pos: int = 0) -> torch.Tensor:
         bs, seqlen, _ = x.shape
         q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)  # (bs, L, n_heads, head_dim)
         k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)  # (bs, L, n_kv_heads, head_dim)
@@ -155,9 +158,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)  # (bs, n_kv_heads, start_pos + L, head_dim)
-        n_rep = self.n_heads // self.n_kv_heads
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (bs, n_heads, S, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (bs, n_heads, L, hd)
+        out = attend(q, k, v, mask)  # (bs, n_heads, L, head_dim)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))  # (bs, L, n_heads * head_dim) -> (bs, L, dim)
 
 
@@ -183,9 +184,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.dropout = nn.Dropout(config.dropout_prob)  # BiLLa: 0.05 after attention and after the FFN
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        h = x + self.dropout(self.attention(self.attention_norm(x), freqs_cis, mask, is_causal, cache, start_pos))
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None,
+                start_pos: int = 0) -> torch.Tensor:
+        h = x + self.dropout(self.attention(self.attention_norm(x), freqs_cis, mask, cache, start_pos))
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -218,7 +219,10 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = (TiedOutput(self.tok_embeddings) if config.tie_word_embeddings
                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = "none"  # "none", "selective" or "full": see set_gradient_checkpointing
+        # Packed rows' attention kernel (llama/attention.py): "auto" (flex on CUDA, dense mask elsewhere), "flex", or
+        # "dense" (the boolean-mask path, the reference the others are tested against).
+        self.attention = "auto"
         # How the counted rows reach the vocabulary (llama/loss.py): "fused" (no full fp32 logits, no recompute),
         # "checkpointed" (ordinary ops in row chunks recomputed in backward, for wrappers that must see `output`
         # used as an ordinary op, e.g. parameter-gathering hooks) or "plain" (full fp32 logits: the reference).
@@ -239,9 +243,24 @@ class Llama(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each layer in backward (non-reentrant checkpointing) to trade compute for activation memory."""
-        self.gradient_checkpointing = enabled
+    def set_gradient_checkpointing(self, mode: str | bool = "full") -> None:
+        """Recompute blocks in backward (non-reentrant checkpointing) to trade compute for activation memory:
+        "full" every block, "selective" every other block (half the activations kept, half the recompute), "none".
+        True and False are "full" and "none" (the setting's values before the modes)."""
+        self.gradient_checkpointing = checkpointing_mode(mode)
+
+    def checkpointed_layers(self) -> list[int]:
+        """The indices of the blocks recomputed in backward under the current mode (the HFU's recomputation)."""
+        n = len(self.layers)
+        return {"none": [], "full": list(range(n)), "selective": list(range(0, n, 2))}[self.gradient_checkpointing]
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile each transformer block in place (regional compilation: the blocks share one graph, since
+        torch inlines their modules and takes their parameters as inputs; names and state dict unchanged, so
+        checkpoints and ZeRO wrappers see the same model). `options` go to torch.compile. The embedding, final norm
+        and loss stay eager."""
+        for layer in self.layers:
+            layer.compile(**options)
 
     def rope_table(self, device: torch.device) -> torch.Tensor:
         device = torch.device(device)
@@ -260,17 +279,18 @@ class Llama(nn.Module):
         table = self.rope_table(input_ids.device)
         if doc_ids is None:
             freqs_cis = table[:seqlen][None, :, None, :]  # (1, L, 1, head_dim/2)
-            mask, is_causal = None, True  # lets SDPA pick the flash / memory-efficient kernels
+            mask = CAUSAL  # lets SDPA pick its flash kernel
         else:
             positions, runs = positions_and_documents(doc_ids)
             freqs_cis = table[positions][:, :, None, :]  # (bs, L, 1, head_dim/2)
-            mask, is_causal = document_causal_mask(runs), False
+            mask = packed_mask(runs, self.attention)
         h = self.tok_embeddings(input_ids)  # (bs, L, dim)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, freqs_cis, mask, is_causal, use_reentrant=False)
+        recomputed = set(self.checkpointed_layers()) if self.training and torch.is_grad_enabled() else set()
+        for i, layer in enumerate(self.layers):
+            if i in recomputed:
+                h = checkpoint(layer, h, freqs_cis, mask, use_reentrant=False)
             else:
-                h = layer(h, freqs_cis, mask, is_causal)
+                h = layer(h, freqs_cis, mask)
         return self.norm(h)
 
     def forward(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
@@ -316,17 +336,15 @@ class Llama(nn.Module):
         bs, seqlen = input_ids.shape
         self._check_length(start_pos + seqlen)
         freqs_cis = self.rope_table(input_ids.device)[start_pos:start_pos + seqlen][None, :, None, :]
-        if start_pos == 0:
-            mask, is_causal = None, True
-        elif seqlen == 1:
-            mask, is_causal = None, False  # one new query sees every cached key
+        if start_pos == 0 or seqlen == 1:
+            mask = CAUSAL  # a prefill is causal; one new query sees every cached key
         else:
             # Query i sits at position start_pos + i and sees keys 0 .. start_pos + i.
-            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=input_ids.device).tril(start_pos)
-            is_causal = False
+            mask = AttentionMask("dense", dense=torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool,
+                                                           device=input_ids.device).tril(start_pos))
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, freqs_cis, mask, is_causal, cache, start_pos)
+            h = layer(h, freqs_cis, mask, cache, start_pos)
         return self.output(self.norm(h[:, -1])).float()  # (bs, vocab)
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:

@@ -30,8 +30,8 @@ if [[ -n "$wheels" ]]; then
   compgen -G "$wheels/*.whl" >/dev/null || { echo "error: --wheels $wheels: no .whl files there" >&2; exit 2; }
   site=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
   start=$SECONDS
-  # numpy is carried for an image without one; over the image's own (2.x on the H200 image) the set's 1.26 shadowed
-  # it, and the image's packages failed on import ("module 'numpy' has no attribute 'long'": the first device run).
+  # numpy is carried for an image without one; over the image's own (2.x on some CUDA images) the set's 1.26 would
+  # shadow it, and the image's packages would fail on import ("module 'numpy' has no attribute 'long'").
   # The site is rebuilt each time: pip --target leaves an earlier install's packages in place.
   to_install=("$wheels"/*.whl)
   if "$PY" -c "import numpy" 2>/dev/null; then

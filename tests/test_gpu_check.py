@@ -33,6 +33,16 @@ def straight_records(precision, first_loss=REF_LOSS):
     return [record(s, first_loss - 0.1 * (s - 1), loss_scale=scale) for s in range(1, 9)]
 
 
+def bench_line(shape, fast=1.6, old=1.0, hf=1.2):
+    """bench/gpu_throughput.py's JSON line for one shape: tokens/s in units of 10,000, MFU from them."""
+    def way(rate, checkpointing):
+        return {"tokens_per_s_per_gpu": rate * 1e4, "mfu": 0.3 * rate, "hfu": 0.3 * rate * 1.1,
+                "peak_memory_gb": 60.0, "checkpointing": checkpointing}
+    line = {"shape": shape, "layers": 22, "seq": 2048, "batch_size": 8, "gpu": "NVIDIA H200", "note": "",
+            "ways": {"fast": way(fast, "none"), "old": way(old, "full"), "transformers": way(hf, "none")}}
+    return {**line, "ours_vs_transformers": fast / hf, "fast_vs_old": fast / old}
+
+
 def overflow_records(recovers=True):
     records = [record(s, math.nan, skipped=1, loss_scale=2.0 ** (24 - s)) for s in range(1, 11)]
     return records + [record(s, 17.0, skipped=0 if recovers else 1, loss_scale=2.0 ** 14) for s in range(11, 31)]
@@ -64,6 +74,8 @@ class StubRunner:
             runs = {r["name"]: {"ref_loss": REF_LOSS, "random_init_loss": RANDOM_LOSS,
                                 "reload": {"max_abs_diff": 0.0, "train_change": 2.5}} for r in spec["runs"]}
             return 0, json.dumps({"runs": runs, "flash": {"ok": True, "max_abs_diff_vs_math": 0.01}})
+        if job.name.startswith("mfu-"):
+            return 0, "compiling...\n" + json.dumps(bench_line(job.name[len("mfu-"):])) + "\n"
         if job.logdir is None:  # models
             return 0, "wrote model\n"
         settings = dict(a.split("=", 1) for a in command if "=" in a and not a.startswith("--"))
@@ -74,11 +86,9 @@ class StubRunner:
             elif job.name.endswith("-resumed"):
                 straight = self.metrics.get(job.name[:-len("-resumed")]) or straight_records(settings["precision"])
                 records = [r for r in straight if r["step"] > 4]
-            elif job.name.startswith("mfu-"):
-                records = [record(6, 9.0, mfu=0.3), record(12, 8.5, mfu=0.41, max_memory_gb=70.0)]
             else:
                 records = straight_records(settings["precision"])
-        if not job.name.endswith(("-overflow", "-resumed")) and not job.name.startswith("mfu-"):
+        if not job.name.endswith(("-overflow", "-resumed")):
             (Path(settings["output_dir"]) / "ckpt_step-4_loss-17.9000").mkdir(parents=True)
         job.logdir.mkdir(parents=True, exist_ok=True)
         (job.logdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -122,17 +132,15 @@ def test_recorded_passing_outputs_give_one_passing_line_per_check_and_a_summary(
     assert code == 0 and summary["ok"] and (summary["pass"], summary["fail"], summary["skip"]) == (len(lines), 0, 0)
     assert summary["unplanned_skips"] == [] and summary["not_tested"] == {} and "mfu-7b" in summary["tested"]["runs"]
     # The report file holds the plan, the same lines and the summary; a resume starts from the straight run's step-4
-    # checkpoint; on one H200 the 7B shape runs under gemini with every chunk and Adam state on the GPU, the 1B
-    # under zero2.
+    # checkpoint; the MFU runs are the bench, one shape each.
     report = [json.loads(line) for line in (tmp_path / "gc" / "gpu_check.jsonl").read_text().splitlines()]
     assert [line for line in report if "plan" not in line] == [*lines, summary]
     assert any(a.startswith("recover_training_from_checkpoint=") and a.endswith("ckpt_step-4_loss-17.9000")
                for a in runner.commands["zero2-bf16-resumed"])
-    assert {"plugin=gemini", "precision=bf16", "gemini_placement_policy=static", "gemini_offload_optim_frac=0.0",
-            "gemini_offload_param_frac=0.0"} <= set(runner.commands["mfu-7b"])
-    assert {"plugin=zero2", "precision=bf16", "max_seq_length=2048"} <= set(runner.commands["mfu-1b"])
+    for shape in ("1b", "7b"):
+        assert runner.commands[f"mfu-{shape}"][1:4] == [str(gpu_check.BENCH), "--shapes", shape]
     assert f"initial_loss_scale={gpu_check.SMALL_LOSS_SCALE}" in runner.commands["zero2-fp16"]
-    assert checks["mfu"]["mfu-1b"]["mfu"] == 0.41 and checks["step1_loss"]["zero2-bf16"]["logged"] == REF_LOSS
+    assert checks["step1_loss"]["zero2-bf16"]["logged"] == REF_LOSS
     # Order: zero2 and ddp (while the kernels build), gemini, the reference, MFU 1B, MFU 7B.
     order = list(runner.commands)
     assert order.index("kernels") < order.index("zero2-bf16") < order.index("ddp-fp16-resumed") < \
@@ -175,11 +183,11 @@ def test_without_a_toolchain_the_plan_states_gemini_untested_and_the_rest_runs(t
     code, lines, summary, plan = run_check(tmp_path, capsys, runner, with_plan=True)
     checks = by_check(lines)
     stated = f"{problem}: gemini and HybridAdam not testable on this image"
-    assert plan["not_tested"]["gemini"] == stated and "mfu-7b" in plan["not_tested"]
-    gemini = [line for line in lines if line.get("run", "").startswith("gemini") or line.get("run") == "mfu-7b"]
+    assert plan["not_tested"]["gemini"] == stated and "mfu-7b" not in plan["not_tested"]  # the bench needs no gemini
+    gemini = [line for line in lines if line.get("run", "").startswith("gemini")]
     assert gemini and all(line["status"] == "skip" and line["planned"] for line in gemini)
     assert checks["kernels"][""]["status"] == "skip" and problem in checks["kernels"][""]["planned"]
-    assert not any(name.startswith("gemini") or name in ("kernels", "mfu-7b") for name in runner.commands)
+    assert not any(name.startswith("gemini") or name == "kernels" for name in runner.commands)
     others = [line for line in lines if line not in gemini and line["check"] != "kernels"]
     assert all(line["status"] == "pass" for line in others)  # packing too: zero2 and ddp cover both modes
     # ok, but the summary says what was not tested and why
@@ -205,7 +213,7 @@ def test_wrong_figures_fail_their_checks_and_name_them(tmp_path, capsys):
                  "gemini-fp16-overflow": overflow_records(recovers=False),
                  "ddp-bf16": [record(1, REF_LOSS, grad_norm=math.nan), *straight_records("bf16")[1:]]},
         answers={"zero2-fp16": (1, "Traceback ...\nKeyError: 0\n"),
-                 "model-1b": (1, "torch.OutOfMemoryError: CUDA out of memory\n")})
+                 "mfu-1b": (1, "torch.OutOfMemoryError: CUDA out of memory\n")})
     code, lines, summary = run_check(tmp_path, capsys, runner)
     checks = by_check(lines)
     assert checks["step1_loss"]["gemini-fp16"]["status"] == "fail"
@@ -217,10 +225,10 @@ def test_wrong_figures_fail_their_checks_and_name_them(tmp_path, capsys):
     crashed = [line for line in lines if line.get("run") == "zero2-fp16" and line["check"] != "resume"]
     assert crashed and all(line["status"] == "fail" and "KeyError: 0" in line["error"] for line in crashed)
     assert checks["resume"]["zero2-fp16"]["status"] == "skip"  # its straight run failed: nothing to resume
-    assert checks["setup"]["model-1b"]["status"] == "fail" and "out of memory" in checks["setup"]["model-1b"]["error"]
-    assert checks["mfu"]["mfu-1b"]["status"] == "skip" and checks["mfu"]["mfu-7b"]["status"] == "pass"
+    assert checks["mfu"]["mfu-1b"]["status"] == "fail" and "out of memory" in checks["mfu"]["mfu-1b"]["error"]
+    assert checks["mfu"]["mfu-7b"]["status"] == "pass"
     assert code == 1 and not summary["ok"], summary
-    assert summary["failed"] == sorted(["setup:model-1b", "step1_loss:gemini-fp16", "resume:zero2-bf16",
+    assert summary["failed"] == sorted(["mfu:mfu-1b", "step1_loss:gemini-fp16", "resume:zero2-bf16",
                                         "overflow:gemini-fp16-overflow", "finite:ddp-bf16", "step1_loss:zero2-fp16",
                                         "finite:zero2-fp16", "reload:zero2-fp16"])
 
@@ -238,7 +246,7 @@ def test_checks_option_plans_only_the_runs_they_need(tmp_path, capsys):
     code, lines, _ = run_check(tmp_path, capsys, runner, "--checks", "resume")
     assert code == 0 and {line["check"] for line in lines} == {"environment", "kernels", "resume"}
     assert all("--nproc_per_node=2" in cmd for name, cmd in runner.commands.items() if name.startswith(("g", "z", "d")))
-    assert not any(name.startswith(("mfu", "model-1b", "model-7b")) or name.endswith("overflow")
+    assert not any(name.startswith("mfu") or name.endswith("overflow")
                    for name in runner.commands)
 
 
@@ -309,6 +317,24 @@ def test_train_records_keep_training_lines_only(tmp_path):
              record(3, 7.0)]  # a resumed run appends step 3 again: the last wins
     path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "lo')
     assert [(r["step"], r["loss"]) for r in gpu_check.train_records(path)] == [(1, 9.0), (2, 8.0), (3, 7.0)]
+
+
+def test_mfu_judge_passes_a_complete_line_and_names_what_is_wrong_in_one():
+    line = bench_line("1b", fast=1.6, old=1.0, hf=1.2)
+    passed = gpu_check.judge_mfu("mfu-1b", line, 1.0)
+    assert passed.status == "pass" and passed.details["fast_mfu"] == pytest.approx(0.48)
+    assert passed.details["ours_vs_transformers"] == pytest.approx(1.6 / 1.2)
+    slower = gpu_check.judge_mfu("mfu-1b", bench_line("1b", fast=0.9, old=1.0), 1.0)
+    assert slower.status == "fail" and "0.90x the old one" in slower.details["error"]
+    assert gpu_check.judge_mfu("mfu-1b", bench_line("1b", fast=0.9, old=1.0), 0.0).status == "pass"  # rehearsal
+    out_of_memory = bench_line("7b")
+    out_of_memory["ways"]["old"] = {"error": "out of memory even with checkpointing=full"}
+    oom = gpu_check.judge_mfu("mfu-7b", out_of_memory, 1.0)
+    assert oom.status == "fail" and "old: out of memory" in oom.details["error"]
+    no_peak = bench_line("1b")
+    no_peak["ways"]["transformers"].update(mfu=None, hfu=None)
+    assert "transformers: no MFU or HFU" in gpu_check.judge_mfu("mfu-1b", no_peak, 1.0).details["error"]
+    assert gpu_check.judge_mfu("mfu-1b", None, 1.0).status == "fail"
 
 
 def test_step1_check_is_inconclusive_when_a_random_model_would_pass():

@@ -62,3 +62,45 @@ def test_peak_memory_is_per_logging_window(tmp_path, monkeypatch):
     assert (first["max_memory_gb"], first["max_memory_reserved_gb"]) == (9.0, 12.0)
     assert (second["max_memory_gb"], second["max_memory_reserved_gb"]) == (3.0, 12.0)  # step 1's spike is gone
     metrics.close()
+
+
+@pytest.mark.parametrize("mode, recomputed", [("full", 4), ("selective", 2), ("none", 0)])
+def test_recompute_flops_are_the_forward_of_the_recomputed_blocks(mode, recomputed):
+    from llama import Llama, LlamaConfig
+    from training.metrics import flops_per_token, recompute_flops_per_token
+
+    model = Llama(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                              max_sequence_length=64))
+    model.set_gradient_checkpointing(mode)
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    # a block's share of the model FLOPs is 6 * params + 12 * hidden * seq; its forward a third of that
+    assert recompute_flops_per_token(model, 32, 64) == recomputed * (6 * block + 12 * 32 * 64) / 3
+    assert flops_per_token(model, 4, 32, 64) > recompute_flops_per_token(model, 32, 64)
+
+
+def test_steady_figures_leave_out_the_warmup_steps_and_steps_break_down_into_their_parts(tmp_path, monkeypatch):
+    import training.metrics as metrics_module
+
+    now = [0.0]
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: now[0])
+    settings = types.SimpleNamespace(logging_steps=4, max_steps=4, logdir=str(tmp_path))
+    metrics = Metrics(settings, rank=1, world_size=2, flops_per_token=3e12, peak_tflops=100.0, start_step=0,
+                      recompute_flops_per_token=1e12)
+    for seconds in (30.0, 20.0, 1.0, 1.0):  # compilation in the first two steps
+        with metrics.timed("data"):
+            now[0] += 0.1 * seconds
+        with metrics.timed("forward_backward"):
+            now[0] += 0.7 * seconds
+        with metrics.timed("optimizer"):
+            now[0] += 0.2 * seconds
+        metrics.record(2.0, False, 1.0, None, 1e-3, global_tokens=400)
+    figures = metrics.log(4, tokens_seen=1600)
+    assert metrics_module.WARMUP_STEPS == 2 and figures["steady_steps"] == 2
+    assert figures["steady_tokens_per_s_per_gpu"] == pytest.approx(400 / 1.0 / 2)  # 400 tokens a second, 2 GPUs
+    assert figures["steady_mfu"] == pytest.approx(200 * 3e12 / 1e12 / 100.0)
+    assert figures["steady_hfu"] == pytest.approx(figures["steady_mfu"] * 4 / 3)
+    assert figures["tokens_per_s_per_gpu"] == pytest.approx(1600 / 52.0 / 2)  # the window keeps the warm-up
+    assert figures["hfu"] == pytest.approx(figures["mfu"] * 4 / 3)
+    assert figures["step_s"] == pytest.approx(13.0)
+    assert (figures["data_s"], figures["forward_backward_s"], figures["optimizer_s"]) == pytest.approx((1.3, 9.1, 2.6))
+    metrics.close()

@@ -5,6 +5,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 import alignment_sft_args
 import pretrain_args
@@ -20,7 +21,7 @@ def test_overrides_keep_the_args_type():
     assert s.lr == 1e-5 and isinstance(s.lr, float)
     assert s.max_steps == 100_000 and isinstance(s.max_steps, int)
     assert s.min_lr == 0.0 and isinstance(s.min_lr, float)  # an int is fine for a float setting
-    assert s.packing is True and s.gradient_checkpointing is False
+    assert s.packing is True and s.gradient_checkpointing == "none"  # False: its meaning before the modes
     assert s.plugin == "zero2" and s.output_dir == "out/x y"  # str settings take any text, unquoted
     assert s.tokenizer_path == "  spaced  "  # quotes keep the spaces
     assert s.pretrain_data_split == {"zh": 1, "en": 2}
@@ -286,3 +287,36 @@ def test_model_inputs_refuse_what_this_model_cannot_compute(tiny_model, tmp_path
         check_model_inputs(_inputs_settings(model_dir))
     if "sliding_window" in changes:  # a window as long as the run's sequences cuts nothing
         check_model_inputs(_inputs_settings(model_dir, max_seq_length=32))
+
+
+@pytest.mark.parametrize("given, mode", [("True", "full"), ("false", "none"), ("selective", "selective"),
+                                         ("full", "full"), ("none", "none")])
+def test_gradient_checkpointing_takes_modes_and_keeps_the_old_true_false(given, mode):
+    assert load_settings(pretrain_args, [f"gradient_checkpointing={given}"]).gradient_checkpointing == mode
+
+
+def test_an_old_args_file_with_a_bool_checkpointing_still_takes_a_mode(tmp_path, monkeypatch):
+    old = types.ModuleType("old_args")
+    old.gradient_checkpointing = True  # an args file written before the modes
+    assert load_settings(old, []).gradient_checkpointing == "full"
+    assert load_settings(old, ["gradient_checkpointing=selective"]).gradient_checkpointing == "selective"
+    with pytest.raises(SettingsError, match="'gradient_checkpointing' = 'half' is invalid"):
+        load_settings(old, ["gradient_checkpointing=half"])
+
+
+@pytest.mark.parametrize("plugin, device, compiled", [("ddp", "cpu", False), ("gemini", "cuda", False),
+                                                      ("zero2", "cuda", True)])
+def test_compile_runs_where_the_engine_allows_it_and_says_why_not_in_one_line(plugin, device, compiled, caplog):
+    from training.engine import EngineChoice
+    from training.model_loading import compile_blocks_if_allowed
+
+    calls = []
+    model = types.SimpleNamespace(layers=[0, 1], compile_blocks=lambda: calls.append("compiled"))
+    choice = EngineChoice(plugin, "bf16", torch.device(device))
+    settings = load_settings(pretrain_args, [])
+    with caplog.at_level("INFO", logger="training.model_loading"):
+        assert compile_blocks_if_allowed(model, settings, choice.compile_refusal) is compiled
+    assert calls == (["compiled"] if compiled else [])
+    assert len(caplog.records) == 1 and ("running eager" in caplog.text) != compiled
+    assert not compile_blocks_if_allowed(model, load_settings(pretrain_args, ["compile=False"]),
+                                         choice.compile_refusal)

@@ -86,6 +86,18 @@ class EngineChoice:
         return self.plugin in ("gemini", "zero2")
 
     @property
+    def compile_refusal(self) -> str | None:
+        """Why this engine runs the model's blocks eager although compile=True; None where it allows
+        torch.compile."""
+        if self.device.type != "cuda":
+            return "compile=True compiles on CUDA only; running eager"
+        if self.plugin == "gemini":
+            # GeminiDDP gathers each parameter's chunk through ColoParameter.__torch_function__ and module hooks
+            # (colossalai/tensor/colo_parameter.py, zero/gemini/gemini_hook.py), which torch.compile does not trace.
+            return "compile=True is not supported under plugin='gemini' (its parameter hooks do not trace); running eager"
+        return None
+
+    @property
     def load_dtype(self) -> torch.dtype:
         """ZeRO plugins keep fp32 master weights themselves, so the weights load in half precision (7B: 14 GB per
         process instead of 28); ddp keeps fp32 parameters and casts in autocast."""

@@ -18,9 +18,10 @@ from training.checkpoint import (CheckpointError, TrainerState, find_latest, loa
 from training.engine import Engine, choose_engine
 from training.evaluation import HeldOut, load_held_out
 from training.launch import StopRequest, launch, shutdown
-from training.metrics import Metrics, batch_line, flops_per_token, peak_tflops_per_gpu, setup_logging
-from training.model_loading import (ModelInputError, check_model_inputs, load_model, load_weights_after_boost,
-                                    log_host_memory)
+from training.metrics import (Metrics, batch_line, flops_per_token, peak_tflops_per_gpu, recompute_flops_per_token,
+                              setup_logging)
+from training.model_loading import (ModelInputError, check_model_inputs, compile_blocks_if_allowed, load_model,
+                                    load_weights_after_boost, log_host_memory)
 from training.corpus import DataError
 from training.settings import SettingsError, load_settings, resolve_global_batch
 
@@ -83,8 +84,10 @@ def _train(settings, data_processor_cls) -> None:
         held_out = load_held_out(settings, data, run.rank, run.world_size)  # None: no evaluation
         # ---- model and engine (booster, plugin, optimizer, lr schedule)
         model = load_model(settings, inputs, choice.load_dtype, choice.plugin)
+        compile_blocks_if_allowed(model, settings, choice.compile_refusal)
         fpt = flops_per_token(model, inputs.config.num_hidden_layers, inputs.config.hidden_size,
                               settings.max_seq_length)
+        recompute_fpt = recompute_flops_per_token(model, inputs.config.hidden_size, settings.max_seq_length)
         engine = Engine(settings, choice, model)
         logger.info("engine: plugin=%s precision=%s device=%s", choice.plugin, choice.precision, choice.device)
 
@@ -101,7 +104,7 @@ def _train(settings, data_processor_cls) -> None:
         log_host_memory("with the model loaded")
 
         # ---- the loop
-        completed = _run_steps(settings, run, engine, data, inputs, state, fpt, held_out)
+        completed = _run_steps(settings, run, engine, data, inputs, state, fpt, held_out, recompute_fpt)
         if completed:
             final = save_final(engine, inputs.config, inputs.tokenizer, settings.output_dir,
                                settings.chat_format if "chat_format" in settings else None)  # stage 3 only
@@ -111,12 +114,12 @@ def _train(settings, data_processor_cls) -> None:
 
 
 def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState, fpt: float,
-               held_out: HeldOut | None) -> bool:
+               held_out: HeldOut | None, recompute_fpt: float = 0.0) -> bool:
     """Train until max_steps (True) or a stop signal (False, after a checkpoint)."""
     stop = StopRequest()
     metrics = Metrics(settings, run.rank, run.world_size, fpt,
                       peak_tflops_per_gpu(settings.peak_tflops_per_gpu, run.device, engine.choice.precision),
-                      start_step=state.step)
+                      start_step=state.step, recompute_flops_per_token=recompute_fpt)
     metrics.skipped_total, metrics.empty_total = state.skipped_steps, state.empty_steps
     batches = iter(data)
     engine.model.train()
@@ -132,9 +135,10 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
             tokens = 0
             counted = 0  # micro-batches with a target token (the others' loss is 0 by definition, not a result)
             for micro in range(accumulation):
-                batch = next(batches)
+                with metrics.timed("data"):
+                    batch = next(batches)
                 doc_ids = batch.get("doc_ids")
-                with engine.no_sync(last_micro_batch=micro == accumulation - 1):
+                with metrics.timed("forward_backward"), engine.no_sync(last_micro_batch=micro == accumulation - 1):
                     with engine.autocast():
                         loss, _ = engine.model(batch["input_ids"].to(run.device, non_blocking=True),
                                                loss_mask=batch["loss_mask"].to(run.device, non_blocking=True),
@@ -153,7 +157,8 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
                                  torch.tensor(float(counted), device=run.device)])
             dist.all_reduce(stats)
             loss_total, bad_total, global_tokens, stops, global_counted = stats.tolist()
-            outcome = engine.step(loss_is_finite=bad_total == 0, empty=global_counted == 0)
+            with metrics.timed("optimizer"):
+                outcome = engine.step(loss_is_finite=bad_total == 0, empty=global_counted == 0)
             state.step += 1
             state.tokens_seen += int(global_tokens)
             mean_loss = loss_total / max(global_counted, 1)

@@ -13,9 +13,16 @@ Model FLOPs per token (PaLM, appendix B; what README states):
     flops_per_token = 6 * N + 12 * n_layers * hidden_size * max_seq_length
 N is the parameter count without the input embedding (a lookup, not a matmul); the output projection is counted.
 6 = 2 (multiply-add) x 3 (forward + backward); the second term is attention's QK^T and AV at full sequence length.
-Recomputation under gradient checkpointing is not counted (model FLOPs, not hardware FLOPs), and padding tokens are
-not counted either: tokens are real tokens only, so padding lowers MFU, as it should.
+Recomputation under gradient checkpointing is not counted in MFU (model FLOPs), and padding tokens are not counted
+either: tokens are real tokens only, so padding lowers MFU, as it should.
     TFLOPS per GPU = real tokens/s per GPU * flops_per_token / 1e12;  MFU = TFLOPS per GPU / peak TFLOPS per GPU.
+HFU (hardware FLOPs utilisation) adds the forward pass of every block recomputed in backward, a third of its share:
+    hardware_flops_per_token = flops_per_token + sum over recomputed blocks of (2 * block params + 4 * hidden * seq)
+so "full" checkpointing gives HFU ~ 4/3 MFU, "none" HFU = MFU.
+The first WARMUP_STEPS optimizer steps of a process (start-up, torch.compile, the allocator's first sizes) are left out
+of the "steady_*" figures, which accumulate every later step of the run: the figures to compare between runs. Each
+step's time is broken down into waiting for data, forward + backward and the optimizer step (Metrics.timed), taken
+after the GPU finished each part (torch.cuda.synchronize), so that a part's kernels are not billed to the next.
 """
 from __future__ import annotations
 
@@ -58,6 +65,18 @@ def flops_per_token(model: torch.nn.Module, n_layers: int, hidden_size: int, seq
     n_embedding = embedding.weight.numel() if embedding is not None and not tied else 0
     n_params = sum(p.numel() for p in model.parameters()) - n_embedding
     return 6.0 * n_params + 12.0 * n_layers * hidden_size * seq_len
+
+
+def recompute_flops_per_token(model: torch.nn.Module, hidden_size: int, seq_len: int) -> float:
+    """The forward FLOPs per token of the blocks recomputed in backward (model.checkpointed_layers()): what HFU adds
+    to the model FLOPs."""
+    recomputed = getattr(model, "checkpointed_layers", lambda: [])()
+    params = sum(p.numel() for i in recomputed for p in model.layers[i].parameters())
+    return 2.0 * params + 4.0 * hidden_size * seq_len * len(recomputed)
+
+
+WARMUP_STEPS = 2  # a process's first optimizer steps, left out of the steady figures
+STEP_PARTS = ("data", "forward_backward", "optimizer")  # Metrics.timed's parts of a step
 
 
 def batch_line(settings, world_size: int) -> str:
@@ -161,11 +180,19 @@ class Metrics:
     """Accumulates per-step figures over a logging window and reports their means every `logging_steps`."""
 
     def __init__(self, settings, rank: int, world_size: int, flops_per_token: float, peak_tflops: float | None,
-                 start_step: int):
+                 start_step: int, recompute_flops_per_token: float = 0.0):
         self.rank, self.world_size = rank, world_size
         self.logging_steps = settings.logging_steps
         self.max_steps = settings.max_steps
         self.flops_per_token = flops_per_token
+        self.hardware_flops_per_token = flops_per_token + recompute_flops_per_token
+        self._steps_recorded = 0
+        self._last_record = time.perf_counter()
+        self._paused_since_record = 0.0
+        self._steady_seconds = 0.0
+        self._steady_tokens = 0
+        self._steady_steps = 0
+        self._sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         self.peak_tflops = peak_tflops
         self._per = "GPU" if torch.cuda.is_available() else "process"  # the unit of the per-device figures
         self.skipped_total = 0
@@ -195,6 +222,8 @@ class Metrics:
         self._empty = 0
         self._loss_scale = None
         self._lr = float("nan")
+        self._steps = 0
+        self._parts = dict.fromkeys(STEP_PARTS, 0.0)
 
     def record(self, loss: float, skipped: bool, grad_norm: float | None, loss_scale: float | None, lr: float,
                global_tokens: int, empty: bool = False) -> None:
@@ -213,6 +242,15 @@ class Metrics:
             if grad_norm is not None and math.isfinite(grad_norm):
                 self._norms.append(grad_norm)
         self._tokens += global_tokens
+        self._steps += 1
+        now = time.perf_counter()
+        step_seconds = now - self._last_record - self._paused_since_record
+        self._last_record, self._paused_since_record = now, 0.0
+        self._steps_recorded += 1
+        if self._steps_recorded > WARMUP_STEPS:
+            self._steady_seconds += step_seconds
+            self._steady_tokens += global_tokens
+            self._steady_steps += 1
         self._loss_scale = loss_scale
         self._lr = lr
         if self._bar is not None:
@@ -232,7 +270,28 @@ class Metrics:
         try:
             yield
         finally:
-            self._t0 += time.perf_counter() - start
+            spent = time.perf_counter() - start
+            self._t0 += spent
+            self._paused_since_record += spent
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Add the time spent inside, up to the GPU's finishing it, to `part` (one of STEP_PARTS) of this window."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self._parts[part] += time.perf_counter() - start
+
+    def _utilisation(self, tokens_per_s_per_gpu: float) -> dict[str, float]:
+        """TFLOPS per GPU, and MFU and HFU where the peak is known, at this throughput."""
+        tflops = tokens_per_s_per_gpu * self.flops_per_token / 1e12
+        figures = {"tflops_per_gpu": tflops}
+        if self.peak_tflops:
+            figures["mfu"] = tflops / self.peak_tflops
+            figures["hfu"] = tokens_per_s_per_gpu * self.hardware_flops_per_token / 1e12 / self.peak_tflops
+        return figures
 
     def log(self, step: int, tokens_seen: int) -> dict[str, float]:
         """Report the window ending at `step` (called every logging_steps and at the end), then start a new one.
@@ -241,15 +300,20 @@ class Metrics:
         elapsed = max(now - self._t0, 1e-9)
         tokens_per_s = self._tokens / elapsed
         per_gpu = tokens_per_s / self.world_size
-        tflops = per_gpu * self.flops_per_token / 1e12
-        mfu = tflops / self.peak_tflops if self.peak_tflops else None
+        utilisation = self._utilisation(per_gpu)
+        tflops, mfu = utilisation["tflops_per_gpu"], utilisation.get("mfu")
         grad_norm = sum(self._norms) / len(self._norms) if self._norms else float("nan")
         figures = {"loss": self.window_loss(), "lr": self._lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                   "tokens_per_s_per_gpu": per_gpu, "tflops_per_gpu": tflops, "skipped_steps": self._skipped,
+                   "tokens_per_s_per_gpu": per_gpu, **utilisation, "skipped_steps": self._skipped,
                    "skipped_steps_total": self.skipped_total, "empty_steps": self._empty,
                    "empty_steps_total": self.empty_total}
-        if mfu is not None:
-            figures["mfu"] = mfu
+        steps = max(self._steps, 1)
+        figures["step_s"] = elapsed / steps
+        figures.update({f"{part}_s": seconds / steps for part, seconds in self._parts.items()})
+        if self._steady_steps:
+            steady = self._steady_tokens / max(self._steady_seconds, 1e-9) / self.world_size
+            figures.update({"steady_steps": self._steady_steps, "steady_tokens_per_s_per_gpu": steady,
+                            **{f"steady_{k}": v for k, v in self._utilisation(steady).items()}})
         if self._loss_scale is not None:
             figures["loss_scale"] = self._loss_scale
         if torch.cuda.is_available():
@@ -259,12 +323,15 @@ class Metrics:
             torch.cuda.reset_peak_memory_stats()
         logger.info(
             "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tokens/s %s (%s/%s) | TFLOPS/%s %.3f | MFU %s"
-            "%s%s | skipped %d (total %d)%s",
+            "%s%s | step %.3f s: data %.3f, fwd+bwd %.3f, optimizer %.3f | skipped %d (total %d)%s",
             step, self.max_steps, figures["loss"], self._lr, grad_norm, f"{tokens_per_s:,.0f}", f"{per_gpu:,.0f}",
-            self._per, self._per, tflops, f"{mfu:.1%}" if mfu is not None else "n/a",
+            self._per, self._per, tflops, (f"{mfu:.1%} (HFU {figures['hfu']:.1%}" + (
+                f", steady after {WARMUP_STEPS} steps: MFU {figures['steady_mfu']:.1%} HFU {figures['steady_hfu']:.1%}"
+                if "steady_mfu" in figures else "") + ")") if mfu is not None else "n/a",
             f" | loss_scale {self._loss_scale:g}" if self._loss_scale is not None else "",
             f" | GPU mem {figures['max_memory_gb']:.1f} GB (reserved {figures['max_memory_reserved_gb']:.1f})"
-            if "max_memory_gb" in figures else "", self._skipped,
+            if "max_memory_gb" in figures else "", figures["step_s"], figures["data_s"],
+            figures["forward_backward_s"], figures["optimizer_s"], self._skipped,
             self.skipped_total, f" | empty {self._empty} (total {self.empty_total})" if self.empty_total else "")
         if self._writer is not None:
             for name, value in figures.items():

@@ -103,7 +103,9 @@ def load_model(settings, inputs: ModelInputs, dtype: torch.dtype, plugin: str) -
                            "convert it once (python -m llama.convert from_hf) to load only each process's share",
                            settings.init_model_path)
         model = Llama.from_pretrained(settings.init_model_path, dtype=dtype, device="cpu", config=inputs.config)
-    model.set_gradient_checkpointing(bool(settings.gradient_checkpointing))
+    model.set_gradient_checkpointing(settings.gradient_checkpointing)
+    logger.info("gradient checkpointing: %s (%d of %d blocks recomputed in backward)", model.gradient_checkpointing,
+                len(model.checkpointed_layers()), inputs.config.num_hidden_layers)
     if plugin == "gemini":
         # Gemini gathers sharded parameters through hooks on ordinary ops (ColoParameter.__torch_function__); the
         # fused loss reads output.weight inside a custom autograd function, which those hooks do not see.
@@ -169,3 +171,17 @@ def log_host_memory(what: str) -> None:
     if dist.get_rank() == 0:
         logger.info("host memory %s, GiB resident / peak: %s", what,
                     ", ".join(f"rank {rank} {rss:.2f} / {peak:.2f}" for rank, (rss, peak) in enumerate(every)))
+
+
+def compile_blocks_if_allowed(model: Llama, settings, refusal: str | None) -> bool:
+    """torch.compile each block (Llama.compile_blocks) when the compile setting asks for it and the engine allows it
+    (EngineChoice.compile_refusal); otherwise one log line says why the blocks run eager. True when compiled."""
+    if "compile" not in settings or not settings.compile:
+        return False
+    if refusal:
+        logger.info(refusal)
+        return False
+    model.compile_blocks()
+    logger.info("compile: each of the %d blocks compiled with torch.compile (the first steps compile)",
+                len(model.layers))
+    return True

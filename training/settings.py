@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llama.chat_template import CHAT_FORMATS
+from llama.llama_model import CHECKPOINTING_MODES, checkpointing_mode
 
 PLUGINS = ("gemini", "zero2", "ddp")
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -79,6 +80,7 @@ def load_settings(args_module: types.ModuleType, argv: list[str]) -> Settings:
     if any(item in ("-h", "--help") for item in argv):
         print(_help_text(args_module, values))
         raise SystemExit(0)
+    values = _normalized(values, source)
     overridden = set()
     for item in argv:
         name, sep, text = item.partition("=")
@@ -88,6 +90,7 @@ def load_settings(args_module: types.ModuleType, argv: list[str]) -> Settings:
         if name not in values:
             raise SettingsError(f"unknown setting {name!r}: {source} has no such name{_did_you_mean(name, values)}")
         values[name] = parse_override(name, text, values[name])
+        values = _normalized(values, source)
         overridden.add(name)
     validate(values, source)
     if values.get("global_batch_size", 0) > 0 and "gradient_accumulation_steps" in overridden:
@@ -126,6 +129,21 @@ def parse_override(name: str, text: str, default: Any) -> Any:
         return literal if literal is not _UNPARSED else text
     shown = text if len(text) < 60 else text[:57] + "..."
     raise SettingsError(f"setting {name!r} expects {_type_word(kind)} (args file value {default!r}), got {shown!r}")
+
+
+# Settings whose older values keep their meaning under a newer spelling: name -> value -> canonical value (a
+# ValueError names what is valid). gradient_checkpointing was True/False before it had modes.
+_CANONICAL: dict[str, Callable[[Any], Any]] = {"gradient_checkpointing": checkpointing_mode}
+
+
+def _normalized(values: dict[str, Any], source: str) -> dict[str, Any]:
+    for name, canonical in _CANONICAL.items():
+        if name in values:
+            try:
+                values[name] = canonical(values[name])
+            except ValueError as e:
+                raise SettingsError(f"setting {name!r} = {values[name]!r} is invalid: {e} ({source})") from None
+    return values
 
 
 # name -> (check, what a valid value is). Checked on every load, defaults included.
@@ -168,6 +186,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "initial_loss_scale": (lambda v: v >= 1, "a number >= 1"),
     "peak_tflops_per_gpu": (lambda v: v >= 0, "a float >= 0 (0: look the GPU up by name)"),
+    "gradient_checkpointing": (lambda v: v in CHECKPOINTING_MODES, f"one of {CHECKPOINTING_MODES}"),
+    "compile": (lambda v: isinstance(v, bool), "True or False"),
 }
 
 

@@ -58,11 +58,11 @@ def test_stage_1_then_2_then_3(tiny_model, tmp_path):
 
     from llama.generation import generate
     from llama.llama_model import Llama
-    from llama.tokenization_llama import Tokenizer
+    from llama.tokenization_llama import SentencePieceTokenizer
 
     model = Llama.from_pretrained(init).eval()
     assert model.config.dropout_prob == 0.05  # the config as trained
-    tokenizer = Tokenizer(init / "tokenizer.model")
+    tokenizer = SentencePieceTokenizer(init / "tokenizer.model")
     prompt = tokenizer.encode("Human: 你好\nAssistant: ", bos=True)
     with torch.no_grad():
         new = generate(model, prompt, max_new_tokens=8, eos_id=tokenizer.eos_id)

@@ -12,7 +12,7 @@ from llama.tokenization_llama import SentencePieceTokenizer
 from training.batching import pack_rows
 from training.conversation import Chat, ChatRenderer, chat_from_messages
 from training.corpus import DataError
-from training.data_processor import READ_AHEAD
+from training.data_stream import READ_AHEAD
 from training.samples import Sample, SampleBuilder
 
 

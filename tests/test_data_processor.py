@@ -16,7 +16,7 @@ from data_corpus_helpers import (lm_records, messages_records, settings, sft_rec
                                  write_set, write_translate_prompts)
 from llama.tokenization_llama import SentencePieceTokenizer
 from training.corpus import DataError
-from training.data_processor import READ_AHEAD
+from training.data_stream import READ_AHEAD
 from training.samples import Sample
 from training.set_buffer import SetBuffer
 

@@ -9,7 +9,7 @@ import alignment_sft_main
 import pretrain_main
 from data_corpus_helpers import lm_records, messages_records, settings, write_set
 from llama.tokenization_llama import SentencePieceTokenizer
-from training.corpus import SetReader
+from training.set_reader import SetReader
 
 
 def old_positions(readers):

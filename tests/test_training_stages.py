@@ -75,7 +75,9 @@ def test_a_stage_run_lowers_the_loss(tiny_model, tmp_path):
     """Stage 1 from a random tiny model: the training loss of the last steps and the held-out loss at the end (the
     same tokens as at step 0) are well below where they started."""
     out = tmp_path / "pretrain"
-    result = torchrun(TINY_RUN + [f"init_model_path={tiny_model}", "plugin=ddp", "precision=fp32", "max_steps=12",
+    # lr 1e-2 (TINY_RUN's 2e-3 moves a random model too little in 12 steps to tell from noise)
+    result = torchrun(TINY_RUN + ["lr=1e-2", "min_lr=1e-3", f"init_model_path={tiny_model}", "plugin=ddp",
+                                  "precision=fp32", "max_steps=12",
                                   "saving_steps=12", f"eval_data_root_dir={HELDOUT}", "eval_steps=12",
                                   "eval_samples_per_set=8", f"output_dir={out}", f"logdir={out}/logs"], nproc=1)
     assert result.returncode == 0, explain(result)
@@ -84,7 +86,8 @@ def test_a_stage_run_lowers_the_loss(tiny_model, tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
     evals = read_metrics(out / "logs", kind="eval")
     assert sorted(evals) == [0, 12]
-    assert evals[12]["eval"]["mix"]["loss"] < evals[0]["eval"]["mix"]["loss"] - 0.3, evals
+    # measured: 5.96 -> 5.25 (training, 3 steps' mean) and 6.03 -> 4.78 (held out)
+    assert evals[12]["eval"]["mix"]["loss"] < evals[0]["eval"]["mix"]["loss"] - 0.5, evals
 
 
 def test_stage_3_on_conversations_then_chat_and_the_template_error_line(tiny_model, tmp_path):

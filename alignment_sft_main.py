@@ -25,11 +25,12 @@ import sys
 import alignment_sft_args
 from training.conversation import Chat, chat_from_messages
 from training.corpus import RecordError, text_field
-from training.data_processor import BaseDataProcessor
+from training.data_stream import DataStream
 from training.loop import run_stage
+from training.record_rules import RecordRules
 
 
-class DataProcessor(BaseDataProcessor):
+class AlignmentSftRecords(RecordRules):
     def build(self, set_name: str, record: dict, rng: random.Random):
         if "messages" in record:
             return chat_from_messages(record)
@@ -40,6 +41,9 @@ class DataProcessor(BaseDataProcessor):
         if not output:
             return None
         return Chat("", (((tuple(part for part in (instruction, task_input) if part)), output),))
+
+
+DataProcessor = DataStream.over(AlignmentSftRecords)
 
 
 def main() -> None:

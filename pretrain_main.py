@@ -13,14 +13,15 @@ import sys
 
 import pretrain_args
 from training.corpus import draw_translation, load_translate_prompts, text_field
-from training.data_processor import BaseDataProcessor
+from training.data_stream import DataStream
 from training.loop import run_stage
+from training.record_rules import RecordRules
 from training.samples import LM, Prompted
 
 
-class DataProcessor(BaseDataProcessor):
+class PretrainRecords(RecordRules):
     def prepare(self) -> None:
-        if "translate" in self.split:
+        if "translate" in self.set_names:
             self.translate_prompts = load_translate_prompts(self.root)
 
     def build(self, set_name: str, record: dict, rng: random.Random):
@@ -35,6 +36,9 @@ class DataProcessor(BaseDataProcessor):
             return None
         source, prompt, target = drawn
         return Prompted((source + "\n" + prompt,), target)
+
+
+DataProcessor = DataStream.over(PretrainRecords)
 
 
 def main() -> None:

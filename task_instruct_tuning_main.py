@@ -27,8 +27,9 @@ from typing import Optional
 
 import task_instruct_tuning_args
 from training.corpus import RecordError, draw_translation, load_translate_prompts, read_prompt_lines, text_field
-from training.data_processor import BaseDataProcessor
+from training.data_stream import DataStream
 from training.loop import run_stage
+from training.record_rules import RecordRules
 from training.samples import LM, Cut, Prompted
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,9 @@ logger = logging.getLogger(__name__)
 LM_SETS = ("zh", "en")
 
 
-class DataProcessor(BaseDataProcessor):
+class TaskInstructTuningRecords(RecordRules):
     def prepare(self) -> None:
-        if "translate" in self.split:
+        if "translate" in self.set_names:
             self.translate_prompts = load_translate_prompts(self.root)
         self.task_prompts: dict[str, dict[str, list[str]]] = {}  # type -> {"pre"/"post": lines}; [] = no file
 
@@ -98,6 +99,9 @@ class DataProcessor(BaseDataProcessor):
                            task_type, " nor ".join(missing), "" if len(missing) == 2 else
                            " when that position is drawn")
         return {position: read_prompt_lines(path) if path.exists() else [] for position, path in paths.items()}
+
+
+DataProcessor = DataStream.over(TaskInstructTuningRecords)
 
 
 def main() -> None:

@@ -83,7 +83,8 @@ def build(kind: str, args, ours: Llama | None = None) -> torch.nn.Module:
         model = ours if ours is not None else Llama(our_config(args))
     else:
         config = ours.config if ours is not None else our_config(args)
-        hf_config = HFConfig(**hf_config_dict(config, dtype), attn_implementation="sdpa", use_cache=False)
+        # hf_config_dict writes a config.json's use_cache=True; a training step caches nothing
+        hf_config = HFConfig(**{**hf_config_dict(config, dtype), "use_cache": False}, attn_implementation="sdpa")
         model = LlamaForCausalLM(hf_config)
         if ours is not None:
             model.load_state_dict(llama_to_hf_state_dict(ours.state_dict(), config))

@@ -3,9 +3,10 @@ training."""
 from llama.configuration_llama import LlamaConfig
 from llama.generation import generate, stream
 from llama.llama_model import Llama
-from llama.tokenization_llama import Tokenizer, check_tokenizer_matches
+from llama.tokenization_llama import SentencePieceTokenizer
+from llama.tokenizer import Tokenizer, check_tokenizer_matches
 from llama.tokenizer_files import load_tokenizer
 from llama.tokenizer_json import TokenizerJson
 
-__all__ = ["LlamaConfig", "Llama", "Tokenizer", "TokenizerJson", "generate", "stream", "check_tokenizer_matches",
-           "load_tokenizer"]
+__all__ = ["LlamaConfig", "Llama", "Tokenizer", "SentencePieceTokenizer", "TokenizerJson", "generate", "stream",
+           "check_tokenizer_matches", "load_tokenizer"]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from llama.model_files import DEFAULT_MAX_SHARD_SIZE, TOKENIZER_JSON_NAME, save_tensors
-from llama.tokenizer_files import write_tokenizer_config
+from llama.tokenizer_config import write_tokenizer_config
 from llama.weight_layouts import _HF_TO_OURS, permute_to_hf
 
 # GGUF general.architecture -> (transformers class, transformers model_type)

@@ -7,15 +7,14 @@ import torch
 
 from llama.configuration_llama import CONFIG_NAME, LlamaConfig
 from llama.llama_model import Llama
-from llama.tokenization_llama import Tokenizer, check_tokenizer_matches
+from llama.tokenizer import Tokenizer, check_tokenizer_matches
 from llama.tokenizer_files import load_tokenizer
-from llama.tokenizer_json import TokenizerJson
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # command-line names
 
 
 def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    tokenizer_path: str | Path | None = None) -> tuple[Llama, Tokenizer | TokenizerJson]:
+                    tokenizer_path: str | Path | None = None) -> tuple[Llama, Tokenizer]:
     """(model, tokenizer) of a model dir; the tokenizer is the dir's (tokenizer.model, else tokenizer.json) unless
     tokenizer_path is given.
     Raises FileNotFoundError / ValueError naming the file when either is missing or they do not fit, before the

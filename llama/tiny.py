@@ -94,7 +94,7 @@ def train_bpe_tokenizer(texts: Iterable[str], output_dir: str | Path, family: st
     merges."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    from llama.tokenizer_files import write_tokenizer_config
+    from llama.tokenizer_config import write_tokenizer_config
 
     if family not in BPE_FAMILIES:
         raise ValueError(f"unknown tokenizer family {family!r}; one of {sorted(BPE_FAMILIES)}")

@@ -1,9 +1,5 @@
-"""SentencePiece tokenizer of a LLaMA model dir (tokenizer.model), and the check that a tokenizer fits a model.
-
-Both tokenizer kinds (this one and llama.tokenizer_json's) have one interface: vocab_size, bos_id (None when the
-tokenizer adds no bos), eos_id (the end token), pad_id, bos_token/eos_token, chat_template, model_path, encode,
-encode_batch, decode, token_ends and save. llama.load_tokenizer picks the kind a model dir needs.
-"""
+"""SentencePiece tokenizer of a LLaMA model dir (tokenizer.model): llama.tokenizer's interface over
+sentencepiece."""
 from __future__ import annotations
 
 import functools
@@ -13,15 +9,16 @@ from pathlib import Path
 import numpy as np
 from sentencepiece import SentencePieceProcessor
 
-from llama.configuration_llama import LlamaConfig
 from llama.model_files import TOKENIZER_NAME
-from llama.tokenizer_files import copy_tokenizer_file, end_token_id, read_tokenizer_config, write_tokenizer_config
+from llama.tokenizer import Tokenizer, piece_bytes
+from llama.tokenizer_config import copy_tokenizer_file, end_token_id, read_tokenizer_config, write_tokenizer_config
 
 
-class Tokenizer:
+class SentencePieceTokenizer(Tokenizer):
     """SentencePiece's tokenizer.model. tokenizer_config.json beside it, where present, may name another eos piece
     and holds the chat template; eos_token (a piece) overrides the eos."""
 
+    kind = "sentencepiece"
     # The recipe resizes the embedding to the tokenizer exactly: a larger one means the wrong tokenizer.
     embedding_may_be_padded = False
 
@@ -41,7 +38,7 @@ class Tokenizer:
         bos = self.sp.bos_id()
         self.bos_id: int | None = bos if bos >= 0 and self.config.get("add_bos_token", True) else None
         default_eos = self.sp.id_to_piece(self.sp.eos_id()) if self.sp.eos_id() >= 0 else None
-        self.own_eos_id, self.eos_id = end_token_id(self.model_path, eos_token, self.config, self._piece_id,
+        self.own_eos_id, self.eos_id = end_token_id(self.model_path, eos_token, self.config, self.token_to_id,
                                                     default_eos)
         self.bos_token: str | None = self.sp.id_to_piece(bos) if bos >= 0 else None
         self.eos_token: str = self.sp.id_to_piece(self.eos_id)
@@ -55,9 +52,9 @@ class Tokenizer:
         # SentencePiece adds its own bos/eos in C++; another end token is appended in Python.
         self._own_ends = self.eos_id == self.sp.eos_id()
 
-    def _piece_id(self, piece: str) -> int | None:
-        i = self.sp.piece_to_id(piece)
-        return i if self.sp.id_to_piece(i) == piece else None  # an unknown piece maps to unk
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.piece_to_id(token)
+        return i if self.sp.id_to_piece(i) == token else None  # an unknown piece maps to unk
 
     def _ends(self, bos: bool, eos: bool) -> dict:
         return {"add_bos": bos and self.bos_id is not None, "add_eos": eos and self._own_ends}
@@ -93,14 +90,21 @@ class Tokenizer:
         inside_char = np.append(~is_start, False)  # [k]: offset k falls inside a character
         return (chars_begun - inside_char)[np.maximum(byte_ends, 0)]
 
+    def token_bytes(self) -> list[bytes]:
+        """Each piece's text with "\u2581" as a space, a byte-fallback piece <0xNN> as that byte; control and unk
+        pieces spell nothing."""
+        return list(self._token_bytes)
+
+    @functools.cached_property
+    def _token_bytes(self) -> tuple[bytes, ...]:
+        sp = self.sp
+        return tuple(b"" if sp.is_control(i) or sp.is_unknown(i) else piece_bytes(sp.id_to_piece(i))
+                     for i in range(self.vocab_size))
+
     @functools.cached_property
     def _piece_bytes(self) -> np.ndarray:
-        """UTF-8 length of the text each piece spells ("\u2581" is a space; a byte piece is one byte; control and
-        unk pieces none)."""
-        sp = self.sp
-        return np.array([1 if sp.is_byte(i) else 0 if sp.is_control(i) or sp.is_unknown(i)
-                         else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-                         for i in range(self.vocab_size)], dtype=np.int64)
+        """UTF-8 length of the text each piece spells."""
+        return np.array([len(b) for b in self._token_bytes], dtype=np.int64)
 
     @functools.cached_property
     def _dummy_prefix_bytes(self) -> int:
@@ -119,29 +123,3 @@ class Tokenizer:
             "bos_token": self.bos_token, "eos_token": self.eos_token,
             "unk_token": self.sp.id_to_piece(unk) if unk >= 0 else None},
             chat_template if chat_template is not None else self.chat_template)
-
-
-def check_tokenizer_matches(config: LlamaConfig, tokenizer, allow_padded_embedding: bool | None = None) -> None:
-    """Raise ValueError if the tokenizer and the model's config disagree.
-
-    Every token id must have an embedding row: tokenizer.vocab_size > config.vocab_size is always an error.
-    A larger embedding is an error too unless allow_padded_embedding (default: the tokenizer kind's rule: a
-    SentencePiece model is resized to match exactly, as BiLLa's expanded vocabulary is; tokenizer.json models pad
-    theirs, Qwen2.5's 151,665 tokens to 151,936 rows).
-    The bos id must be the config's where the tokenizer adds one (where it adds none, the config's is never fed);
-    the tokenizer's own eos must be the config's eos id, or one of them where the config lists several (Llama 3.1).
-    """
-    where = getattr(tokenizer, "model_path", "tokenizer")
-    if allow_padded_embedding is None:
-        allow_padded_embedding = getattr(tokenizer, "embedding_may_be_padded", False)
-    if tokenizer.vocab_size > config.vocab_size or (tokenizer.vocab_size != config.vocab_size
-                                                    and not allow_padded_embedding):
-        raise ValueError(f"tokenizer {where} has {tokenizer.vocab_size} pieces but the model's embedding "
-                         f"(config vocab_size) has {config.vocab_size} rows")
-    if tokenizer.bos_id is not None and tokenizer.bos_id != config.bos_token_id:
-        raise ValueError(f"tokenizer {where} has bos_id {tokenizer.bos_id} but config bos_token_id is "
-                         f"{config.bos_token_id}")
-    eos = getattr(tokenizer, "own_eos_id", tokenizer.eos_id)
-    config_eos = config.eos_token_id
-    if config_eos is not None and eos not in (config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]):
-        raise ValueError(f"tokenizer {where} has eos_id {eos} but config eos_token_id is {config_eos}")

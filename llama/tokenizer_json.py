@@ -1,5 +1,5 @@
 """A tokenizer.json model dir's tokenizer (Llama 3, Qwen2/3, Mistral-Nemo, SmolLM2), through the `tokenizers`
-library, with the interface of llama.tokenization_llama.Tokenizer.
+library, behind llama.tokenizer's interface.
 
 It encodes as transformers' AutoTokenizer does: ids are the tokenizer's own; bos is added exactly where the tokenizer
 adds one itself (its post-processor's template: Llama 3's <|begin_of_text|>; Qwen and SmolLM2 add none), or, for a
@@ -8,6 +8,7 @@ The end token is tokenizer_config.json's eos_token unless eos_token names anothe
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -15,14 +16,16 @@ import numpy as np
 from tokenizers import Tokenizer as _Tokenizer
 
 from llama.model_files import TOKENIZER_CONFIG_NAME, TOKENIZER_JSON_NAME
-from llama.tokenizer_files import (copy_tokenizer_file, end_token_id, read_tokenizer_config, token_text,
-                                   write_tokenizer_config)
+from llama.tokenizer import Tokenizer, piece_bytes
+from llama.tokenizer_config import (copy_tokenizer_file, end_token_id, read_tokenizer_config, token_text,
+                                    write_tokenizer_config)
 
 # transformers classes whose __init__ rebuilds the post-processor from add_bos_token (default True)
 _LLAMA_FAST_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 
 
-class TokenizerJson:
+class TokenizerJson(Tokenizer):
+    kind = "tokenizer.json"
     # Checkpoints pad their embedding past the tokenizer (Qwen2.5: 151,665 tokens, 151,936 rows).
     embedding_may_be_padded = True
 
@@ -66,6 +69,9 @@ class TokenizerJson:
                              f"vocabulary of {self.model_path}")
         return token_id
 
+    def token_to_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         if bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
@@ -96,6 +102,33 @@ class TokenizerJson:
         ends[:-1] = np.minimum(ends[:-1], offsets[1:, 0])
         return ends
 
+    def token_bytes(self) -> list[bytes]:
+        """Byte level (a ByteLevel decoder: GPT-2's byte-to-character table, reversed), as the library's decoder
+        reads a token: a token with a character outside the table (an added token's text) is its own UTF-8.
+        Otherwise (a Metaspace/ByteFallback tokenizer.json, as LLaMA-2's) as SentencePiece's pieces: "\u2581" a
+        space, <0xNN> that byte. Special tokens spell nothing, as decode() leaves them out."""
+        return list(self._token_bytes)
+
+    @functools.cached_property
+    def _token_bytes(self) -> tuple[bytes, ...]:
+        special = {i for i, token in self.tk.get_added_tokens_decoder().items() if token.special}
+        if _uses_decoder(json.loads(self.tk.to_str()).get("decoder"), "ByteLevel"):
+            from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+            to_byte = {c: b for b, c in bytes_to_unicode().items()}
+
+            def spelled(token: str) -> bytes:
+                if all(c in to_byte for c in token):
+                    return bytes(to_byte[c] for c in token)
+                return token.encode("utf-8")
+        else:
+            spelled = piece_bytes
+        table = [b""] * self.vocab_size
+        for token, i in self.tk.get_vocab(with_added_tokens=True).items():
+            if i not in special:
+                table[i] = spelled(token)
+        return tuple(table)
+
     def save(self, directory: str | Path, chat_template: str | None = None) -> None:
         """Write tokenizer.json, tokenizer_config.json (the source's, with this tokenizer's bos/eos tokens and chat
         template) and special_tokens_map.json into `directory`, so that transformers' AutoTokenizer loads it and
@@ -125,3 +158,10 @@ def _template_head(processor: dict) -> int | None:
     if kind in ("BertProcessing", "RobertaProcessing"):
         return processor["cls"][1]
     return None
+
+
+def _uses_decoder(decoder: dict | None, kind: str) -> bool:
+    """Whether a tokenizer.json's decoder spec is `kind`, alone or in a Sequence."""
+    if not decoder:
+        return False
+    return decoder.get("type") == kind or any(_uses_decoder(d, kind) for d in decoder.get("decoders", []))

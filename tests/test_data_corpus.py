@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 
 from data_corpus_helpers import write_set
-from training.corpus import DataError, SetReader, list_set_files, parse_split, weighted_cycle
+from training.corpus import DataError, list_set_files, parse_split, weighted_cycle
+from training.set_reader import SetReader
 
 
 def test_weighted_cycle_holds_exact_counts_in_every_window_and_interleaves():

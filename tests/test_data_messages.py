@@ -8,17 +8,17 @@ import pytest
 import alignment_sft_main
 from chat_tokenizers import QWEN25, SMOLLM2
 from data_corpus_helpers import messages_records, settings, take, write_set
-from llama.tokenization_llama import Tokenizer
+from llama.tokenization_llama import SentencePieceTokenizer
 from training.batching import pack_rows
 from training.conversation import Chat, ChatRenderer, chat_from_messages
 from training.corpus import DataError
-from training.data_processor import READ_AHEAD
+from training.data_stream import READ_AHEAD
 from training.samples import Sample, SampleBuilder
 
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
-    return Tokenizer(tokenizer_path)
+    return SentencePieceTokenizer(tokenizer_path)
 
 
 def billa_layout(tok, system, turns):

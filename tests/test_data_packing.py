@@ -10,7 +10,7 @@ import pretrain_main
 from data_corpus_helpers import settings, sft_records, stage1_corpus, write_set
 from llama.configuration_llama import LlamaConfig
 from llama.llama_model import Llama
-from llama.tokenization_llama import Tokenizer
+from llama.tokenization_llama import SentencePieceTokenizer
 from training.samples import SampleBuilder
 
 LENGTH = 96
@@ -18,7 +18,7 @@ LENGTH = 96
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
-    return Tokenizer(tokenizer_path)
+    return SentencePieceTokenizer(tokenizer_path)
 
 
 def documents(batch):

@@ -14,9 +14,9 @@ import pretrain_main
 import task_instruct_tuning_main
 from data_corpus_helpers import (lm_records, messages_records, settings, sft_records, stage1_corpus, task_records, translate_records,
                                  write_set, write_translate_prompts)
-from llama.tokenization_llama import Tokenizer
+from llama.tokenization_llama import SentencePieceTokenizer
 from training.corpus import DataError
-from training.data_processor import READ_AHEAD
+from training.data_stream import READ_AHEAD
 from training.samples import Sample
 from training.set_buffer import SetBuffer
 
@@ -25,7 +25,7 @@ SFT_MIX = {"code-alpaca-en": 1, "cot-en": 2, "leet-code-zh": 1, "mwp-en": 1, "mw
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
-    return Tokenizer(tokenizer_path)
+    return SentencePieceTokenizer(tokenizer_path)
 
 
 class RecordingTokenizer:

@@ -8,8 +8,8 @@ import pytest
 import alignment_sft_main
 import pretrain_main
 from data_corpus_helpers import lm_records, messages_records, settings, write_set
-from llama.tokenization_llama import Tokenizer
-from training.corpus import SetReader
+from llama.tokenization_llama import SentencePieceTokenizer
+from training.set_reader import SetReader
 
 
 def old_positions(readers):
@@ -54,7 +54,7 @@ def test_reader_claims_keep_every_line_to_one_read_per_pass(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
-    return Tokenizer(tokenizer_path)
+    return SentencePieceTokenizer(tokenizer_path)
 
 
 class Traced(pretrain_main.DataProcessor):

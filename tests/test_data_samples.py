@@ -14,7 +14,7 @@ from data_corpus_helpers import (lm_records, settings, take, task_records, trans
                                  write_translate_prompts, zh_text)
 from llama import load_tokenizer
 from training.corpus import DataError
-from training.data_processor import READ_AHEAD
+from training.data_stream import READ_AHEAD
 from training.samples import masked_prefix_length
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import task_instruct_tuning_main
 from data_corpus_helpers import settings, task_records, write_set
-from llama.tokenization_llama import Tokenizer
+from llama.tokenization_llama import SentencePieceTokenizer
 from tools.inspect_corpus import main as inspect_main
 
 CORPUS = Path(__file__).resolve().parents[1] / "pretraining_corpora"
@@ -33,7 +33,7 @@ def warnings_about(caplog, needle):
 
 
 def test_record_without_type_takes_the_no_prompt_form_counted_and_logged_once(tmp_path, tokenizer_path, caplog):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     records = task_records(12, "qa")
     for i in (1, 4, 7):
         del records[i]["type"]  # as BiLLa's zh-qa-long records
@@ -59,7 +59,7 @@ def test_record_without_type_takes_the_no_prompt_form_counted_and_logged_once(tm
 
 
 def test_type_without_prompt_file_is_reported_once_naming_the_file(tmp_path, tokenizer_path, caplog):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     records = task_records(24, "preonly")
     records[3::4] = [dict(r, type="nofile") for r in records[3::4]]
     records[20] = dict(records[20], type="late")  # past the start-up check of the first lines

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llama import Llama, LlamaConfig, Tokenizer, check_tokenizer_matches
+from llama import Llama, LlamaConfig, SentencePieceTokenizer, check_tokenizer_matches
 from llama.convert import main as convert_main
 from llama.weight_layouts import load_meta_checkpoint
 from llama.model_files import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, parse_size
@@ -111,7 +111,7 @@ def test_meta_checkpoint_converts(tmp_path, n_shards, tokenizer_path):
 
 
 def test_tokenizer(tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     assert (tok.bos_id, tok.eos_id) == (1, 2) and tok.pad_id >= 0 and tok.vocab_size > 300
     text = "北京是中国的首都 and the quick fox 🦊"
     ids = tok.encode(text, bos=True, eos=True)
@@ -124,7 +124,7 @@ def test_tokenizer(tokenizer_path):
 def test_tiny_model_dir_is_complete_and_loads(tmp_path, tokenizer_path):
     path = make_tiny_model(tmp_path / "tiny", tokenizer_path, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
     model = Llama.from_pretrained(path)
-    tok = Tokenizer(path / "tokenizer.model")
+    tok = SentencePieceTokenizer(path / "tokenizer.model")
     check_tokenizer_matches(model.config, tok)
     assert model.config.num_key_value_heads == 2 and model.config.vocab_size == tok.vocab_size
 
@@ -137,7 +137,7 @@ def test_tiny_cli_trains_a_tokenizer_on_a_corpus_folder(tmp_path):
     tiny_main(["--corpus", str(tmp_path / "corpus"), "--output", str(tmp_path / "m"), "--vocab-size", "600",
                "--dim", "32"])
     model = Llama.from_pretrained(tmp_path / "m")
-    check_tokenizer_matches(model.config, Tokenizer(tmp_path / "m"))
+    check_tokenizer_matches(model.config, SentencePieceTokenizer(tmp_path / "m"))
 
 
 def test_tiny_cli_reuses_a_tokenizer_and_stores_the_asked_dtype(tmp_path, tokenizer_path):
@@ -147,7 +147,7 @@ def test_tiny_cli_reuses_a_tokenizer_and_stores_the_asked_dtype(tmp_path, tokeni
     model = Llama.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
-    check_tokenizer_matches(model.config, Tokenizer(tokenizer_path))
+    check_tokenizer_matches(model.config, SentencePieceTokenizer(tokenizer_path))
 
 
 # ---- clear errors ---------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_missing_files_are_named(tmp_path, tokenizer_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         Llama.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="nope.model"):
-        Tokenizer(tmp_path / "nope.model")
+        SentencePieceTokenizer(tmp_path / "nope.model")
     small_model().config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no weights"):
         Llama.from_pretrained(tmp_path)
@@ -210,7 +210,7 @@ def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
 
 
 def test_tokenizer_embedding_size_mismatch(tmp_path, tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     too_small = LlamaConfig(vocab_size=tok.vocab_size - 1, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
     with pytest.raises(ValueError, match=f"{tok.vocab_size} pieces.*{tok.vocab_size - 1} rows"):
         check_tokenizer_matches(too_small, tok)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from llama import LlamaConfig, Tokenizer, TokenizerJson, check_tokenizer_matches, load_tokenizer
+from llama import (LlamaConfig, SentencePieceTokenizer, Tokenizer, TokenizerJson, check_tokenizer_matches,
+                   load_tokenizer)
 from llama.tiny import make_tiny_model
 from training.samples import LM, Cut, Prompted, SampleBuilder
 
@@ -43,14 +44,14 @@ def byte_level_ends(tok: TokenizerJson, text: str, ids: list[int]) -> list[int]:
 
 def test_the_model_dir_decides_the_kind(tmp_path, tokenizer_path, bpe_tokenizer_dirs):
     json_dir = bpe_tokenizer_dirs["llama3"]
-    assert isinstance(load_tokenizer(json_dir), TokenizerJson)
+    assert isinstance(load_tokenizer(json_dir), TokenizerJson) and isinstance(load_tokenizer(json_dir), Tokenizer)
     assert isinstance(load_tokenizer(json_dir / "tokenizer.json"), TokenizerJson)
-    assert isinstance(load_tokenizer(tokenizer_path), Tokenizer)
+    assert isinstance(load_tokenizer(tokenizer_path), SentencePieceTokenizer)
     both = tmp_path / "both"  # transformers' LLaMA-2 and Mistral dirs hold both: the recipe's SentencePiece path
     both.mkdir()
     shutil.copyfile(json_dir / "tokenizer.json", both / "tokenizer.json")
     shutil.copyfile(tokenizer_path, both / "tokenizer.model")
-    assert isinstance(load_tokenizer(both), Tokenizer)
+    assert isinstance(load_tokenizer(both), SentencePieceTokenizer)
     shutil.copyfile(json_dir / "tokenizer_config.json", both / "tokenizer_config.json")  # a config of another model
     with pytest.raises(ValueError, match="tokenizer_config.json: eos_token '<|end_of_text|>' is not in the vocab"):
         load_tokenizer(both)
@@ -173,6 +174,28 @@ def test_eval_and_chat_prompts_follow_the_tokenizers_bos(bpe_tokenizer_dirs, hf_
         assert (tok.bos_id is None) == (family == "qwen2") and (tok.bos_id in ids) == (family == "llama3")
         [text], _ = prepare_texts(tok, [("北京是中国的首都。", "zh")], 64, conditional=False)
         assert text.ids == tok.encode("北京是中国的首都。", bos=True) == hf_tokenizers[family]("北京是中国的首都。").input_ids
+
+
+# ---- each token's bytes ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sentencepiece", "llama3", "qwen2", "smollm2"])
+def test_token_bytes_spell_what_decode_writes(tokenizer_path, bpe_tokenizer_dirs, family):
+    """The bytes of a text's tokens, joined, are decode()'s text, byte for byte: byte-fallback pieces and byte-level
+    tokens that split a character join back into it, specials spell nothing. SentencePiece's first piece keeps the
+    dummy prefix's space, which decode() drops."""
+    tok = load_tokenizer(tokenizer_path if family == "sentencepiece" else bpe_tokenizer_dirs[family])
+    table = tok.token_bytes()
+    assert len(table) == tok.vocab_size and table[tok.eos_id] == b""
+    for text in TEXTS + [WITH_SPECIALS, "龘🦙"]:
+        ids = tok.encode(text, bos=True, eos=True)
+        spelled = b"".join(table[i] for i in ids)
+        decoded = tok.decode(ids).encode("utf-8")
+        assert spelled == (b" " + decoded if family == "sentencepiece" and len(ids) > 2 else decoded), text
+    # characters the vocabulary lacks come out as single bytes, which only together spell the character
+    ids = tok.encode("🦙")
+    assert len(ids) > 1 and any(len(table[i]) == 1 and table[i][0] >= 0x80 for i in ids)
+    assert all(table[i].decode("utf-8", errors="replace") != table[i].decode("utf-8", errors="ignore")
+               for i in ids if len(table[i]) == 1 and table[i][0] >= 0x80)
 
 
 # ---- saving -----------------------------------------------------------------------------------------------------

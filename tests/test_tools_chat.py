@@ -11,7 +11,7 @@ import torch
 
 import alignment_sft_main
 from chat_tokenizers import QWEN25
-from llama import Llama, Tokenizer, generate
+from llama import Llama, SentencePieceTokenizer, generate
 from llama.tiny import make_tiny_model
 from tools import chat as chat_tool
 from tools.chat import ChatSession, main
@@ -42,7 +42,7 @@ def test_prompt_is_the_sft_stage_prefix(message, prompt):
 
 
 def test_greedy_reply_is_deterministic_and_is_plain_greedy_generation(model, tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     replies = []
     for _ in range(2):
         session = ChatSession(model, tok, max_new_tokens=24, temperature=0.0)
@@ -68,7 +68,7 @@ def billa_prompt(tok, history, message):
 
 
 def test_history_longer_than_context_is_cut_at_turn_boundaries(model, tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     history = [(f"Question {i}: 北京是中国的首都吗?", f"Answer {i}: yes.") for i in range(12)]
     budget = 250
     ids, dropped = fit_prompt(ChatRenderer(tok), history, "最后一个问题", budget)
@@ -90,7 +90,7 @@ def test_history_longer_than_context_is_cut_at_turn_boundaries(model, tokenizer_
 
 
 def test_streaming_never_splits_a_character_and_stops_at_the_next_question(tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     text = "北京鑫龘 is 首都。"  # 鑫 and 龘 are not in the tiny vocabulary: 3 byte tokens each
     ids = tok.encode(text)
     assert len(ids) > len(text) // 2 and tok.decode(ids) == text
@@ -134,7 +134,7 @@ def test_chat_prompt_is_what_training_puts_before_the_answer(model, tokenizer_pa
                                                              chat_format, monkeypatch):
     """The ids tools.chat generates from == the stage-3 sample of the same conversation up to its last answer."""
     bpe_tok, bpe_hf = templated_tokenizers("qwen2", QWEN25)
-    tok = Tokenizer(tokenizer_path) if chat_format == "billa" else bpe_tok
+    tok = SentencePieceTokenizer(tokenizer_path) if chat_format == "billa" else bpe_tok
     system = "You answer in one sentence."
     turns = [("北京是哪里？", "中国的首都。"), ("And Paris? ", " The capital of France.\n"),
              ("最后一个问题", "好的。")]

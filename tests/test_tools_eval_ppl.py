@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llama import Llama, Tokenizer
+from llama import Llama, SentencePieceTokenizer
 from llama.tiny import make_tiny_model
 from tools.eval_ppl import main, parse_args, run
 
@@ -34,7 +34,7 @@ def data(tmp_path):
 def direct_losses(model_dir, conditional: bool, max_len: int) -> dict[str, list[float]]:
     """Per language, the token losses computed from full logits, text by text."""
     model = Llama.from_pretrained(model_dir)
-    tok = Tokenizer(model_dir)
+    tok = SentencePieceTokenizer(model_dir)
     losses: dict[str, list[float]] = {}
     for item in TEXTS:
         ids = [tok.bos_id, *tok.encode(item["text"])][:max_len]
@@ -92,7 +92,7 @@ def test_stage3_records_count_only_answers_and_end_tokens_in_the_stored_format(m
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     figures = run(parse_args(["--model", str(model_dir), "--data", str(path), "--device", "cpu", "--quiet"]),
                   out=open("/dev/null", "w"))
-    model, tok = Llama.from_pretrained(model_dir), Tokenizer(model_dir)
+    model, tok = Llama.from_pretrained(model_dir), SentencePieceTokenizer(model_dir)
     samples = [  # (ids, counted positions), the billa layout written out
         ([tok.bos_id] + tok.encode("ok\nHuman: hi\nAssistant: "), tok.encode("yo") + [tok.eos_id],
          tok.encode("Human: 北京\nAssistant: "), tok.encode("首都") + [tok.eos_id]),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sentencepiece import SentencePieceProcessor
 
-from llama import Llama, Tokenizer
+from llama import Llama, SentencePieceTokenizer
 from llama.tiny import corpus_texts, make_tiny_model, train_tokenizer
 from tools.expand_vocab import main, parse_args, run
 from tools.vocab_merge import load_proto, old_ids_of, piece_splitter
@@ -28,7 +28,7 @@ def expanded(tmp_path_factory, tokenizer_path):
 
 def test_old_pieces_keep_their_ids_and_rows(expanded):
     base, out, report = expanded
-    old, new = Tokenizer(base), Tokenizer(out)
+    old, new = SentencePieceTokenizer(base), SentencePieceTokenizer(out)
     assert report["vocab_before"] == old.vocab_size and report["vocab_after"] == new.vocab_size > old.vocab_size
     for i in range(old.vocab_size):
         assert new.sp.id_to_piece(i) == old.sp.id_to_piece(i)
@@ -44,15 +44,15 @@ def test_old_pieces_keep_their_ids_and_rows(expanded):
 
 def test_new_rows_are_the_mean_of_the_old_split(expanded):
     base, out, _ = expanded
-    old_n = Tokenizer(base).vocab_size
-    new = Tokenizer(out)
-    splitter = piece_splitter(load_proto(Tokenizer(base).model_path))
+    old_n = SentencePieceTokenizer(base).vocab_size
+    new = SentencePieceTokenizer(out)
+    splitter = piece_splitter(load_proto(SentencePieceTokenizer(base).model_path))
     a, b = Llama.from_pretrained(base), Llama.from_pretrained(out)
     checked = 0
     for new_id in range(old_n, new.vocab_size, 97):
         piece = new.sp.id_to_piece(new_id)
         ids = old_ids_of(splitter, piece)
-        assert Tokenizer(base).decode(ids) == piece.replace("\u2581", " ")  # the split spells the piece
+        assert SentencePieceTokenizer(base).decode(ids) == piece.replace("\u2581", " ")  # the split spells the piece
         for name in ("tok_embeddings", "output"):
             expected = getattr(a, name).weight[ids].mean(0)
             assert torch.allclose(getattr(b, name).weight[new_id], expected, atol=1e-7)
@@ -62,7 +62,7 @@ def test_new_rows_are_the_mean_of_the_old_split(expanded):
 
 def test_logits_over_the_old_vocabulary_are_unchanged(expanded):
     base, out, _ = expanded
-    old, new = Tokenizer(base), Tokenizer(out)
+    old, new = SentencePieceTokenizer(base), SentencePieceTokenizer(out)
     a, b = Llama.from_pretrained(base), Llama.from_pretrained(out)
     for text in SAME_TEXTS:
         ids = [old.bos_id, *old.encode(text)]
@@ -86,7 +86,7 @@ def test_the_widened_tokenizer_keeps_its_config_and_loads_in_transformers(expand
 
     base, out, report = expanded
     assert (out / "tokenizer_config.json").read_text() == (base / "tokenizer_config.json").read_text()
-    ours, hf = Tokenizer(out), AutoTokenizer.from_pretrained(out)
+    ours, hf = SentencePieceTokenizer(out), AutoTokenizer.from_pretrained(out)
     assert ours.vocab_size == len(hf) == report["vocab_after"]
     text = corpus_texts(CORPUS / "zh" / "10001.jsonl")[0][:200] + " " + SAME_TEXTS[0]
     assert hf(text)["input_ids"] == ours.encode(text, bos=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llama.tokenization_llama import Tokenizer
+from llama.tokenization_llama import SentencePieceTokenizer
 from tools import external_shuffle
 from tools.external_shuffle import LINE_OVERHEAD, ExternalShuffler
 from tools.prepare_corpus import main, parse_args, run
@@ -60,7 +60,7 @@ def test_output_is_read_by_the_stage(tmp_path, tokenizer_path):
     settings = types.SimpleNamespace(pretrain_data_root_dir=str(tmp_path / "corpus"), pretrain_data_split={"mine": 1},
                                      max_seq_length=64, batch_size=4, long_text="split", packing=False,
                                      skip_bad_records=False, seed=0)
-    with alignment_sft_main.DataProcessor(settings, Tokenizer(tokenizer_path), 0, 2) as dp:
+    with alignment_sft_main.DataProcessor(settings, SentencePieceTokenizer(tokenizer_path), 0, 2) as dp:
         assert next(dp)["num_target_tokens"] > 0
 
 
@@ -81,7 +81,7 @@ def test_plain_text_per_line_and_per_file_and_tokens(tmp_path, tokenizer_path):
                      "--tokenizer", tokenizer_path])
     texts = sorted(json.loads(line)["text"] for line in output_lines(tmp_path / "c" / "zh"))
     assert texts == sorted(["第一篇文章。", "second document", "third one"]) and stats["blank_lines"] == 1
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     assert stats["tokens"] == sum(len(tok.encode(t)) for t in texts)
     prepare([tmp_path / "docs", "--out", tmp_path / "c2" / "en", "--kind", "lm", "--text-unit", "file"])
     assert [json.loads(line)["text"] for line in output_lines(tmp_path / "c2" / "en")] == ["line one\nline two\n"]
@@ -171,7 +171,8 @@ def test_sharegpt_becomes_messages_that_stage_3_reads(tmp_path, tokenizer_path):
     stats = prepare([tmp_path / "sharegpt.jsonl", "--out", out, "--kind", "sft", "--num-files", "1",
                      "--tokenizer", tokenizer_path])
     assert stats["records"] == 12 and stats["converted"] == 12 and stats["bad_records"] == 0
-    tok = Tokenizer(tokenizer_path)  # the messages' texts are counted (and the other string fields, as for any kind)
+    # the messages' texts are counted (and the other string fields, as for any kind)
+    tok = SentencePieceTokenizer(tokenizer_path)
     assert stats["tokens"] == sum(len(tok.encode(text)) for r in SHAREGPT
                                   for text in [r["id"]] + [t["value"] for t in r["conversations"]])
     written = sorted((json.loads(line) for line in output_lines(out)), key=lambda r: int(r["id"][1:]))
@@ -180,7 +181,7 @@ def test_sharegpt_becomes_messages_that_stage_3_reads(tmp_path, tokenizer_path):
             {"role": {"human": "user", "gpt": "assistant", "system": "system"}[t["from"]], "content": t["value"]}
             for t in source["conversations"]]}
     with alignment_sft_main.DataProcessor(settings(out.parent, {"chat": 1}, max_seq_length=256),
-                                          Tokenizer(tokenizer_path), 0, 1) as dp:
+                                          SentencePieceTokenizer(tokenizer_path), 0, 1) as dp:
         batch = next(dp)
     assert batch["num_target_tokens"] > 0
 

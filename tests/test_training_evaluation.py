@@ -26,11 +26,11 @@ from training_runs import HELDOUT, REPO, TINY_RUN, explain, one_process_group, t
 
 
 def stage1_data(tokenizer_path, eval_root, *overrides):
-    from llama.tokenization_llama import Tokenizer
+    from llama.tokenization_llama import SentencePieceTokenizer
 
     settings = load_settings(pretrain_args, TINY_RUN + ["batch_size=4", f"eval_data_root_dir={eval_root}",
                                                         "eval_samples_per_set=6", *overrides])
-    return settings, pretrain_main.DataProcessor(settings, Tokenizer(tokenizer_path), 0, 1)
+    return settings, pretrain_main.DataProcessor(settings, SentencePieceTokenizer(tokenizer_path), 0, 1)
 
 
 def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(tokenizer_path, tmp_path,
@@ -39,7 +39,7 @@ def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(token
     samples, computed here one sample at a time from the logits, over their counted tokens; mix weights 4:2."""
     from llama.configuration_llama import LlamaConfig
     from llama.llama_model import Llama
-    from llama.tokenization_llama import Tokenizer
+    from llama.tokenization_llama import SentencePieceTokenizer
 
     root = tmp_path / "heldout"
     for name in ("zh", "translate"):
@@ -52,7 +52,8 @@ def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(token
                                  "max_seq_length=128")
     held_out = load_held_out(settings, data, rank=0, world_size=1)
 
-    config = LlamaConfig(vocab_size=Tokenizer(tokenizer_path).vocab_size, hidden_size=32, intermediate_size=64,
+    vocab_size = SentencePieceTokenizer(tokenizer_path).vocab_size
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, max_sequence_length=128, dropout_prob=0.5)
     torch.manual_seed(0)
     model = Llama(config).train()  # as the loop leaves it: evaluation must turn dropout off and back on

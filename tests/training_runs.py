@@ -40,9 +40,9 @@ def tied_tiny_model(tmp_path_factory, tokenizer_path) -> Path:
 
     from llama.configuration_llama import LlamaConfig
     from llama.llama_model import Llama
-    from llama.tokenization_llama import Tokenizer
+    from llama.tokenization_llama import SentencePieceTokenizer
 
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = SentencePieceTokenizer(tokenizer_path)
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_sequence_length=128, tie_word_embeddings=True,
                          rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,

@@ -54,10 +54,10 @@ from llama.configuration_llama import CONFIG_NAME, LlamaConfig
 from llama.model_files import (BIN_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_INDEX_NAME, TOKENIZER_CONFIG_NAME,
                                TOKENIZER_JSON_NAME, TOKENIZER_NAME, load_tensors, read_json_object, save_tensors)
 from llama.pretrained import DTYPES, load_pretrained
-from llama.tokenizer_files import tokenizer_file
+from llama.tokenizer_files import load_tokenizer, tokenizer_file, tokenizer_kind
 from llama.tiny import corpus_texts
 from tools import bpe_merge
-from tools.vocab_merge import load_proto, merge_pieces, old_ids_of, piece_splitter, processor
+from tools.vocab_merge import load_proto, merge_pieces, old_ids_of, piece_splitter
 
 BUNDLED = Path(__file__).resolve().parents[1] / "pretraining_corpora"
 SAMPLE_CHARS = 2_000_000  # characters of sample text measured per language
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace, out=None) -> dict:
         raise FileExistsError(f"{args.output} is not empty; pass --overwrite to write into it")
     # --tokenizer, else the model dir's: tokenizer.model (the recipe's kind) first, as load_tokenizer picks
     tokenizer_path = tokenizer_file(args.tokenizer or args.model)
-    if tokenizer_path.suffix == ".json":
+    if tokenizer_kind(tokenizer_path) == "tokenizer.json":
         return run_bpe(args, tokenizer_path, out)
     return run_sentencepiece(args, out)
 
@@ -178,13 +178,14 @@ def run_sentencepiece(args: argparse.Namespace, out) -> dict:
     (args.output / TOKENIZER_NAME).write_bytes(merge.proto.SerializeToString())
     expanded.save_pretrained(args.output, max_shard_size=args.max_shard_size)
 
-    old_sp, new_sp = tokenizer.sp, processor(merge.proto)
+    widened = load_tokenizer(args.output)
     report = {"vocab_before": merge.old_size, "vocab_after": len(merge.proto.pieces), "added": len(merge.added),
               "already_present": merge.skipped_present}
     print(f"vocabulary: {report['vocab_before']:,} -> {report['vocab_after']:,} pieces "
           f"(+{report['added']:,} new; {report['already_present']:,} Chinese pieces were already present)", file=out)
     for lang, path, texts in sample_texts(args):
-        before, after = tokens_per_char(old_sp.encode(texts), texts), tokens_per_char(new_sp.encode(texts), texts)
+        before = tokens_per_char(tokenizer.encode_batch(texts), texts)
+        after = tokens_per_char(widened.encode_batch(texts), texts)
         report[f"tokens_per_char_{lang}"] = (before, after)
         print(f"tokens per character, {lang} ({sum(map(len, texts)):,} chars of {path}): {before:.3f} -> {after:.3f}",
               file=out)

@@ -27,9 +27,9 @@ from tqdm import tqdm
 from tools.file_sampling import sample_file
 from tools.stage_schema import STAGES, RecordChecker, args_module, data_processor_class
 from tools.text_stats import estimate_tokens, text_fields
-from training.corpus import (DataError, RecordError, SetReader, list_set_files, parse_record, parse_split,
-                             weighted_cycle)
+from training.corpus import DataError, RecordError, list_set_files, parse_record, parse_split, weighted_cycle
 from training.model_loading import resolved_tokenizer_path
+from training.set_reader import SetReader
 from training.settings import SettingsError, load_settings, resolve_global_batch
 
 SHOW_PER_SET = 5  # problems listed per set before "... and N more"
@@ -178,7 +178,7 @@ def _read_set(report: SetReport, checker: RecordChecker, tokenizer, args) -> Non
 
 
 def _ranks(report: SetReport, world_size: int) -> None:
-    """Files per rank as the stages shard them (training.corpus.SetReader)."""
+    """Files per rank as the stages shard them (training.set_reader.SetReader)."""
     if not report.files:
         return
     readers = [SetReader(report.name, report.files, rank, world_size) for rank in range(world_size)]

@@ -31,6 +31,7 @@ from typing import NamedTuple, Optional
 import jinja2
 
 from llama.chat_template import CHAT_FORMATS, render_chat
+from llama.tokenizer import Tokenizer
 from training.corpus import DataError, RecordError, text_field
 
 ROLES = ("system", "user", "assistant")
@@ -122,26 +123,23 @@ def billa_question(parts: tuple) -> tuple:
 
 
 class ChatRenderer:
-    """Chats -> (ids, counted spans) in one chat format, for a tokenizer (contract: bos_id, eos_id, eos_token,
-    bos_token, chat_template, encode_batch)."""
+    """Chats -> (ids, counted spans) in one chat format, for a tokenizer."""
 
-    def __init__(self, tokenizer, chat_format: str = "billa"):
+    def __init__(self, tokenizer: Tokenizer, chat_format: str = "billa"):
         if chat_format not in CHAT_FORMATS:
             raise DataError(f"setting 'chat_format' must be one of {CHAT_FORMATS}, got {chat_format!r}")
         self.tokenizer, self.chat_format = tokenizer, chat_format
         self.template = None
         if chat_format == "template":
-            # The one place that tolerates a tokenizer class without the attribute (the SentencePiece class of
-            # before tokenizer.json support): such a tokenizer has no template.
-            self.template = getattr(tokenizer, "chat_template", None)
+            self.template = tokenizer.chat_template
             if not self.template:
-                raise DataError(f"setting 'chat_format' = 'template': the tokenizer {where_of(tokenizer)} has no chat "
+                raise DataError(f"setting 'chat_format' = 'template': the tokenizer {tokenizer.model_path} has no chat "
                                 f"template ('chat_template' in its tokenizer_config.json); use chat_format='billa' or "
                                 f"a tokenizer that has one")
             try:
                 self.render(Chat("s", ((("u1",), "a1"), (("u2",), "a2"))))  # a template that cannot work: now
             except DataError as e:
-                raise DataError(f"setting 'chat_format' = 'template', tokenizer {where_of(tokenizer)}: {e}") from None
+                raise DataError(f"setting 'chat_format' = 'template', tokenizer {tokenizer.model_path}: {e}") from None
 
     # ---------------------------------------------------------------- text
 
@@ -248,6 +246,3 @@ class ChatRenderer:
             dropped += 1
         return None
 
-
-def where_of(tokenizer) -> str:
-    return str(getattr(tokenizer, "model_path", "the tokenizer"))

@@ -19,9 +19,8 @@ import torch.distributed as dist
 from llama.configuration_llama import CONFIG_NAME, LlamaConfig
 from llama.llama_model import Llama
 from llama.model_files import TOKENIZER_JSON_NAME, TOKENIZER_NAME, is_transformers_dir, weight_files
-from llama.tokenization_llama import Tokenizer, check_tokenizer_matches
+from llama.tokenizer import Tokenizer, check_tokenizer_matches
 from llama.tokenizer_files import load_tokenizer, tokenizer_file
-from llama.tokenizer_json import TokenizerJson
 from llama.weight_layouts import llama_tensors
 
 logger = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ class ModelInputError(ValueError):
 @dataclass
 class ModelInputs:
     config: LlamaConfig  # as it will be trained (the run's dropout_prob); saved into every checkpoint
-    tokenizer: Tokenizer | TokenizerJson  # with the run's end token (eos_token); saved into every checkpoint
+    tokenizer: Tokenizer  # with the run's end token (eos_token); saved into every checkpoint
     tokenizer_path: Path
 
 

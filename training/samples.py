@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
+from llama.tokenizer import Tokenizer
 from training.conversation import Chat, ChatRenderer, Rendered, billa_question
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ class SampleBuilder:
     system turn is the recipe's sample: it becomes a Prompted, with the recipe's ids and its long-input cuts.
     """
 
-    def __init__(self, tokenizer, max_seq_length: int, long_text: str, long_prompt: str, chat_format: str = "billa"):
+    def __init__(self, tokenizer: Tokenizer, max_seq_length: int, long_text: str, long_prompt: str,
+                 chat_format: str = "billa"):
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
         self.long_text = long_text

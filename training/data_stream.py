@@ -1,8 +1,9 @@
-"""The shared base of the three stages' DataProcessor: everything but turning one record into a sample spec.
+"""The data stream of every stage: one rank's batches, from the stage's record rules (training/record_rules.py).
 
-A stage subclass overrides build() (record -> LM / Prompted / Chat spec, or None for an empty text) and, where it needs
-prompt files, prepare(). This class does the rest: settings, corpus checks at start-up, this rank's share of every
-set, the exact weighted cycle, batched tokenization, padding or packing, the prefetch thread, and the state.
+A stage brings only its RecordRules (record -> LM / Prompted / Chat spec, or None for an empty text; prompt files);
+DataStream does the rest: settings, corpus checks at start-up, this rank's share of every set (SetReader), the exact
+weighted cycle, batched tokenization, padding or packing, the prefetch thread, and the state. A stage script names
+its stream DataStream.over(Rules): the class loop.run_stage builds as (settings, tokenizer, rank, world_size).
 
 Each set's samples wait in a SetBuffer (training/set_buffer.py) from which every slot draws at random, so that
 the chunks of a long document spread over later batches.
@@ -23,17 +24,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional
 
+from llama.tokenizer import Tokenizer
 from training.batching import Prefetcher, first_fit, pack_rows, pad_batch
-from training.corpus import (DataError, Location, RecordError, SetReader, list_set_files, parse_record, parse_split,
-                             read_first_lines, SetSpec, weighted_cycle)
+from training.corpus import DataError, Location, RecordError, list_set_files, parse_record, parse_split, weighted_cycle
+from training.record_rules import RecordRules, check_first_lines
 from training.samples import Sample, SampleBuilder, Spec, sample_from_json, sample_to_json
 from training.set_buffer import SetBuffer
+from training.set_reader import SetReader
 from training.settings import LONG_PROMPT_MODES, LONG_TEXT_MODES
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 2  # 2: pending samples carry the record they came from (the set buffers); long_prompt
-CHECK_LINES = 16  # lines checked at start-up at the head of every file
 LOG_FIRST_SKIPS = 5  # skipped records logged with file:line; later ones only counted
 PREFETCH_DEPTH = 4  # batches built ahead of the training loop
 READ_AHEAD = 4  # a set that runs short is refilled for this many calls' worth: bigger tokenizer batch calls
@@ -50,39 +52,27 @@ def _setting(settings, name: str, default=_REQUIRED):
     return default
 
 
-class BaseDataProcessor:
+class DataStream:
     """Infinite, deterministic, resumable stream of batches for one rank. See the module docstring."""
 
-    # ---------------------------------------------------------------- stage hooks
+    rules_class: type[RecordRules]  # the stage's rules, where DataStream.over() bound them
 
-    def prepare(self) -> None:
-        """Load what records will need (prompt files), raising DataError; runs before the records are checked."""
+    @classmethod
+    def over(cls, rules: type[RecordRules]) -> type["DataStream"]:
+        """The stream class of a stage whose records follow `rules`, constructed as (settings, tokenizer, rank,
+        world_size), as training.loop.run_stage constructs it."""
+        return type(f"{rules.__name__}Stream", (cls,), {"rules_class": rules, "__module__": rules.__module__})
 
-    def build(self, set_name: str, record: dict, rng: random.Random) -> Optional[Spec]:
-        """One record -> LM(text), Prompted(prefix, answer) or Chat (stage 3); None for a text empty after stripping.
-        Raise RecordError for a bad record (the caller adds set, file and line)."""
-        raise NotImplementedError
-
-    def check_record(self, set_name: str, record: dict) -> None:
-        """Start-up check of one record: builds it with a throwaway RNG. Stages extend it (prompt files)."""
-        self.build(set_name, record, random.Random(0))
-
-    _streaming = False  # True once the start-up checks are done: from then on build() sees each record once
-
-    def note(self, set_name: str, counter: str, why: str) -> None:
-        """For build(): this record takes a fallback form (say, no 'type': no prompt). The stream counts it in
-        `counter` (one of COUNTERS) and logs the first one of each set with its file:line. Start-up checks and the
-        tools' for_checking() build records too, outside the stream: they neither count nor log."""
-        if not self._streaming:
-            return
-        self._counters[counter] += 1
-        if (set_name, counter) not in self._noted:
-            self._noted.add((set_name, counter))
-            logger.warning("%s: %s (%s; further ones in this set are only counted)", self._where, why, counter)
+    @classmethod
+    def for_checking(cls, root: str | Path, set_names) -> RecordRules:
+        """The stage's record rules without a stream: prompt files loaded from `root`, nothing read from the sets.
+        For tools and held-out evaluation, which check or build records exactly as the stage does."""
+        return cls.rules_class(root, set_names)
 
     # ---------------------------------------------------------------- construction
 
-    def __init__(self, settings, tokenizer, rank: int, world_size: int):
+    def __init__(self, settings, tokenizer: Tokenizer, rank: int, world_size: int,
+                 rules: type[RecordRules] | None = None):
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise DataError(f"rank {rank!r} / world size {world_size!r}: need 0 <= rank < world_size")
         self.tokenizer, self.rank, self.world_size = tokenizer, rank, world_size
@@ -110,9 +100,10 @@ class BaseDataProcessor:
 
         files = {name: list_set_files(self.root, name, spec.file_start, spec.file_stop)
                  for name, spec in self.split.items()}
-        self.prepare()
+        self._streaming = False  # the start-up checks build records too: they neither count nor log notes
+        self.rules = (rules or self.rules_class)(self.root, self.split, note=self._note)
         for name, set_files in files.items():
-            self._check_first_lines(name, set_files)
+            check_first_lines(self.rules, name, set_files, self.skip_bad_records)
         self.readers = {name: SetReader(name, set_files, rank, world_size) for name, set_files in files.items()}
         self.cycle = weighted_cycle({name: spec.weight for name, spec in self.split.items()})
         logger.info("data: %s", ", ".join(f"{name} x{spec.weight} ({len(self.readers[name].files)} of "
@@ -130,41 +121,6 @@ class BaseDataProcessor:
         self._streaming = True
         self._prefetcher: Optional[Prefetcher] = None
         self._handed = self._snapshot()
-
-    @classmethod
-    def for_checking(cls, root: str | Path, set_names) -> "BaseDataProcessor":
-        """The stage's record rules without its streams: root and split set, prepare() run (prompt files loaded),
-        nothing read from the sets. For tools that check or format records exactly as the stage does."""
-        processor = cls.__new__(cls)
-        processor.root = Path(root)
-        processor.split = {name: SetSpec(1, 0) for name in set_names}
-        processor.prepare()
-        return processor
-
-    def _check_first_lines(self, set_name: str, files: list[Path]) -> None:
-        lines = 0
-        for path in files:
-            file_lines = 0
-            for number, raw in read_first_lines(path, CHECK_LINES, set_name):
-                file_lines += 1
-                if not raw.strip():
-                    continue
-                try:
-                    self.check_record(set_name, parse_record(raw))
-                except RecordError as e:
-                    if not self.skip_bad_records:
-                        raise DataError(f"{Location(set_name, path, number)}: {e}") from None
-                    logger.warning("bad record at %s: %s (skip_bad_records=True: it will be skipped)",
-                                   Location(set_name, path, number), e)
-                except DataError:
-                    raise
-                except Exception as e:  # a stage bug: still say which record triggered it
-                    raise DataError(f"{Location(set_name, path, number)}: {type(e).__name__}: {e}") from e
-            if file_lines == 0:
-                logger.warning("set '%s': file %s is empty", set_name, path)
-            lines += file_lines
-        if lines == 0:
-            raise DataError(f"set '{set_name}': every file is empty ({files[0].parent})")
 
     # ---------------------------------------------------------------- public API
 
@@ -190,7 +146,7 @@ class BaseDataProcessor:
         snap = self._handed
         return {
             "version": STATE_VERSION,
-            "stage": Path(sys.modules[type(self).__module__].__file__).stem,  # e.g. "pretrain_main"
+            "stage": Path(sys.modules[type(self.rules).__module__].__file__).stem,  # e.g. "pretrain_main"
             "rank": self.rank,
             "world_size": self.world_size,
             "max_seq_length": self.max_seq_length,
@@ -397,7 +353,7 @@ class BaseDataProcessor:
                 self._counters["blank_lines"] += 1
                 continue
             try:
-                spec = self.build(set_name, parse_record(raw), self._rng)
+                spec = self.rules.build(set_name, parse_record(raw), self._rng)
             except RecordError as e:
                 if not self.skip_bad_records:
                     raise DataError(f"{where}: {e} (skip_bad_records=True skips such records)") from None
@@ -410,6 +366,15 @@ class BaseDataProcessor:
                 continue
             self._counters["records"] += 1
             return spec, where, reader.passes, self._counters["records"]
+
+    def _note(self, set_name: str, counter: str, why: str) -> None:
+        """RecordRules.note while streaming: count, and log the first of each set and counter with its file:line."""
+        if not self._streaming:
+            return
+        self._counters[counter] += 1
+        if (set_name, counter) not in self._noted:
+            self._noted.add((set_name, counter))
+            logger.warning("%s: %s (%s; further ones in this set are only counted)", self._where, why, counter)
 
     def _skip(self, counter: str, where: Location, why: str) -> None:
         self._counters[counter] += 1

@@ -1,0 +1,97 @@
+"""Every script in bench/ runs at a tiny size, as a user runs it (`python bench/X.py ...`), and prints one JSON line
+whose fields hold figures that make sense: a bench that crashes, or measures nothing, fails here."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from data_corpus_helpers import stage1_corpus
+
+BENCH = REPO / "bench"
+TINY_MODEL = ["--dim", "32", "--layers", "1", "--heads", "2", "--vocab", "64", "--seq", "16", "--bs", "1",
+              "--device", "cpu", "--mem-repeats", "1", "--rounds", "1"]
+# Scripts that print no figures, each tested where its output is checked.
+NOT_MEASURING = {"long_input_corpus.py": "writes a corpus (tests/test_data_bench.py)",
+                 "gpu_throughput.py": "GPU only, with its own test"}
+
+
+def run_bench(script: str, argv: list) -> dict:
+    result = subprocess.run([sys.executable, str(BENCH / script), *map(str, argv)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, f"{script}: {result.stderr[-3000:]}"
+    lines = result.stdout.strip().splitlines()
+    assert lines, f"{script} printed nothing"
+    return json.loads(lines[-1])
+
+
+def check_model_step(out: dict) -> None:
+    assert out["ours_tok_s"] > 0 and out["hf_tok_s"] > 0
+    assert out["ratio"] == pytest.approx(out["ours_tok_s"] / out["hf_tok_s"], rel=0.01)
+    assert out["ours_peak_mb"] >= 0 and out["hf_peak_mb"] >= 0
+    assert (out["dim"], out["layers"], out["vocab"], out["seq"], out["device"]) == (32, 1, 64, 16, "cpu")
+
+
+def check_loss_memory(out: dict) -> None:
+    # Every loss path computes one loss; a freshly initialised model is near the uniform guess, ln(vocab).
+    losses = [out[f"{path}_loss"] for path in ("fused", "checkpointed", "plain")]
+    assert max(losses) - min(losses) < 1e-4
+    assert abs(losses[0] - math.log(64)) < 0.3
+    assert all(out[f"{path}_s_per_step"] > 0 for path in ("fused", "checkpointed", "plain"))
+
+
+def check_data_throughput(out: dict) -> None:
+    # Packing fills rows: 4 batches of this corpus give 0.86 of real tokens, one sample per row 0.70.
+    assert out["real_fraction"] >= 0.8
+    assert out["real_tokens_per_s"] > 0 and out["sp_tokens_per_s"] > 0 and out["discarded_tokens"] == 0
+    assert out["padded_tokens_per_s"] >= out["real_tokens_per_s"]
+
+
+def check_expand_vocab_bpe(out: dict) -> None:
+    (run,) = out["runs"]
+    assert 0 < run["added"] <= 20 and run["en_ids_identical"] is True
+    before, after = run["tokens_per_char_zh"]
+    assert after < before and run["zh_reduction"] > 0  # new Chinese merges shorten the Chinese text
+
+
+def check_gguf_convert(out: dict) -> None:
+    assert out["gguf"] == "tiny.gguf" and out["gguf_to_hf_s"] > 0
+    assert out["dequant_s"]["F32"][0] > 0  # tensors dequantized, counted by type
+    assert all(0 < v < 4 for v in out["tokens_per_char"].values())
+
+
+@pytest.fixture(scope="module")
+def bench_inputs(tmp_path_factory, tokenizer_path, bpe_tokenizer_dirs) -> dict:
+    root = tmp_path_factory.mktemp("bench")
+    stage1_corpus(root / "corpus", n=40)
+    from test_llama_gguf import _train_tokenizer, tiny_llama, write_gguf
+
+    tok = _train_tokenizer("smollm")
+    write_gguf(root / "tiny.gguf", tiny_llama(tok.get_vocab_size()), tok, "smollm")
+    return {"corpus": root / "corpus", "tokenizer": tokenizer_path, "gguf": root / "tiny.gguf",
+            "bpe": bpe_tokenizer_dirs["smollm2"] / "tokenizer.json"}
+
+
+SCRIPTS = {
+    "model_step.py": (lambda p: TINY_MODEL, check_model_step),
+    "loss_memory.py": (lambda p: TINY_MODEL, check_loss_memory),
+    "data_throughput.py": (lambda p: ["--stage", "pretrain", "--corpus", p["corpus"], "--tokenizer", p["tokenizer"],
+                                      "--batches", 4, "--batch-size", 2, "--max-seq-length", 128, "--packing"],
+                           check_data_throughput),
+    "expand_vocab_bpe.py": (lambda p: ["--tokenizer", p["bpe"], "--new-tokens", 20], check_expand_vocab_bpe),
+    "gguf_convert.py": (lambda p: ["--gguf", p["gguf"]], check_gguf_convert),
+}
+
+
+def test_every_bench_script_is_run_here():
+    scripts = {path.name for path in BENCH.glob("*.py") if path.name != "__init__.py"}
+    assert scripts - set(NOT_MEASURING) == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_bench_script_prints_its_figures(bench_inputs, script):
+    argv, check = SCRIPTS[script]
+    check(run_bench(script, argv(bench_inputs)))

@@ -66,13 +66,12 @@ def test_each_args_file_is_valid_as_shipped(module):
 @pytest.mark.parametrize("placement, param_frac, expected", [("static", 1.0, 1.0), ("static", 0.0, 0.0),
                                                               ("auto", 1.0, 0.0)])
 def test_gemini_placement_settings_reach_the_plugin(placement, param_frac, expected):
-    from training.engine import Engine, EngineChoice
+    from training.engine import EngineChoice, engine_for
 
-    engine = Engine.__new__(Engine)  # only the plugin choice: GeminiPlugin itself needs a GPU
-    engine.choice = EngineChoice("gemini", "fp16", None)
     s = load_settings(alignment_sft_args, [f"gemini_placement_policy={placement}",
                                            f"gemini_offload_param_frac={param_frac}"])
-    plugin, _ = engine._plugin(types.SimpleNamespace(GeminiPlugin=dict), s)
+    engine = engine_for(s, EngineChoice("gemini", "fp16", None))  # only the plugin: GeminiPlugin itself needs a GPU
+    plugin, _ = engine._plugin(types.SimpleNamespace(GeminiPlugin=dict))
     assert (plugin["placement_policy"], plugin["offload_param_frac"]) == (placement, expected)
     assert plugin["offload_optim_frac"] == (1.0 if placement == "static" else 0.0)
 
@@ -155,10 +154,12 @@ def test_help_lists_every_setting_with_its_comment(capsys):
 def test_loaded_model_trains_with_the_runs_dropout_not_the_checkpoints(tiny_model):
     import torch
 
-    from training.model_loading import check_model_inputs, load_model
+    from training.engine import EngineChoice, engine_for
+    from training.model_loading import check_model_inputs
 
     settings = types.SimpleNamespace(**vars(_inputs_settings(tiny_model)), gradient_checkpointing=True)
-    model = load_model(settings, check_model_inputs(settings), torch.float32, "ddp")
+    engine = engine_for(settings, EngineChoice("ddp", "fp32", torch.device("cpu")))
+    model = engine.build_model(check_model_inputs(settings))
     dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(p == 0.05 for p in dropouts)
     assert model.config.dropout_prob == 0.05 and model.gradient_checkpointing

@@ -44,6 +44,13 @@ def check_toolchain(settings, choice):
     engine_for(settings, choice).check_toolchain()
 
 
+def test_every_plugin_setting_has_an_engine():
+    from training.engine import ENGINES
+    from training.settings import PLUGINS
+
+    assert sorted(ENGINES) == sorted(PLUGINS)
+
+
 @pytest.mark.parametrize("device, fused", [(CUDA, True), (CPU, None)])
 def test_torch_adamw_carries_the_settings(device, fused):
     settings = _settings("plugin=zero2", "lr=3e-4", "adam_beta2=0.9", "weight_decay=0.05")

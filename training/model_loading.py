@@ -11,7 +11,6 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from llama.configuration_llama import CONFIG_NAME, LlamaConfig

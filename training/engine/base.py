@@ -62,7 +62,9 @@ class Engine:
     """One plugin's booster-wrapped model, optimizer and scheduler, and every decision that depends on the plugin."""
 
     name: ClassVar[str]  # the `plugin` setting that selects it
-    # Regional torch.compile of the transformer blocks: (allowed, why), read by a compile step; see the docstring.
+    # Regional torch.compile of the transformer blocks: (allowed, why), for the compile step to read (see the
+    # docstring). Each engine's answer follows from how its plugin hooks the model; the compile step's own tests and
+    # device check are what confirm it.
     compile_blocks: ClassVar[tuple[bool, str]]
     # Llama.loss_path to train with, where the plugin needs another than the model's default.
     loss_path: ClassVar[str | None] = None

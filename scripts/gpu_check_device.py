@@ -128,7 +128,7 @@ def facts() -> dict:
 # import, colossalai's engine chain, HybridAdam and its kernel loaders), so that a wheel set missing one fails here,
 # in seconds, and not in the middle of the check. torch.utils.tensorboard needs the tensorboard package.
 DEVICE_MODULES = ("training.engine", "training.loop", "training.optimizer", "training.lr_schedule", "training.metrics",
-                  "training.checkpoint", "training.zero_state", "training.settings", "pretrain_main", "pretrain_args",
+                  "training.checkpoint", "training.engine.masters", "training.settings", "pretrain_main", "pretrain_args",
                   "llama.llama_model", "llama.tiny", "colossalai.nn.optimizer", "colossalai.kernel.kernel_loader",
                   "colossalai.kernel.extensions.pybind.optimizer.fused_optimizer_cuda", "colossalai.lazy",
                   "colossalai.zero.gemini.utils", "torch.utils.tensorboard", "sentencepiece", "safetensors.torch",
@@ -215,7 +215,7 @@ def mean_rank_loss(model: Llama, batches: list[dict]) -> float:
 
 def compute_setup(plugin: str, precision: str) -> tuple[torch.dtype, torch.dtype | None]:
     """(weight dtype, autocast dtype) under which a run's model computes: ZeRO plugins hold half-precision
-    weights; ddp holds fp32 weights and autocasts (training/engine.py)."""
+    weights; ddp holds fp32 weights and autocasts (training/engine/)."""
     if plugin in ("gemini", "zero2") and precision in HALF:
         return HALF[precision], None
     return torch.float32, HALF.get(precision)

@@ -6,8 +6,9 @@ import random
 import pytest
 import torch
 
-from training.checkpoint import (CheckpointError, capture_rng_state, checkpoint_name, find_latest, resolve_resume,
-                                 restore_rng_state, set_aside_newer)
+from training.checkpoint import checkpoint_name, find_latest, resolve_resume, set_aside_newer
+from training.checkpoint_files import CheckpointError
+from training.rng_state import capture_rng_state, restore_rng_state
 from training_runs import TINY_RUN, explain, read_metrics, tiny_model, torchrun  # noqa: F401
 
 

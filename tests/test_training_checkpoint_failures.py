@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.checkpoint import CheckpointError, _io_cause, find_latest, resolve_resume, verify_files
+from training.checkpoint import find_latest, resolve_resume
+from training.checkpoint_files import CheckpointError, io_cause, verify_files
 from training_runs import TINY_RUN, explain, tiny_model, torchrun  # noqa: F401
 
 
@@ -61,12 +62,12 @@ def test_each_writers_full_disk_error_is_named(tmp_path):
     quotes it with the free space instead."""
     with pytest.raises(Exception) as torch_error:
         torch.save({"w": torch.zeros(4096)}, "/dev/full")
-    cause = _io_cause(torch_error.value, tmp_path)
+    cause = io_cause(torch_error.value, tmp_path)
     assert "PytorchStreamWriter failed writing file" in cause and "free on the disk of" in cause
     with pytest.raises(Exception) as safetensors_error:
         save_file({"w": torch.zeros(4096)}, "/dev/full")
-    assert _io_cause(safetensors_error.value, tmp_path).startswith("no space left on the device")
-    assert _io_cause(ValueError("a bug"), tmp_path) is None  # not a disk problem: keeps its traceback
+    assert io_cause(safetensors_error.value, tmp_path).startswith("no space left on the device")
+    assert io_cause(ValueError("a bug"), tmp_path) is None  # not a disk problem: keeps its traceback
 
 
 def test_a_torch_file_cut_short_is_named(tmp_path):

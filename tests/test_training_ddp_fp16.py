@@ -7,8 +7,10 @@ import pretrain_args
 from llama.configuration_llama import LlamaConfig
 from llama.llama_model import Llama
 from llama.tokenizer_files import load_tokenizer
-from training.checkpoint import GRAD_SCALER, TrainerState, load_checkpoint, save_checkpoint
-from training.engine import Engine, EngineChoice
+from training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from training.checkpoint_files import GRAD_SCALER
+from training.engine import EngineChoice, engine_for
+from training.engine.ddp import DDPEngine
 from training.settings import load_settings
 from training_runs import one_process_group, tiny_model  # noqa: F401
 
@@ -32,9 +34,10 @@ def _settings(model_dir, out, initial_loss_scale: float):
                                          "warmup_steps=1", "max_steps=4"])
 
 
-def _engine(settings) -> Engine:
-    return Engine(settings, EngineChoice("ddp", "fp16", torch.device("cpu")),
-                  Llama.from_pretrained(settings.init_model_path))
+def _engine(settings) -> DDPEngine:
+    engine = engine_for(settings, EngineChoice("ddp", "fp16", torch.device("cpu")))
+    engine.boost(Llama.from_pretrained(settings.init_model_path))
+    return engine
 
 
 def test_ddp_fp16_checkpoint_keeps_optimizer_and_scaler_and_no_sync_applies(tiny_model, tmp_path, monkeypatch,
@@ -46,7 +49,7 @@ def test_ddp_fp16_checkpoint_keeps_optimizer_and_scaler_and_no_sync_applies(tiny
     # (`load_states_into_optimizer` in colossalai/checkpoint_io/utils.py), which ColossalAI's CPU accelerator refuses.
     monkeypatch.setattr(torch.cuda.amp, "GradScaler", lambda **kwargs: torch.amp.GradScaler("cpu", **kwargs))
     monkeypatch.setattr(CpuAccelerator, "synchronize", lambda self, device=None: None)
-    monkeypatch.setattr(Engine, "checkpoint_optimizer_sharded", property(lambda self: True))  # the GPU layout
+    monkeypatch.setattr(DDPEngine, "checkpoint_optimizer_sharded", property(lambda self: True))  # the GPU layout
 
     out = tmp_path / "out"
     engine = _engine(_settings(tiny_model, out, initial_loss_scale=1024))

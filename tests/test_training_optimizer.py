@@ -1,4 +1,4 @@
-"""training/optimizer.py on CPU: which Adam runs for which settings, the toolchain check's one error line (with
+"""training/engine/optimizer.py and each engine's adam_kind on CPU: which Adam runs for which settings, the toolchain check's one error line (with
 CUDA_HOME and nvcc faked), and the CPU Adam thread count."""
 import os
 import stat
@@ -9,10 +9,11 @@ import torch
 from torch.utils import cpp_extension
 
 import pretrain_args
-from training import optimizer
-from training.engine import EngineChoice
-from training.optimizer import (ADAMW, FUSED_ADAMW, HYBRID_ADAM, ToolchainError, build_optimizer, check_toolchain,
-                                offloaded_adam_threads, omp_threads_set_by_user, optimizer_kind, optimizer_offloaded)
+from training import optimizer as build_command
+from training.engine import EngineChoice, engine_for
+from training.engine import optimizer
+from training.engine.optimizer import (ADAMW, FUSED_ADAMW, HYBRID_ADAM, ToolchainError, build_optimizer,
+                                       offloaded_adam_threads, omp_threads_set_by_user)
 from training.settings import load_settings
 
 CUDA = torch.device("cuda", 0)  # only a name here: nothing runs on it
@@ -34,16 +35,28 @@ def _settings(*overrides):
 ])
 def test_optimizer_for_each_setting(overrides, device, kind, offloaded):
     settings = _settings(*overrides)
-    choice = EngineChoice(settings.plugin, settings.precision, device)
-    assert optimizer_kind(settings, choice) == kind
-    assert optimizer_offloaded(settings, choice) == offloaded
+    engine = engine_for(settings, EngineChoice(settings.plugin, settings.precision, device))
+    assert engine.adam_kind == kind
+    assert engine.optimizer_offloaded == offloaded
+
+
+def check_toolchain(settings, choice):
+    engine_for(settings, choice).check_toolchain()
+
+
+def test_every_plugin_setting_has_an_engine():
+    from training.engine import ENGINES
+    from training.settings import PLUGINS
+
+    assert sorted(ENGINES) == sorted(PLUGINS)
 
 
 @pytest.mark.parametrize("device, fused", [(CUDA, True), (CPU, None)])
 def test_torch_adamw_carries_the_settings(device, fused):
     settings = _settings("plugin=zero2", "lr=3e-4", "adam_beta2=0.9", "weight_decay=0.05")
     params = [torch.nn.Parameter(torch.ones(3))]
-    built = build_optimizer(settings, EngineChoice("zero2", "bf16", device), params)
+    built = build_optimizer(settings, engine_for(settings, EngineChoice("zero2", "bf16", device)).adam_kind, device,
+                            False, params)
     assert type(built) is torch.optim.AdamW and built.defaults["fused"] == fused
     assert built.defaults["lr"] == 3e-4 and built.defaults["betas"] == (0.9, 0.9)
     assert built.defaults["weight_decay"] == 0.05
@@ -104,7 +117,7 @@ def test_matching_toolchain_passes_and_the_build_step_refuses_a_bad_one(tmp_path
 
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
     with pytest.raises(SystemExit) as stopped:
-        optimizer.main(["--build-kernels"])
+        build_command.main(["--build-kernels"])  # python -m training.optimizer --build-kernels
     assert stopped.value.code == 1
     assert capsys.readouterr().err.strip() == ("error: cannot build HybridAdam's kernels: ninja is not installed "
                                                "(pip install ninja)")
@@ -233,7 +246,8 @@ def test_a_step_leaves_skipped_parameters_undecayed(plugin, monkeypatch):
             CPUAdamOptimizer=TorchCPUAdam))
     model = _tiny_llama()
     settings = _settings(f"plugin={plugin}", "weight_decay_skip=True", "weight_decay=0.5", "lr=0.1")
-    built = build_optimizer(settings, EngineChoice(plugin, "fp32", CPU), optimizer.parameter_groups(settings, model))
+    kind = engine_for(settings, EngineChoice(plugin, "bf16", CPU)).adam_kind
+    built = build_optimizer(settings, kind, CPU, False, optimizer.parameter_groups(settings, model))
     assert type(built).__name__ == ("AdamW" if plugin == "ddp" else "HybridAdam")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     for p in model.parameters():
@@ -252,7 +266,7 @@ def test_a_resumed_fused_adamw_gets_its_step_back_on_the_parameters_device():
     float32, through ColossalAI's wrapper; a non-fused optimizer's step stays on the CPU, as torch keeps it."""
     from colossalai.interface import OptimizerWrapper
 
-    from training.checkpoint import fused_steps_to_param_device
+    from training.engine.base import fused_steps_to_param_device
 
     def loaded_as_colossalai_leaves_it(fused: bool):
         param = torch.nn.Parameter(torch.empty(4, device="meta"))

@@ -67,13 +67,12 @@ def test_each_args_file_is_valid_as_shipped(module):
 @pytest.mark.parametrize("placement, param_frac, expected", [("static", 1.0, 1.0), ("static", 0.0, 0.0),
                                                               ("auto", 1.0, 0.0)])
 def test_gemini_placement_settings_reach_the_plugin(placement, param_frac, expected):
-    from training.engine import Engine, EngineChoice
+    from training.engine import EngineChoice, engine_for
 
-    engine = Engine.__new__(Engine)  # only the plugin choice: GeminiPlugin itself needs a GPU
-    engine.choice = EngineChoice("gemini", "fp16", None)
     s = load_settings(alignment_sft_args, [f"gemini_placement_policy={placement}",
                                            f"gemini_offload_param_frac={param_frac}"])
-    plugin, _ = engine._plugin(types.SimpleNamespace(GeminiPlugin=dict), s)
+    engine = engine_for(s, EngineChoice("gemini", "fp16", None))  # only the plugin: GeminiPlugin itself needs a GPU
+    plugin, _ = engine._plugin(types.SimpleNamespace(GeminiPlugin=dict))
     assert (plugin["placement_policy"], plugin["offload_param_frac"]) == (placement, expected)
     assert plugin["offload_optim_frac"] == (1.0 if placement == "static" else 0.0)
 
@@ -156,10 +155,12 @@ def test_help_lists_every_setting_with_its_comment(capsys):
 def test_loaded_model_trains_with_the_runs_dropout_not_the_checkpoints(tiny_model):
     import torch
 
-    from training.model_loading import check_model_inputs, load_model
+    from training.engine import EngineChoice, engine_for
+    from training.model_loading import check_model_inputs
 
     settings = types.SimpleNamespace(**vars(_inputs_settings(tiny_model)), gradient_checkpointing=True)
-    model = load_model(settings, check_model_inputs(settings), torch.float32, "ddp")
+    engine = engine_for(settings, EngineChoice("ddp", "fp32", torch.device("cpu")))
+    model = engine.build_model(check_model_inputs(settings))
     dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(p == 0.05 for p in dropouts)
     assert model.config.dropout_prob == 0.05 and model.gradient_checkpointing
@@ -307,16 +308,15 @@ def test_an_old_args_file_with_a_bool_checkpointing_still_takes_a_mode(tmp_path,
 @pytest.mark.parametrize("plugin, device, compiled", [("ddp", "cpu", False), ("gemini", "cuda", False),
                                                       ("zero2", "cuda", True)])
 def test_compile_runs_where_the_engine_allows_it_and_says_why_not_in_one_line(plugin, device, compiled, caplog):
-    from training.engine import EngineChoice
-    from training.model_loading import compile_blocks_if_allowed
+    from training.engine import ENGINES, EngineChoice
 
     calls = []
     model = types.SimpleNamespace(layers=[0, 1], compile_blocks=lambda: calls.append("compiled"))
     choice = EngineChoice(plugin, "bf16", torch.device(device))
-    settings = load_settings(pretrain_args, [])
-    with caplog.at_level("INFO", logger="training.model_loading"):
-        assert compile_blocks_if_allowed(model, settings, choice.compile_refusal) is compiled
+    engine = ENGINES[plugin](load_settings(pretrain_args, []), choice)
+    with caplog.at_level("INFO", logger="training.engine.base"):
+        assert engine._compile_if_allowed(model) is compiled
     assert calls == (["compiled"] if compiled else [])
     assert len(caplog.records) == 1 and ("running eager" in caplog.text) != compiled
-    assert not compile_blocks_if_allowed(model, load_settings(pretrain_args, ["compile=False"]),
-                                         choice.compile_refusal)
+    off = ENGINES[plugin](load_settings(pretrain_args, ["compile=False"]), choice)
+    assert not off._compile_if_allowed(model)

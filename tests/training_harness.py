@@ -80,14 +80,14 @@ def kill_after_save(step: int) -> None:
 
 
 def crash_during_save(step: int) -> None:
-    original = checkpoint._write_json
+    original = checkpoint.write_json
 
     def write_or_die(path, obj, **kwargs):
         if path.name == checkpoint.TRAINER_STATE and f"ckpt_step-{step}_" in path.parent.name:
             os.kill(os.getpid(), signal.SIGKILL)
         return original(path, obj, **kwargs)
 
-    checkpoint._write_json = write_or_die
+    checkpoint.write_json = write_or_die
 
 
 def disk_full_at_save(step: int) -> None:
@@ -174,15 +174,19 @@ def emptying(data_processor_cls, which: set[tuple[int, int]]):
 
 
 def dump_loaded(directory: Path) -> None:
-    """After load_weights_after_boost: the boosted model's weights, and its fp32 masters gathered into whole tensors
-    straight from ColossalAI's structures (not through training/zero_state.py, which the tests check)."""
+    """After a fresh start's boost: the boosted model's weights, and its fp32 masters gathered into whole tensors
+    straight from ColossalAI's structures (not through training/engine/masters.py, which the tests check)."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    original = loop.load_weights_after_boost
+    from training.engine import Engine
 
-    def load_then_dump(engine, settings, inputs):
-        original(engine, settings, inputs)
+    original = Engine.boost
+
+    def load_then_dump(engine, model, initial_weights=None):
+        original(engine, model, initial_weights)
+        if initial_weights is None:
+            return
         engine.booster.save_model(engine.model, str(directory / "weights"), shard=True, use_safetensors=True)
         masters = {}
         if engine.choice.plugin == "zero2":
@@ -204,7 +208,7 @@ def dump_loaded(directory: Path) -> None:
         if _rank() == 0:
             save_file(masters, str(directory / "masters.safetensors"))
 
-    loop.load_weights_after_boost = load_then_dump
+    Engine.boost = load_then_dump
 
 
 class TransformersAsOurs(torch.nn.Module):
@@ -225,13 +229,15 @@ class TransformersAsOurs(torch.nn.Module):
 def train_transformers_class() -> None:
     from transformers import AutoModelForCausalLM
 
-    def load_model(settings, inputs, dtype, plugin):
-        assert plugin == "ddp" and float(settings.dropout_prob) == 0.0
-        return TransformersAsOurs(AutoModelForCausalLM.from_pretrained(settings.init_model_path, torch_dtype=dtype,
-                                                                       attn_implementation="sdpa"))
+    from training.engine.ddp import DDPEngine
 
-    loop.load_model = load_model
-    loop.load_weights_after_boost = lambda engine, settings, inputs: None  # loaded whole above
+    def build_model(engine, inputs):  # the weights loaded whole, as DDPEngine loads ours
+        settings = engine.settings
+        assert float(settings.dropout_prob) == 0.0
+        return TransformersAsOurs(AutoModelForCausalLM.from_pretrained(
+            settings.init_model_path, torch_dtype=engine.load_dtype, attn_implementation="sdpa"))
+
+    DDPEngine.build_model = build_model
     loop.save_final = lambda *args: None  # a reference run: its weights (transformers' names) are not a model dir
 
 

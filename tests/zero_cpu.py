@@ -125,10 +125,9 @@ def cuda_named_cpu_accelerator():
 
 def choose_zero_on_cpu(settings):
     """training.engine.choose_engine as on a GPU machine, but on the CPU device."""
-    from training.engine import EngineChoice, check_engine_settings
+    from training.engine import EngineChoice, engine_for
 
-    check_engine_settings(settings)
-    return EngineChoice(settings.plugin, settings.precision, torch.device("cpu"))
+    return engine_for(settings, EngineChoice(settings.plugin, settings.precision, torch.device("cpu")))
 
 
 def install() -> None:

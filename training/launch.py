@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import socket
 import time
@@ -17,6 +16,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from training.rng_state import seed_rng
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +46,27 @@ def launch(seed: int) -> Run:
     if not dist.is_initialized():
         # 30 minutes: rank 0 may write a 7B checkpoint while the others wait in a barrier.
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    random.seed(seed + rank)
-    torch.manual_seed(seed + rank)  # also seeds every CUDA device
+    seed_rng(seed + rank)
     return Run(rank, world_size, local_rank, device)
 
 
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank in the job; 0 outside a process group."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class StopRequest:

@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.checkpoint import (CheckpointError, TrainerState, find_latest, load_checkpoint, read_trainer_state,
-                                 resolve_resume, save_checkpoint, save_final, set_aside_newer)
+from training.checkpoint import (TrainerState, find_latest, load_checkpoint, read_trainer_state, resolve_resume,
+                                 save_checkpoint, save_final, set_aside_newer)
+from training.checkpoint_files import CheckpointError
 from training.engine import Engine, choose_engine
 from training.evaluation import HeldOut, load_held_out
 from training.launch import StopRequest, launch, shutdown
 from training.metrics import (Metrics, batch_line, flops_per_token, peak_tflops_per_gpu, recompute_flops_per_token,
                               setup_logging)
-from training.model_loading import (ModelInputError, check_model_inputs, compile_blocks_if_allowed, load_model,
-                                    load_weights_after_boost, log_host_memory)
+from training.model_loading import ModelInputError, check_model_inputs, log_host_memory
 from training.corpus import DataError
 from training.settings import SettingsError, load_settings, resolve_global_batch
 
@@ -71,7 +71,8 @@ def _train(settings, data_processor_cls) -> None:
     logger.info("rank %d of %d (local rank %d) on %s; log file %s", run.rank, run.world_size, run.local_rank,
                 run.device, log_file)
     logger.info(batch_line(settings, run.world_size))
-    choice = choose_engine(settings)
+    engine = choose_engine(settings)
+    choice = engine.choice
     if choice.fallback_reason and run.rank == 0:
         logger.warning(choice.fallback_reason)
 
@@ -83,24 +84,21 @@ def _train(settings, data_processor_cls) -> None:
     try:
         held_out = load_held_out(settings, data, run.rank, run.world_size)  # None: no evaluation
         # ---- model and engine (booster, plugin, optimizer, lr schedule)
-        model = load_model(settings, inputs, choice.load_dtype, choice.plugin)
-        compile_blocks_if_allowed(model, settings, choice.compile_refusal)
+        model = engine.build_model(inputs)
         fpt = flops_per_token(model, inputs.config.num_hidden_layers, inputs.config.hidden_size,
                               settings.max_seq_length)
         recompute_fpt = recompute_flops_per_token(model, inputs.config.hidden_size, settings.max_seq_length)
-        engine = Engine(settings, choice, model)
+        resume_from = _agree_on_resume(settings, run.rank)
+        engine.boost(model, initial_weights=inputs if resume_from is None else None)
         logger.info("engine: plugin=%s precision=%s device=%s", choice.plugin, choice.precision, choice.device)
 
         # ---- resume: model, optimizer, scheduler, this rank's data position and RNG
         state = TrainerState(world_size=run.world_size, settings=settings.to_dict())
-        resume_from = _agree_on_resume(settings, run.rank)
         if resume_from is not None:
             state = load_checkpoint(resume_from, engine, data, settings)
             state.settings = settings.to_dict()
             logger.info("resumed from %s at step %d (%s tokens seen)", resume_from, state.step,
                         f"{state.tokens_seen:,}")
-        else:
-            load_weights_after_boost(engine, settings, inputs)
         log_host_memory("with the model loaded")
 
         # ---- the loop
@@ -114,7 +112,7 @@ def _train(settings, data_processor_cls) -> None:
 
 
 def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState, fpt: float,
-               held_out: HeldOut | None, recompute_fpt: float = 0.0) -> bool:
+               held_out: HeldOut | None, recompute_fpt: float) -> bool:
     """Train until max_steps (True) or a stop signal (False, after a checkpoint)."""
     stop = StopRequest()
     metrics = Metrics(settings, run.rank, run.world_size, fpt,

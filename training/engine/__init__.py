@@ -1,0 +1,53 @@
+"""The engine: one class per ColossalAI plugin behind one interface (base.py), and the only package that imports
+colossalai or asks which plugin runs.
+
+    base.py               Engine (the interface and what all share), EngineChoice, StepOutcome
+    gemini.py             GeminiEngine: GeminiPlugin, ZeRO-3 chunks
+    zero2.py              Zero2Engine: LowLevelZeroPlugin(stage=2)
+    ddp.py                DDPEngine: TorchDDPPlugin; also the CPU fallback
+    zero.py               what the two ZeRO engines share: half-precision loads, fp32 masters, the fp16 loss scaler
+    masters.py            the fp32 masters and loss scaler that ColossalAI's checkpoints leave out
+    optimizer.py          which Adam, HybridAdam's toolchain and kernels, the CPU Adam's threads
+    colossalai_import.py  the one import of ColossalAI's training pieces
+
+On a machine without CUDA the ZeRO plugins and HybridAdam cannot run (they assert a GPU), so choose_engine falls back
+to ddp on gloo in fp32 with torch.optim.AdamW, and says why in fallback_reason.
+"""
+from __future__ import annotations
+
+import torch
+
+from training.engine.base import Engine, EngineChoice, StepOutcome
+from training.engine.colossalai_import import import_colossalai
+from training.engine.ddp import DDPEngine
+from training.engine.gemini import GeminiEngine
+from training.engine.zero2 import Zero2Engine
+from training.settings import SettingsError
+
+__all__ = ["ENGINES", "Engine", "EngineChoice", "StepOutcome", "choose_engine", "engine_for", "import_colossalai"]
+
+ENGINES: dict[str, type[Engine]] = {cls.name: cls for cls in (GeminiEngine, Zero2Engine, DDPEngine)}
+
+
+def engine_for(settings, choice: EngineChoice) -> Engine:
+    """The engine of choice.plugin, its settings checked (the plugin/precision pairs it cannot run on any device)."""
+    engine = ENGINES[choice.plugin](settings, choice)
+    engine.check_settings()
+    return engine
+
+
+def choose_engine(settings) -> Engine:
+    """The engine that runs here for `settings`, not yet built: on CUDA the settings' plugin and precision, checked
+    (bf16 support, HybridAdam's toolchain) before any model exists; without CUDA the ddp fallback."""
+    if not torch.cuda.is_available():
+        reason = ""
+        if settings.plugin != DDPEngine.name or settings.precision != "fp32":
+            reason = (f"no CUDA device: plugin={settings.plugin!r} precision={settings.precision!r} cannot run here, "
+                      f"falling back to plugin={DDPEngine.name!r} on gloo, fp32, torch.optim.AdamW")
+        return DDPEngine(settings, EngineChoice(DDPEngine.name, "fp32", torch.device("cpu"), reason))
+    engine = engine_for(settings, EngineChoice(settings.plugin, settings.precision,
+                                               torch.device("cuda", torch.cuda.current_device())))
+    if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise SettingsError(f"setting 'precision' = 'bf16': {torch.cuda.get_device_name()} has no bf16; use fp16")
+    engine.check_toolchain()
+    return engine

@@ -158,12 +158,12 @@ def test_loaded_model_trains_with_the_runs_dropout_not_the_checkpoints(tiny_mode
     from training.engine import EngineChoice, engine_for
     from training.model_loading import check_model_inputs
 
-    settings = types.SimpleNamespace(**vars(_inputs_settings(tiny_model)), gradient_checkpointing=True)
+    settings = types.SimpleNamespace(**vars(_inputs_settings(tiny_model)), gradient_checkpointing="full", compile=True)
     engine = engine_for(settings, EngineChoice("ddp", "fp32", torch.device("cpu")))
     model = engine.build_model(check_model_inputs(settings))
     dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(p == 0.05 for p in dropouts)
-    assert model.config.dropout_prob == 0.05 and model.gradient_checkpointing
+    assert model.config.dropout_prob == 0.05 and model.gradient_checkpointing == "full"
 
 
 @pytest.mark.parametrize("alias, meant", [

@@ -83,12 +83,15 @@ DEMO_SETTINGS=(
 )
 
 run_stage() {  # run_stage <stage> <init_model_path> <eval_sets> [setting=value ...]
-    local stage=$1 init=$2 eval_sets=$3
+    local stage=$1 init=$2 eval_sets=$3 common=() item
     shift 3
+    for item in "${DEMO_SETTINGS[@]}"; do  # a stage's own value replaces the common one (a key given twice stops)
+        [[ " ${*%%=*} " == *" ${item%%=*} "* ]] || common+=("$item")
+    done
     echo
     echo "== ${stage}_main.py from $init"
     "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "${stage}_main.py" \
-        "${DEMO_SETTINGS[@]}" init_model_path="$init" eval_sets="$eval_sets" "$@" \
+        "${common[@]}" init_model_path="$init" eval_sets="$eval_sets" "$@" \
         output_dir="$DEMO_DIR/$stage" logdir="$DEMO_DIR/$stage/logs" 2>&1 \
         | grep -v -e "^W[0-9]* .*torch/distributed/run.py" -e "^\*\*\*\*" -e "OMP_NUM_THREADS"
     echo "$(elapsed) $stage done"

@@ -5,13 +5,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from training_runs import REPO, TINY_RUN, tiny_model  # noqa: F401 (fixture)
+from training_runs import REPO, TINY_RUN, on_cpu, tiny_model  # noqa: F401 (fixture)
 
 
-def _launch(*settings: str) -> list[str]:
-    """The lines a one-process stage 1 launch prints, after checking that it failed."""
-    result = subprocess.run([sys.executable, "pretrain_main.py", *TINY_RUN, "max_steps=4", *settings], cwd=REPO,
+def _launch(*settings: str, cpu: bool = True) -> list[str]:
+    """The lines a one-process stage 1 launch prints, after checking that it failed (cpu: on plugin=ddp in fp32)."""
+    argv = [*TINY_RUN, "max_steps=4", *settings]
+    result = subprocess.run([sys.executable, "pretrain_main.py", *(on_cpu(argv) if cpu else argv)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
@@ -48,3 +50,15 @@ def test_damaged_model_files(tiny_model, tmp_path, damage, expected):
     assert line.startswith("error: ModelInputError: ") and str(model) in line, line
     assert (expected if path.name == damage else "not a whole weight file (") in line, line
     assert "copy it again" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA: gemini runs")
+def test_a_cuda_plugin_without_cuda_names_the_cpu_way(tiny_model, tmp_path):
+    """The args files' plugin (gemini, fp16) on a machine without CUDA stops at once, naming what runs there,
+    instead of training something else than asked."""
+    [line] = _launch(f"init_model_path={tiny_model}", f"output_dir={tmp_path / 'out'}", cpu=False)
+    assert line == ("error: SettingsError: settings 'plugin' = 'gemini', 'precision' = 'fp16' need a CUDA device and "
+                    "this machine has none; on CPU run plugin=ddp precision=fp32 (gloo, torch.optim.AdamW)")
+    [line] = _launch(f"init_model_path={tiny_model}", f"output_dir={tmp_path / 'out'}", "plugin=ddp", cpu=False)
+    assert "'plugin' = 'ddp', 'precision' = 'fp16' need a CUDA device" in line  # ddp in half precision needs one too
+    assert not list((tmp_path / "out").glob("ckpt_*"))

@@ -47,6 +47,8 @@ def test_logdir_follows_output_dir_unless_set():
     (["batch_size=0"], "'batch_size' = 0 is invalid"),
     (["warmup_steps=10", "max_steps=10"], "'warmup_steps' = 10 must be below 'max_steps' = 10"),
     (["min_lr=1e-3"], "'min_lr' = 0.001 is above 'lr'"),
+    (["max_steps=3", "max_steps=4"], r"setting 'max_steps' is given twice on the command line \(3, then '4'\)"),
+    (["max_steps=3", "lr=1e-5", "max_steps=3"], "setting 'max_steps' is given twice"),  # even with the same value
     (["gemini_offload_param_frac=1.5"], "'gemini_offload_param_frac' = 1.5 is invalid"),
     (["gemini_offload_optim_frac=0.5", "gemini_offload_param_frac=1.0"],
      "'gemini_offload_param_frac' = 1.0 needs 'gemini_offload_optim_frac' = 1.0"),
@@ -104,7 +106,7 @@ def test_cli_error_is_one_clear_line(override, message):
 def test_missing_model_path_fails_before_data_and_model(tmp_path):
     # The data root does not exist either: the model check runs first, so its message is the one reported.
     result = subprocess.run([sys.executable, "pretrain_main.py", f"init_model_path={tmp_path / 'no-model'}",
-                             f"pretrain_data_root_dir={tmp_path / 'no-data'}", f"output_dir={tmp_path / 'out'}",
+                             "plugin=ddp", "precision=fp32", f"pretrain_data_root_dir={tmp_path / 'no-data'}", f"output_dir={tmp_path / 'out'}",
                              f"logdir={tmp_path / 'logs'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert "init_model_path=" in result.stdout + result.stderr

@@ -74,12 +74,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def on_cpu(settings: list[str]) -> list[str]:
+    """The settings with plugin=ddp and precision=fp32, the pair that runs without CUDA (the args files' gemini/fp16
+    is an error there), wherever they do not name their own."""
+    named = {item.partition("=")[0] for item in settings}
+    return [*settings, *(f"{key}={value}" for key, value in (("plugin", "ddp"), ("precision", "fp32"))
+                         if key not in named)]
+
+
 def torchrun(settings: list[str], stage: str = "pretrain", nproc: int = 2, env: dict | None = None,
              timeout: float = 240, script: Path = HARNESS, launcher: list[str] | None = None,
              wait: bool = True):
-    """Launch `script` under torchrun (standalone unless `launcher` gives other flags) from the repo root."""
+    """Launch `script` under torchrun (standalone unless `launcher` gives other flags) from the repo root; on ddp in
+    fp32 unless the settings name a plugin or precision, or HARNESS_ZERO_ON_CPU runs them as on a GPU."""
     full_env = dict(os.environ, HARNESS_STAGE=stage, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
+    if not full_env.get("HARNESS_ZERO_ON_CPU"):
+        settings = on_cpu(settings)
     launcher = launcher or ["--standalone", f"--nproc_per_node={nproc}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(script), *settings]
     if not wait:

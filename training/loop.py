@@ -73,8 +73,6 @@ def _train(settings, data_processor_cls) -> None:
     logger.info(batch_line(settings, run.world_size))
     engine = choose_engine(settings)
     choice = engine.choice
-    if choice.fallback_reason and run.rank == 0:
-        logger.warning(choice.fallback_reason)
 
     # ---- model inputs: path, config, tokenizer, lengths -- before any data or model memory
     inputs = check_model_inputs(settings)

@@ -89,6 +89,9 @@ def load_settings(args_module: types.ModuleType, argv: list[str]) -> Settings:
             raise SettingsError(f"command-line item {item!r} is not key=value (settings are in {source})")
         if name not in values:
             raise SettingsError(f"unknown setting {name!r}: {source} has no such name{_did_you_mean(name, values)}")
+        if name in overridden:  # a script's default and the user's own value: which one was meant is unknowable
+            raise SettingsError(f"setting {name!r} is given twice on the command line ({values[name]!r}, then "
+                                f"{text!r}); give it once")
         values[name] = parse_override(name, text, values[name])
         values = _normalized(values, source)
         overridden.add(name)

@@ -10,8 +10,9 @@ colossalai or asks which plugin runs.
     optimizer.py          which Adam, HybridAdam's toolchain and kernels, the CPU Adam's threads
     colossalai_import.py  the one import of ColossalAI's training pieces
 
-On a machine without CUDA the ZeRO plugins and HybridAdam cannot run (they assert a GPU), so choose_engine falls back
-to ddp on gloo in fp32 with torch.optim.AdamW, and says why in fallback_reason.
+On a machine without CUDA the ZeRO plugins, HybridAdam and half precision cannot run (they assert a GPU): only
+plugin=ddp precision=fp32 runs there (gloo, torch.optim.AdamW), and choose_engine refuses anything else rather than
+train something other than what was asked.
 """
 from __future__ import annotations
 
@@ -38,13 +39,14 @@ def engine_for(settings, choice: EngineChoice) -> Engine:
 
 def choose_engine(settings) -> Engine:
     """The engine that runs here for `settings`, not yet built: on CUDA the settings' plugin and precision, checked
-    (bf16 support, HybridAdam's toolchain) before any model exists; without CUDA the ddp fallback."""
+    (bf16 support, HybridAdam's toolchain) before any model exists; without CUDA ddp in fp32, the only pair that
+    runs there (any other is a SettingsError)."""
     if not torch.cuda.is_available():
-        reason = ""
         if settings.plugin != DDPEngine.name or settings.precision != "fp32":
-            reason = (f"no CUDA device: plugin={settings.plugin!r} precision={settings.precision!r} cannot run here, "
-                      f"falling back to plugin={DDPEngine.name!r} on gloo, fp32, torch.optim.AdamW")
-        return DDPEngine(settings, EngineChoice(DDPEngine.name, "fp32", torch.device("cpu"), reason))
+            raise SettingsError(f"settings 'plugin' = {settings.plugin!r}, 'precision' = {settings.precision!r} need "
+                                f"a CUDA device and this machine has none; on CPU run plugin={DDPEngine.name} "
+                                f"precision=fp32 (gloo, torch.optim.AdamW)")
+        return DDPEngine(settings, EngineChoice(DDPEngine.name, "fp32", torch.device("cpu")))
     engine = engine_for(settings, EngineChoice(settings.plugin, settings.precision,
                                                torch.device("cuda", torch.cuda.current_device())))
     if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():

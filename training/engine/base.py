@@ -46,7 +46,6 @@ class EngineChoice:
     plugin: str  # "gemini", "zero2" or "ddp"
     precision: str  # "fp16", "bf16" or "fp32"
     device: torch.device
-    fallback_reason: str = ""  # non-empty when the settings asked for something this machine cannot run
 
 
 @dataclass

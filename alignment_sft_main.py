@@ -3,7 +3,8 @@
     torchrun --standalone --nproc_per_node=2 alignment_sft_main.py [key=value ...]
 
 A record takes one of two shapes:
-  {"instruction", "input", "output"}: the recipe's single turn, each field stripped; a missing "input" is empty;
+  {"instruction", "input", "output"}: the recipe's single turn, instruction and input stripped, the output's
+      indentation kept (training/conversation.py answer_text); a missing "input" is empty;
   {"messages": [{"role": "system" | "user" | "assistant", "content"}, ...]}: an optional system turn first, then
       user and assistant turns alternating, ending with an assistant turn.
 In the recipe's format (chat_format="billa") a single turn is the sample
@@ -23,7 +24,7 @@ import random
 import sys
 
 import alignment_sft_args
-from training.conversation import Chat, chat_from_messages
+from training.conversation import Chat, answer_text, chat_from_messages
 from training.corpus import RecordError, text_field
 from training.data_stream import DataStream
 from training.loop import run_stage
@@ -34,7 +35,7 @@ class AlignmentSftRecords(RecordRules):
     def build(self, set_name: str, record: dict, rng: random.Random):
         if "messages" in record:
             return chat_from_messages(record)
-        instruction, output = (text_field(record, name).strip() for name in ("instruction", "output"))
+        instruction, output = text_field(record, "instruction").strip(), answer_text(text_field(record, "output"))
         task_input = text_field(record, "input").strip() if "input" in record else ""  # many public sets omit it
         if not instruction and not task_input:
             raise RecordError("neither 'instruction' nor 'input' has text")

@@ -30,14 +30,16 @@ CHAT_FORMATS = ("billa", "template")
 # model trained with chat_format="billa". Each answer is followed by the end token and nothing else; the next
 # question follows it directly; a system turn is its text and one "\n" before the first question:
 #     <bos>[system\n]Human: q1\nAssistant: a1<eos>Human: q2\nAssistant: a2<eos>
-# Every text is stripped, as the recipe strips its fields. Rendered, it equals training.conversation's billa
-# rendering character for character (tests/test_llama_chat_template.py).
+# System and user texts are stripped, as the recipe strips its fields; an answer loses its trailing whitespace and
+# leading line breaks only, so that code keeps its indentation (training.conversation.answer_text). Rendered, it
+# equals training.conversation's billa rendering character for character (tests/test_llama_chat_template.py).
 BILLA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] | trim + '\n' }}"
     "{% elif message['role'] == 'user' %}{{ 'Human: ' + message['content'] | trim + '\n' }}"
-    "{% else %}{% generation %}{{ 'Assistant: ' + message['content'] | trim + eos_token }}{% endgeneration %}"
+    "{% else %}{% generation %}{{ 'Assistant: ' + message['content'].rstrip().lstrip('\\r\\n') + eos_token }}"
+    "{% endgeneration %}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"

@@ -34,6 +34,7 @@ class RecordingTokenizer:
     def __init__(self, tok, fail_on=None):
         self.tok, self.fail_on, self.texts, self.calls = tok, fail_on, [], 0
         self.bos_id, self.eos_id, self.pad_id = tok.bos_id, tok.eos_id, tok.pad_id
+        self.bos_token, self.eos_token, self.token_to_id = tok.bos_token, tok.eos_token, tok.token_to_id
         self.encode, self.decode, self.token_ends = tok.encode, tok.decode, tok.token_ends
 
     def encode_batch(self, texts):

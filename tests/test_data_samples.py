@@ -35,9 +35,24 @@ def head(tok):
 
 
 def prompted(tok, prefix_text, answer_text):
-    """The exact sample bos + prefix (masked), answer + eos (counted)."""
+    """The exact sample bos + prefix (masked), answer + eos (counted): prefix and answer tokenized apart (stage 2)."""
     prefix = tok.encode(prefix_text, bos=True)
     answer = tok.encode(answer_text) + [tok.eos_id]
+    return prefix + answer, [0] * len(prefix) + [1] * len(answer)
+
+
+def joined_split(tok, prefix_text, answer_text):
+    """(prefix ids, answer ids) of prefix + answer tokenized as one text (stage 3, as its chat template renders
+    it): the answer's ids begin where that text's ids leave those of the prefix alone (" 3" after ":", not " ")."""
+    whole, apart = tok.encode(prefix_text + answer_text), tok.encode(prefix_text)
+    common = next((i for i, (a, b) in enumerate(zip(whole, apart)) if a != b), min(len(whole), len(apart)))
+    return whole[:common], whole[common:]
+
+
+def chat_prompted(tok, prefix_text, answer_text):
+    """The exact stage-3 single turn: bos + prefix (masked), answer + eos (counted), tokenized as one text."""
+    prefix, answer = joined_split(tok, prefix_text, answer_text)
+    prefix, answer = head(tok) + prefix, answer + [tok.eos_id]
     return prefix + answer, [0] * len(prefix) + [1] * len(answer)
 
 
@@ -146,9 +161,10 @@ def test_stage3_human_assistant_format(tmp_path, tok):
     write_set(tmp_path, "others", records, n_files=1)
     processor = alignment_sft_main.DataProcessor(
         settings(tmp_path, {"others": {"weight": 1, "file_start": 0}}, batch_size=1, max_seq_length=512), tok, 0, 1)
-    expected = [prompted(tok, "Human: Add the numbers.\n1 2\nAssistant: ", "3"),
-                prompted(tok, "Human: Say hi.\nAssistant: ", "hi"),
-                prompted(tok, "Human: What is the capital of France?\nAssistant: ", "Paris.")]
+    # instruction and input stripped; the answer keeps its leading space (its indentation), not its trailing ones
+    expected = [chat_prompted(tok, "Human: Add the numbers.\n1 2\nAssistant: ", " 3"),
+                chat_prompted(tok, "Human: Say hi.\nAssistant: ", "hi"),
+                chat_prompted(tok, "Human: What is the capital of France?\nAssistant: ", "Paris.")]
     assert {key(sample) for sample in take(processor, 8)} == {key(sample) for sample in expected}
 
 
@@ -199,6 +215,7 @@ class NoReencode:
 
     def __init__(self, tok):
         self.bos_id, self.eos_id, self.pad_id = tok.bos_id, tok.eos_id, tok.pad_id
+        self.bos_token, self.eos_token, self.token_to_id = tok.bos_token, tok.eos_token, tok.token_to_id
         self.encode_batch, self.token_ends = tok.encode_batch, tok.token_ends
 
     def encode(self, *args, **kwargs):
@@ -220,12 +237,16 @@ def inner_tokens(tok, parts, index):
     return inside[0], inside[-1] + 1
 
 
-def middle_cut_sample(tok, parts, cut_order, answer, length):
+def middle_cut_sample(tok, parts, cut_order, answer, length, joined=False):
     """The expected (ids, mask) of a too-long sample under long_prompt="middle": the Cut parts (indices into parts,
     the first to lose tokens first) each lose tokens from their middle, keeping head and tail (the tail one more
-    where odd), until [bos] + prefix + answer + eos is exactly `length` tokens."""
-    prefix = tok.encode("".join(parts))
-    answer_ids = tok.encode(answer) + [tok.eos_id]
+    where odd), until [bos] + prefix + answer + eos is exactly `length` tokens. joined: prefix and answer tokenized
+    as one text (stage 3)."""
+    if joined:
+        prefix, answer_ids = joined_split(tok, "".join(parts), answer)
+        answer_ids = answer_ids + [tok.eos_id]
+    else:
+        prefix, answer_ids = tok.encode("".join(parts)), tok.encode(answer) + [tok.eos_id]
     excess = len(head(tok)) + len(prefix) + len(answer_ids) - length
     ranges = {index: inner_tokens(tok, parts, index) for index in cut_order}
     for index in cut_order:  # later parts come first, so earlier ranges stay valid
@@ -278,7 +299,7 @@ def test_stage3_cuts_the_input_first_and_the_instruction_last(tmp_path, tok):
                                        [{"instruction": instruction, "input": PASSAGE + "\n" + QUESTION,
                                          "output": "In 1996."}], 2, tok)
     parts = ("Human: ", instruction, "\n", PASSAGE + "\n" + QUESTION, "\n", "Assistant: ")
-    assert samples[0] == middle_cut_sample(tok, parts, [3], "In 1996.", ROW)
+    assert samples[0] == middle_cut_sample(tok, parts, [3], "In 1996.", ROW, joined=True)
     text = tok.decode(samples[0][0][:samples[0][1].index(1)])
     assert text.startswith(f"Human: {instruction}\n{PASSAGE[:10]}") and text.endswith(f"{QUESTION}\nAssistant: ")
     assert counters["cut_input_tokens"] > 0
@@ -288,7 +309,7 @@ def test_stage3_cuts_the_input_first_and_the_instruction_last(tmp_path, tok):
     samples, _ = stream_samples(alignment_sft_main, tmp_path / "b", "others",
                                 [{"instruction": long_instruction, "input": PASSAGE, "output": "In 1996."}], 1, tok)
     parts = ("Human: ", long_instruction, "\n", PASSAGE, "\n", "Assistant: ")
-    assert samples[0] == middle_cut_sample(tok, parts, [3, 1], "In 1996.", ROW)
+    assert samples[0] == middle_cut_sample(tok, parts, [3, 1], "In 1996.", ROW, joined=True)
     text = tok.decode(samples[0][0][:samples[0][1].index(1)])
     assert text.startswith("Human: Summarise this text: ") and text.endswith("\nAssistant: ")
 
@@ -326,7 +347,8 @@ def test_long_prompt_recipe_cuts_the_end_of_the_whole_sample(tmp_path, tok):
     records = [{"instruction": instruction, "input": PASSAGE[:40] + "\n" + QUESTION, "output": long_output}]
     samples, counters = stream_samples(alignment_sft_main, tmp_path, "others", records, 1, tok,
                                        long_prompt="recipe")
-    ids, mask = prompted(tok, f"Human: {instruction}\n{PASSAGE[:40]}\n{QUESTION}\nAssistant: ", long_output)
+    ids, mask = chat_prompted(tok, f"Human: {instruction}\n{PASSAGE[:40]}\n{QUESTION}\nAssistant: ",
+                              long_output.rstrip())
     assert mask.index(1) < ROW < len(ids)
     assert samples == [(ids[:ROW], mask[:ROW])]  # the answer's end is lost, the input kept whole
     assert counters["cut_answers"] >= 1 and counters["cut_input_tokens"] == 0
@@ -345,11 +367,11 @@ def test_answer_longer_than_the_row_keeps_its_start_after_half_a_row_of_prefix(t
     samples, counters = stream_samples(alignment_sft_main, tmp_path, "others",
                                        [{"instruction": "Summarise:", "input": PASSAGE, "output": PASSAGE}], 1, tok)
     parts = ("Human: ", "Summarise:", "\n", PASSAGE, "\n", "Assistant: ")
-    prefix = tok.encode("".join(parts))
+    prefix, answer = joined_split(tok, "".join(parts), PASSAGE)
     first, stop = inner_tokens(tok, parts, 3)
     keep = ROW // 2 - len(head(tok)) - (len(prefix) - (stop - first))  # the prefix takes half the row, bos included
     prefix = prefix[:first + keep // 2] + prefix[stop - (keep - keep // 2):]
-    ids = head(tok) + prefix + tok.encode(PASSAGE)
+    ids = head(tok) + prefix + answer
     assert samples == [(ids[:ROW], [0] * (ROW // 2) + [1] * (ROW // 2))]
     assert counters["cut_answers"] >= 1 and counters["cut_input_tokens"] > 0
 

@@ -17,7 +17,7 @@ from tools import chat as chat_tool
 from tools.chat import ChatSession, main
 from tools.chat_format import STOP_TEXT, MessageTooLong, conversation, fit_prompt, turn_prompt
 from tools.stream_decode import StreamDecoder
-from training.conversation import ChatRenderer
+from training.conversation import ChatRenderer, answer_text
 from training.samples import SampleBuilder, counted_spans
 
 
@@ -60,10 +60,10 @@ def test_greedy_reply_is_deterministic_and_is_plain_greedy_generation(model, tok
 
 def billa_prompt(tok, history, message):
     """The recipe's layout written out: bos, then per past turn "Human: q\nAssistant: " + answer + eos, then the
-    new question's prefix; each piece tokenized on its own, as training tokenizes them."""
+    new question's prefix; each turn's text up to its eos tokenized whole, as the chat template's render is."""
     ids = [tok.bos_id]
     for q, a in history:
-        ids += tok.encode(turn_prompt(q)) + tok.encode(a) + [tok.eos_id]
+        ids += tok.encode(turn_prompt(q) + a) + [tok.eos_id]
     return ids + tok.encode(turn_prompt(message))
 
 
@@ -155,15 +155,16 @@ def test_chat_prompt_is_what_training_puts_before_the_answer(model, tokenizer_pa
     session.history = [(q, a) for q, a in turns[:-1]]
     session.reply(turns[-1][0])
     assert prompts == [sample.ids[:last_answer]]
-    stripped = [{"role": m["role"], "content": m["content"].strip()} for m in record["messages"][:-1]]
+    stripped = [{"role": m["role"], "content": answer_text(m["content"]) if m["role"] == "assistant" else
+                 m["content"].strip()} for m in record["messages"][:-1]]
     if chat_format == "template":  # and it is the template's own prompt, as transformers renders and encodes it
         assert prompts[0] == bpe_hf.apply_chat_template(stripped, add_generation_prompt=True)
         assert session.renderer.text(conversation(session.history[:-1], turns[-1][0], system)) == \
             bpe_hf.apply_chat_template(stripped, tokenize=False, add_generation_prompt=True)
     else:  # written out: the system line, then each answer followed by eos and the next "Human: " right after it
-        (q1, a1), (q2, a2), (q3, _) = [(q.strip(), a.strip()) for q, a in turns]
-        assert prompts[0] == ([tok.bos_id] + tok.encode(f"{system}\nHuman: {q1}\nAssistant: ") + tok.encode(a1) +
-                              [tok.eos_id] + tok.encode(f"Human: {q2}\nAssistant: ") + tok.encode(a2) + [tok.eos_id] +
+        (q1, a1), (q2, a2), (q3, _) = [(q.strip(), answer_text(a)) for q, a in turns]
+        assert prompts[0] == ([tok.bos_id] + tok.encode(f"{system}\nHuman: {q1}\nAssistant: {a1}") + [tok.eos_id] +
+                              tok.encode(f"Human: {q2}\nAssistant: {a2}") + [tok.eos_id] +
                               tok.encode(f"Human: {q3}\nAssistant: "))
 
 

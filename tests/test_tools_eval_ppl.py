@@ -93,10 +93,14 @@ def test_stage3_records_count_only_answers_and_end_tokens_in_the_stored_format(m
     figures = run(parse_args(["--model", str(model_dir), "--data", str(path), "--device", "cpu", "--quiet"]),
                   out=open("/dev/null", "w"))
     model, tok = Llama.from_pretrained(model_dir), SentencePieceTokenizer(model_dir)
+    def turn(question_text, answer):  # one turn's text tokenized whole; the answer's ids where they leave the question's
+        whole, apart = tok.encode(question_text + answer), tok.encode(question_text)
+        common = next((i for i, (a, b) in enumerate(zip(whole, apart)) if a != b), len(apart))
+        return whole[:common], whole[common:] + [tok.eos_id]
+
     samples = [  # (ids, counted positions), the billa layout written out
-        ([tok.bos_id] + tok.encode("ok\nHuman: hi\nAssistant: "), tok.encode("yo") + [tok.eos_id],
-         tok.encode("Human: 北京\nAssistant: "), tok.encode("首都") + [tok.eos_id]),
-        ([tok.bos_id] + tok.encode("Human: Say yes.\nAssistant: "), tok.encode("yes") + [tok.eos_id]),
+        ([tok.bos_id], []) + turn("ok\nHuman: hi\nAssistant: ", "yo") + turn("Human: 北京\nAssistant: ", "首都"),
+        ([tok.bos_id], []) + turn("Human: Say yes.\nAssistant: ", "yes"),
     ]
     losses = []
     for pieces in samples:

@@ -3,32 +3,33 @@ into token ids and the spans the loss counts. The SFT stream and tools.chat both
 prompt is exactly what training saw before an answer, end tokens included.
 
 Formats (setting chat_format):
-  "billa"     the recipe's. Each turn's question is one masked piece, each answer one counted piece followed by the
-              end token (tokenizer.eos_id), and the next question follows the end token directly:
-                  bos [system "\\n"] "Human: " q1 "\\n" "Assistant: " | a1 eos |
-                  "Human: " q2 "\\n" "Assistant: " | a2 eos
-              (| separates pieces; no "\\n" after an end token). Pieces are tokenized one by one, as the recipe
-              tokenizes its prefix and answer apart, so a single-turn conversation gets the recipe's very ids. A
-              system turn is its text and one "\\n", in the first piece.
+  "billa"     the recipe's, as BILLA_CHAT_TEMPLATE writes it (llama/chat_template.py). Each turn's question is
+              masked, each answer counted with the end token (tokenizer.eos_id) that follows it, and the next
+              question follows the end token directly:
+                  bos [system "\\n"] "Human: " q1 "\\n" "Assistant: " a1 eos "Human: " q2 "\\n" "Assistant: " a2 eos
+              (no "\\n" after an end token). A system turn is its text and one "\\n".
   "template"  the tokenizer's chat template, rendered as transformers' apply_chat_template renders it
               (llama/chat_template.py). Turn boundaries come from rendering the growing conversation: the render of
               the messages before an answer with add_generation_prompt=True ends where the answer starts, the render
               that includes the answer ends after it. Both must be string prefixes of the whole render (a template
               that rewrites earlier turns, as Qwen3's strips earlier thinking, cannot be trained turn by turn: a
-              DataError). The counted piece is the answer up to and including the tokenizer's eos_token text where
+              DataError). The counted span is the answer up to and including the tokenizer's eos_token text where
               the template writes one (Qwen's "<|im_end|>"); what follows it up to the next turn ("\\n") is masked.
-              A render that starts with the bos_token text gets bos_id instead (a SentencePiece tokenizer does not
-              read "<s>" as text). Pieces are tokenized one by one here too; for byte-level BPE templates (Llama 3,
-              Qwen, SmolLM2) the piece boundaries fall between pre-tokens, so the ids are those of the whole render
-              (tests/test_data_messages.py checks them against transformers' own).
+In both, the conversation is rendered to ONE text and tokenized as the exported model's apply_chat_template
+tokenizes it (ChatRenderer.tokenize: the bos and end tokens' texts become their ids, each stretch between them is
+encoded whole), and the counted token spans come from the tokenizer's offsets (token_ends): a token that straddles
+the start of an answer (byte-level BPE's " Re" of "Assistant: Reading") is counted. So the ids training uses are
+the ids a user's apply_chat_template gives (tests/test_chat_fidelity.py, over every bundled stage-3 record).
 Loss falls on every answer and its end token, and on nothing else.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import jinja2
+import numpy as np
 
 from llama.chat_template import CHAT_FORMATS, render_chat
 from llama.tokenizer import Tokenizer
@@ -41,7 +42,8 @@ ROLES = ("system", "user", "assistant")
 class Chat:
     """A conversation spec: an optional system text, then (question parts, answer) turns. A question's parts are
     non-empty stripped texts (the recipe's instruction and input; one part for a message), joined by "\\n" where a
-    template needs one text. The last answer is None in a prompt to generate from."""
+    template needs one text; an answer is answer_text()'s (its indentation kept). The last answer is None in a
+    prompt to generate from."""
 
     system: str
     turns: tuple[tuple[tuple[str, ...], Optional[str]], ...]
@@ -74,7 +76,8 @@ def chat_from_messages(record: dict) -> Optional[Chat]:
         if role not in ROLES:
             raise RecordError(f"messages[{index}]: role {role!r} is not one of {ROLES}")
         try:
-            texts.append((index, role, text_field(message, "content").strip()))
+            content = text_field(message, "content")
+            texts.append((index, role, answer_text(content) if role == "assistant" else content.strip()))
         except RecordError as e:
             raise RecordError(f"messages[{index}]: {e}") from None
     system = texts.pop(0)[2] if texts[0][1] == "system" else ""
@@ -101,15 +104,16 @@ def chat_from_messages(record: dict) -> Optional[Chat]:
     return Chat(system, tuple(turns))
 
 
-class Piece(NamedTuple):
-    text: str
-    counted: bool  # an answer: in the loss
-    end: bool = False  # the end token id follows the text's ids (billa)
-
-
 class Rendered(NamedTuple):
-    bos: bool  # bos_id goes first
-    pieces: list[Piece]
+    text: str  # the whole conversation as its chat template renders it, bos and end tokens written as their text
+    counted: list[tuple[int, int]]  # character spans [start, stop) of each answer with its end token
+
+
+def answer_text(text: str) -> str:
+    """An answer as both chat formats hold it: trailing whitespace removed (the end token follows the text), and
+    leading line breaks (nothing may come between "Assistant: " and the answer's first line); the first line's
+    indentation is kept, so code answers train as written. BILLA_CHAT_TEMPLATE writes the same expression."""
+    return text.rstrip().lstrip("\r\n")
 
 
 def billa_question(parts: tuple) -> tuple:
@@ -129,6 +133,13 @@ class ChatRenderer:
         if chat_format not in CHAT_FORMATS:
             raise DataError(f"setting 'chat_format' must be one of {CHAT_FORMATS}, got {chat_format!r}")
         self.tokenizer, self.chat_format = tokenizer, chat_format
+        # The special tokens a render writes as text, and their ids: transformers splits them out of a text before
+        # it tokenizes the rest (a tokenizer's bos/eos are special tokens of every exported tokenizer).
+        special = {text: tokenizer.token_to_id(text) for text in (tokenizer.bos_token, tokenizer.eos_token) if text}
+        self._special = {text: token for text, token in special.items() if token is not None}
+        self._special_pattern = re.compile("|".join(map(re.escape, sorted(self._special, key=len, reverse=True))))
+        # BILLA_CHAT_TEMPLATE starts with {{ bos_token }}: whatever bos the tokenizer names, added by it or not.
+        self.bos_text = tokenizer.bos_token if tokenizer.bos_token in self._special else ""
         self.template = None
         if chat_format == "template":
             self.template = tokenizer.chat_template
@@ -144,28 +155,27 @@ class ChatRenderer:
     # ---------------------------------------------------------------- text
 
     def render(self, chat: Chat) -> Rendered:
-        """The chat as pieces (a last answer None: ending with the prompt for the next answer)."""
+        """The chat as one text with its counted spans (a last answer None: ending with the prompt for the next
+        answer)."""
         if self.chat_format == "billa":
             return self._billa(chat)
         return self._template(chat)
 
     def _billa(self, chat: Chat) -> Rendered:
-        pieces = []
-        masked = f"{chat.system}\n" if chat.system else ""
+        text = self.bos_text + (f"{chat.system}\n" if chat.system else "")
+        counted = []
         for parts, answer in chat.turns:
-            pieces.append(Piece(masked + "".join(billa_question(parts)), False))  # str parts: plain text
-            masked = ""
+            text += "".join(billa_question(parts))  # str parts: plain text
             if answer is not None:
-                pieces.append(Piece(answer, True, True))
-        return Rendered(self.tokenizer.bos_id is not None, pieces)
+                start = len(text)
+                text += answer + self.tokenizer.eos_token
+                counted.append((start, len(text)))
+        return Rendered(text, counted)
 
     def text(self, chat: Chat) -> str:
         """The rendered conversation as one string, end tokens written as their text (billa: what
         BILLA_CHAT_TEMPLATE renders; template: what apply_chat_template renders)."""
-        bos, pieces = self.render(chat)
-        eos = self.tokenizer.eos_token or ""
-        return ((self.tokenizer.bos_token or "") if bos else "") + "".join(
-            piece.text + (eos if piece.end else "") for piece in pieces)
+        return self.render(chat).text
 
     def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
         tok = self.tokenizer
@@ -178,7 +188,7 @@ class ChatRenderer:
         messages = chat.messages()
         whole = self._render_template(messages, add_generation_prompt=chat.turns[-1][1] is None)
         eos_text = self.tokenizer.eos_token
-        pieces, position = [], 0
+        counted = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
@@ -195,44 +205,56 @@ class ChatRenderer:
                 found = whole.rfind(eos_text, len(before), len(after))
                 if found >= 0:
                     end = found + len(eos_text)
-            pieces += [Piece(whole[position:len(before)], False), Piece(whole[len(before):end], True)]
-            position = end
-        if position < len(whole):
-            pieces.append(Piece(whole[position:], False))
-        bos_text = self.tokenizer.bos_token
-        bos = bool(bos_text) and self.tokenizer.bos_id is not None and whole.startswith(bos_text)
-        if bos:
-            pieces[0] = pieces[0]._replace(text=pieces[0].text[len(bos_text):])
-        return Rendered(bos, pieces)
+            counted.append((len(before), end))
+        return Rendered(whole, counted)
 
     # ---------------------------------------------------------------- ids
 
-    def assemble(self, rendered: Rendered, encoded: list[list[int]]) -> tuple[list[int], list[tuple[int, int]]]:
-        """(ids, counted spans [start, stop)) from the pieces and their ids (one encode_batch result each)."""
-        ids = [self.tokenizer.bos_id] if rendered.bos else []
-        spans = []
-        for piece, piece_ids in zip(rendered.pieces, encoded):
-            start = len(ids)
-            ids += piece_ids
-            if piece.end:
-                ids.append(self.tokenizer.eos_id)
-            if piece.counted:
-                spans.append((start, len(ids)))
-        return ids, spans
+    def tokenize(self, texts: list[str]) -> list[tuple[list[int], np.ndarray]]:
+        """(ids, where each token ends in the text as a character offset) of each rendered text, as
+        apply_chat_template(tokenize=True) encodes the render: bos and end tokens written as text become their ids,
+        and each stretch of text between them is encoded whole (all stretches of all texts in one batch call)."""
+        split = [self._stretches(text) for text in texts]
+        plain = [stretch for stretches in split for _, stretch, token in stretches if token is None]
+        encoded = iter(self.tokenizer.encode_batch(plain) if plain else [])
+        out = []
+        for stretches in split:
+            ids, ends = [], []
+            for start, stretch, token in stretches:
+                if token is not None:
+                    ids.append(token)
+                    ends.append(np.array([start + len(stretch)], dtype=np.int64))
+                else:
+                    stretch_ids = next(encoded)
+                    ids += stretch_ids
+                    ends.append(start + self.tokenizer.token_ends(stretch, stretch_ids))
+            out.append((ids, np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)))
+        return out
+
+    def _stretches(self, text: str) -> list[tuple[int, str, Optional[int]]]:
+        """(start, text, special token id or None) for each special token and each non-empty stretch between."""
+        out, position = [], 0
+        for match in (self._special_pattern.finditer(text) if self._special else ()):
+            if match.start() > position:
+                out.append((position, text[position:match.start()], None))
+            out.append((match.start(), match.group(), self._special[match.group()]))
+            position = match.end()
+        if position < len(text):
+            out.append((position, text[position:], None))
+        return out
 
     def encode(self, chat: Chat) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, counted token spans [start, stop)) of the chat."""
         rendered = self.render(chat)
-        return self.assemble(rendered, self.tokenizer.encode_batch([piece.text for piece in rendered.pieces]))
+        (ids, ends), = self.tokenize([rendered.text])
+        return ids, token_spans(ends, rendered.counted)
 
-    def fit(self, chat: Chat, max_length: int, rendered: Rendered | None = None, encoded: list | None = None
+    def fit(self, chat: Chat, max_length: int, encoded: tuple[list[int], list[tuple[int, int]]] | None = None
             ) -> Optional[tuple[list[int], list[tuple[int, int]], int]]:
         """(ids, spans, turns dropped) of the chat in at most max_length tokens: the earliest whole turns (question
         and answer) dropped until it fits, the system turn and the last turn always kept; None when even those do
-        not fit. `rendered`/`encoded`: the whole chat's, when the caller already has them (one batch call)."""
-        if rendered is None:
-            rendered = self.render(chat)
-            encoded = self.tokenizer.encode_batch([piece.text for piece in rendered.pieces])
-        ids, spans = self.assemble(rendered, encoded)
+        not fit. `encoded`: the whole chat's encode(), when the caller already has it (one batch call)."""
+        ids, spans = encoded if encoded is not None else self.encode(chat)
         if len(ids) <= max_length:
             return ids, spans, 0
         # Fewest turns whose dropping could be enough (what follows answer k-1 must fit): a lower bound, as the
@@ -246,3 +268,18 @@ class ChatRenderer:
             dropped += 1
         return None
 
+
+def first_token_at(ends: np.ndarray, position: int) -> int:
+    """The index of the first token holding a character at or after `position`, from the tokens' ends (token_ends):
+    one that ends after it (a token that begins before, as " Re" after "Assistant:", holds the answer's "R"), or a
+    byte token of the character there (token_ends puts its end where its character starts: it spans nothing)."""
+    first = int(np.searchsorted(ends, position, side="right"))
+    while first > 0 and ends[first - 1] == position and (ends[first - 2] if first > 1 else 0) == position:
+        first -= 1
+    return first
+
+
+def token_spans(ends: np.ndarray, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Character spans [start, stop) -> the token spans [first, last) of every token holding a character inside."""
+    starts = np.concatenate(([0], ends[:-1]))
+    return [(first_token_at(ends, start), int(np.searchsorted(starts, stop, side="left"))) for start, stop in spans]

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 
 from llama.tokenizer import Tokenizer
-from training.conversation import Chat, ChatRenderer, Rendered, billa_question
+from training.conversation import Chat, ChatRenderer, billa_question, first_token_at, token_spans
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ class Prompted:
 
     prefix: tuple[Union[str, Cut], ...]
     answer: str
+    # Tokenized as one text with bos and eos, as a chat template's render is (a stage-3 single turn, so that the
+    # export's apply_chat_template gives the very ids); False: prefix and answer apart, as the recipe's stage 2.
+    joined: bool = False
 
 
 Spec = Union[LM, Prompted, Chat]
@@ -122,24 +125,31 @@ class SampleBuilder:
         """Samples for each spec, in order (an LM document may give several, a hopeless one none)."""
         specs = [self._recipe_form(spec) if isinstance(spec, Chat) else spec for spec in specs]
         rendered = [self.chats.render(spec) if isinstance(spec, Chat) else None for spec in specs]
-        texts = []
+        texts, chat_texts = [], []  # plain texts; texts rendered with their bos and end tokens
         for spec, chat in zip(specs, rendered):
             if isinstance(spec, LM):
                 texts.append(spec.text)
+            elif isinstance(spec, Prompted) and spec.joined:
+                chat_texts.append(self.chats.bos_text + prefix_text(spec.prefix) + spec.answer
+                                  + self.tokenizer.eos_token)
             elif isinstance(spec, Prompted):
                 texts += [prefix_text(spec.prefix), spec.answer]
             else:
-                texts += [piece.text for piece in chat.pieces]
-        encoded = iter(self.tokenizer.encode_batch(texts))
+                chat_texts.append(chat.text)
+        encoded = iter(self.tokenizer.encode_batch(texts) if texts else [])
+        chat_encoded = iter(self.chats.tokenize(chat_texts) if chat_texts else [])
         out = []
         for spec, chat in zip(specs, rendered):
             if isinstance(spec, LM):
                 out.append(self._lm(next(encoded), rng, counters))
+            elif isinstance(spec, Prompted) and spec.joined:
+                out.append(self._joined(spec, *next(chat_encoded), counters))
             elif isinstance(spec, Prompted):
                 prefix_ids, answer_ids = next(encoded), next(encoded)
-                out.append(self._prompted(spec, prefix_ids, answer_ids, counters))
+                out.append(self._prompted(spec, self.head, prefix_ids, [*answer_ids, self.eos], counters))
             else:
-                out.append(self._chat(spec, chat, [next(encoded) for _ in chat.pieces], counters))
+                ids, ends = next(chat_encoded)
+                out.append(self._chat(spec, (ids, token_spans(ends, chat.counted)), counters))
         return out
 
     def _recipe_form(self, chat: Chat) -> Union[Chat, Prompted]:
@@ -148,13 +158,21 @@ class SampleBuilder:
         if self.chats.chat_format != "billa" or chat.system or len(chat.turns) != 1:
             return chat
         parts, answer = chat.turns[0]
-        return Prompted(billa_question(tuple(Cut(part) for part in parts)), answer)
+        return Prompted(billa_question(tuple(Cut(part) for part in parts)), answer, joined=True)
 
-    def _chat(self, chat: Chat, rendered: Rendered, encoded: list[list[int]], counters: dict) -> list[Sample]:
-        fitted = self.chats.fit(chat, self.max_seq_length, rendered, encoded)
+    def _joined(self, spec: Prompted, ids: list[int], ends: np.ndarray, counters: dict) -> list[Sample]:
+        """A joined Prompted from the ids of its whole text (bos + prefix + answer + eos), split where the offsets
+        say the prefix ends: a token that straddles the boundary is the answer's, as in a chat (token_spans)."""
+        head_stop = len(self.chats.bos_text)
+        prefix_stop = head_stop + len(prefix_text(spec.prefix))
+        head, stop = first_token_at(ends, head_stop), first_token_at(ends, prefix_stop)
+        return self._prompted(spec, ids[:head], ids[head:stop], ids[stop:], counters, ends[head:stop] - head_stop)
+
+    def _chat(self, chat: Chat, encoded: tuple[list[int], list[tuple[int, int]]], counters: dict) -> list[Sample]:
+        fitted = self.chats.fit(chat, self.max_seq_length, encoded)
         if fitted is None:
             counters["too_long"] += 1
-            counters["discarded_tokens"] += sum(map(len, encoded))
+            counters["discarded_tokens"] += len(encoded[0])
             self._log_first("too_long", f"a conversation of {len(chat.turns)} turn(s) does not fit max_seq_length="
                                         f"{self.max_seq_length} even with only its system turn and last turn: skipped")
             return []
@@ -182,11 +200,15 @@ class SampleBuilder:
         chunks = [ids[start:start + length] for start in range(0, len(ids), length)]
         return [Sample(chunk, masked_prefix_length(len(chunk), rng)) for chunk in chunks]
 
-    def _prompted(self, spec: Prompted, prefix_ids: list[int], answer_ids: list[int], counters: dict) -> list[Sample]:
-        answer = [*answer_ids, self.eos]
-        prefix = [*self.head, *prefix_ids]
+    def _prompted(self, spec: Prompted, head: list[int], prefix_ids: list[int], answer: list[int], counters: dict,
+                  ends: np.ndarray | None = None) -> list[Sample]:
+        """head (bos) + prefix masked, answer (its end token included) counted. ends: where each prefix token ends
+        in prefix_text(spec.prefix), where the caller has them."""
+        prefix = [*head, *prefix_ids]
         if len(prefix) + len(answer) > self.max_seq_length and self.long_prompt == "middle":
-            shortened = self._cut_inputs(spec, prefix_ids, len(answer))
+            if ends is None:
+                ends = self.tokenizer.token_ends(prefix_text(spec.prefix), prefix_ids)
+            shortened = self._cut_inputs(spec, head, prefix_ids, ends, len(answer))
             counters["cut_input_tokens"] += len(prefix) - len(shortened)
             prefix = shortened
         ids = prefix + answer
@@ -200,11 +222,12 @@ class SampleBuilder:
             ids = ids[:self.max_seq_length]
         return [Sample(ids, len(prefix))]
 
-    def _cut_inputs(self, spec: Prompted, prefix_ids: list[int], answer_length: int) -> list[int]:
-        """bos + prefix ids with tokens dropped from the middle of the Cut parts (the last part first, each keeping
+    def _cut_inputs(self, spec: Prompted, head: list[int], prefix_ids: list[int], ends: np.ndarray,
+                    answer_length: int) -> list[int]:
+        """head + prefix ids with tokens dropped from the middle of the Cut parts (the last part first, each keeping
         its head and, one token more where odd, its tail: a question at the end of an input stays) until the prefix
-        leaves room for the whole answer, or, if the answer cannot fit even so, until it takes half the row."""
-        ends = self.tokenizer.token_ends(prefix_text(spec.prefix), prefix_ids)
+        leaves room for the whole answer, or, if the answer cannot fit even so, until it takes half the row. ends:
+        where each prefix token ends in the prefix text."""
         starts = np.concatenate(([0], ends[:-1]))
         inner = []  # per Cut part: the token range [first, stop) lying wholly inside it
         offset = 0
@@ -215,16 +238,16 @@ class SampleBuilder:
                 stop = int(np.searchsorted(ends, offset + len(text), side="right"))
                 inner.append((first, max(first, stop)))
             offset += len(text)
-        fixed = len(self.head) + len(prefix_ids) - sum(stop - first for first, stop in inner)  # bos + what stays
+        fixed = len(head) + len(prefix_ids) - sum(stop - first for first, stop in inner)  # bos + what stays
         length = self.max_seq_length
         budget = length - answer_length if fixed + answer_length <= length else length // 2
-        excess = len(self.head) + len(prefix_ids) - budget
+        excess = len(head) + len(prefix_ids) - budget
         drops = []
         for first, stop in reversed(inner):
             drop = min(max(excess, 0), stop - first)
             drops.append(drop)
             excess -= drop
-        prefix, position = list(self.head), 0
+        prefix, position = list(head), 0
         for (first, stop), drop in zip(inner, reversed(drops)):
             keep = stop - first - drop
             prefix += prefix_ids[position:first + keep // 2]  # everything before, then the head

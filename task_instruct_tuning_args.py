@@ -65,6 +65,7 @@ gemini_offload_param_frac = 0.0  # 0.0 = params on GPU, faster; 1.0 = in CPU mem
 output_dir = "outputs/task_instruct_tuning"  # checkpoints: ckpt_step-<step>_loss-<loss>/, and final/ at the end
 logdir = ""  # log.txt.<rank>, metrics.jsonl and TensorBoard events; empty: <output_dir>/logs
 logging_steps = 10  # log every 10 optimizer steps
+preview_samples = True  # rank 0 logs the first sample of each set at start, its counted tokens between ⟦ ⟧; False: none
 peak_tflops_per_gpu = 0.0  # MFU denominator; 0: look the GPU up by name (V100 125, A100 312, H100 989 dense fp16/bf16)
 saving_steps = 1000  # checkpoint every 1,000 steps = every 164M tokens
 keep_checkpoints = 3  # delete older step checkpoints beyond the newest 3

@@ -7,13 +7,13 @@ import sys
 import pytest
 import torch
 
-from training_runs import REPO, TINY_RUN, on_cpu, tiny_model  # noqa: F401 (fixture)
+from training_runs import REPO, TINY_RUN, on_cpu, one_each, tiny_model  # noqa: F401 (fixture)
 
 
 def _launch(*settings: str, cpu: bool = True) -> list[str]:
     """The lines a one-process stage 1 launch prints, after checking that it failed (cpu: on plugin=ddp in fp32)."""
     argv = [*TINY_RUN, "max_steps=4", *settings]
-    result = subprocess.run([sys.executable, "pretrain_main.py", *(on_cpu(argv) if cpu else argv)], cwd=REPO,
+    result = subprocess.run([sys.executable, "pretrain_main.py", *(on_cpu(argv) if cpu else one_each(argv))], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output

@@ -74,12 +74,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_each(settings: list[str]) -> list[str]:
+    """Each key once, its last value kept: a test's own value replaces TINY_RUN's (the stage scripts refuse a key
+    given twice)."""
+    return list({item.partition("=")[0]: item for item in settings}.values())
+
+
 def on_cpu(settings: list[str]) -> list[str]:
-    """The settings with plugin=ddp and precision=fp32, the pair that runs without CUDA (the args files' gemini/fp16
-    is an error there), wherever they do not name their own."""
+    """one_each(settings) with plugin=ddp and precision=fp32, the pair that runs without CUDA (the args files'
+    gemini/fp16 is an error there), wherever they do not name their own."""
     named = {item.partition("=")[0] for item in settings}
-    return [*settings, *(f"{key}={value}" for key, value in (("plugin", "ddp"), ("precision", "fp32"))
-                         if key not in named)]
+    return one_each([*settings, *(f"{key}={value}" for key, value in (("plugin", "ddp"), ("precision", "fp32"))
+                                  if key not in named)])
 
 
 def torchrun(settings: list[str], stage: str = "pretrain", nproc: int = 2, env: dict | None = None,
@@ -89,8 +95,7 @@ def torchrun(settings: list[str], stage: str = "pretrain", nproc: int = 2, env: 
     fp32 unless the settings name a plugin or precision, or HARNESS_ZERO_ON_CPU runs them as on a GPU."""
     full_env = dict(os.environ, HARNESS_STAGE=stage, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
-    if not full_env.get("HARNESS_ZERO_ON_CPU"):
-        settings = on_cpu(settings)
+    settings = one_each(settings) if full_env.get("HARNESS_ZERO_ON_CPU") else on_cpu(settings)
     launcher = launcher or ["--standalone", f"--nproc_per_node={nproc}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(script), *settings]
     if not wait:

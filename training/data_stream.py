@@ -139,6 +139,11 @@ class DataStream:
         return dict(self._handed["counters"])
 
     @property
+    def passes(self) -> dict[str, int]:
+        """Per set, the completed passes over this rank's files up to the last batch handed out."""
+        return {name: position["passes"] for name, position in self._handed["readers"].items()}
+
+    @property
     def _mix(self) -> dict[str, int]:
         return {name: spec.weight for name, spec in self.split.items()}
 

@@ -19,9 +19,10 @@ from training.checkpoint_files import CheckpointError
 from training.engine import Engine, choose_engine
 from training.evaluation import HeldOut, load_held_out
 from training.launch import StopRequest, launch, shutdown
-from training.metrics import (Metrics, batch_line, flops_per_token, peak_tflops_per_gpu, recompute_flops_per_token,
-                              setup_logging)
+from training.metrics import (Metrics, batch_line, flops_per_token, gather_data_counters, peak_tflops_per_gpu,
+                              recompute_flops_per_token, setup_logging)
 from training.model_loading import ModelInputError, check_model_inputs, log_host_memory
+from training.run_preview import end_token_warning, preview_lines, tokens_line
 from training.corpus import DataError
 from training.settings import SettingsError, load_settings, resolve_global_batch
 
@@ -76,10 +77,18 @@ def _train(settings, data_processor_cls) -> None:
 
     # ---- model inputs: path, config, tokenizer, lengths -- before any data or model memory
     inputs = check_model_inputs(settings)
+    if run.rank == 0:
+        logger.info(tokens_line(inputs.tokenizer, settings))
+        warning = end_token_warning(inputs.tokenizer, settings)
+        if warning:
+            logger.warning(warning)
 
     # ---- data: built and validated before the model, so a bad corpus fails in seconds
     data = data_processor_cls(settings, inputs.tokenizer, run.rank, run.world_size)
     try:
+        if run.rank == 0 and settings.preview_samples:
+            for line in preview_lines(data, inputs.tokenizer):
+                logger.info(line)
         held_out = load_held_out(settings, data, run.rank, run.world_size)  # None: no evaluation
         # ---- model and engine (booster, plugin, optimizer, lr schedule)
         model = engine.build_model(inputs)
@@ -170,7 +179,8 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
                     f"Last good checkpoint: {latest or 'none'}. Lower lr or check the data, then resume with "
                     f"recover_training_from_checkpoint=latest")
             if state.step % settings.logging_steps == 0 or state.step == settings.max_steps:
-                state.loss = metrics.log(state.step, state.tokens_seen)["loss"]
+                counters = gather_data_counters(data.counters, data.passes, run.device)
+                state.loss = metrics.log(state.step, state.tokens_seen, counters)["loss"]
             if held_out is not None and held_out.due(state.step, settings.max_steps):
                 _evaluate(held_out, engine, metrics, state)
             stopping = stops > 0

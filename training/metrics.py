@@ -1,11 +1,17 @@
 """Training metrics: window-mean loss, lr, grad norm, real tokens/s, TFLOPS and MFU per GPU, loss scale, skipped steps.
 
 Where they go: the rank-0 console (log lines above a tqdm bar), logdir/log.txt.<rank> on every rank, TensorBoard
-event files under logdir and logdir/metrics.jsonl (one JSON object per log line, full precision; rank 0).
-metrics.jsonl holds two kinds of record, told apart by their fields (readers select by field presence):
-    training window   {"step", "tokens_seen", "loss", "lr", "grad_norm", "tokens_per_s", ...}
-    held-out scores   {"step", "tokens_seen", "eval": {"sets": {<set>: {"loss", "ppl", "tokens"}},
-                                                       "mix": {"loss", "ppl", "tokens", "weights"}, "seconds"}}
+event files under logdir (with the run's settings as hparams) and logdir/metrics.jsonl (one JSON object per log line,
+full precision; rank 0). Every training log line says how far the run is: the elapsed time of this process, the
+step time and the ETA (the steps left at this process's mean wall time per step, evaluations and saves included),
+and the data counters summed over ranks (DataStream.counters: records skipped, answers and inputs cut, turns dropped;
+and per set the passes over its files, the most of any rank), so that a run can be followed from its log file.
+metrics.jsonl holds two kinds of record, told apart by their fields (readers select by field presence), each with
+"time", the wall clock when written (Unix seconds):
+    training window   {"step", "time", "tokens_seen", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
+                       "eta_s", ..., "data": {<counter>: n, ..., "passes": {<set>: n}}}
+    held-out scores   {"step", "time", "tokens_seen", "eval": {"sets": {<set>: {"loss", "ppl", "tokens"}},
+                                                               "mix": {"loss", "ppl", "tokens", "weights"}, "seconds"}}
 ("mix" is absent when no held-out set is in the training mix; see training/evaluation.py.)
 Time spent inside `metrics.paused()` (held-out evaluation, checkpoint saves) is left out of tokens/s and MFU.
 
@@ -89,6 +95,40 @@ def batch_line(settings, world_size: int) -> str:
     return (f"batch: {settings.batch_size} per GPU x {world_size} processes x {accumulation} accumulation = "
             f"{samples} samples per optimizer step ({source}); x {settings.max_seq_length} tokens = "
             f"{samples * settings.max_seq_length:,} tokens per step at most")
+
+
+def clock(seconds: float) -> str:
+    """H:MM:SS of a duration, for the log line."""
+    seconds = int(max(seconds, 0) + 0.5)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def gather_data_counters(counters: dict[str, int], passes: dict[str, int], device: torch.device) -> dict:
+    """The data stream's counters summed over ranks, and per set the most passes any rank has made over its share
+    of the files (a collective: every rank calls it at the same step)."""
+    import torch.distributed as dist
+
+    summed = torch.tensor([float(v) for v in counters.values()], dtype=torch.float64, device=device)
+    most = torch.tensor([float(v) for v in passes.values()], dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return {**{name: int(v) for name, v in zip(counters, summed.tolist())},
+            "passes": {name: int(v) for name, v in zip(passes, most.tolist())}}
+
+
+def data_line(data: dict) -> str:
+    """The data counters for a log line: what was skipped, cut and dropped, and each set's passes."""
+    skipped = data.get("bad_records", 0) + data.get("empty_texts", 0) + data.get("too_long", 0)
+    return (f"data: skipped {skipped:,} (bad {data.get('bad_records', 0):,}, empty {data.get('empty_texts', 0):,}, "
+            f"too long {data.get('too_long', 0):,}), cut answers {data.get('cut_answers', 0):,}, cut input tokens "
+            f"{data.get('cut_input_tokens', 0):,}, dropped turns {data.get('dropped_turns', 0):,}, passes "
+            + ", ".join(f"{name} {n}" for name, n in data.get("passes", {}).items()))
+
+
+def hparams(settings) -> dict[str, int | float | str | bool]:
+    """The settings as TensorBoard hparams: numbers, text and flags as they are, anything else as its repr."""
+    return {name: value if isinstance(value, (int, float, str, bool)) else repr(value)
+            for name, value in settings.to_dict().items()}
 
 
 def peak_tflops_per_gpu(setting: float, device: torch.device, precision: str) -> float | None:
@@ -187,6 +227,8 @@ class Metrics:
         self.flops_per_token = flops_per_token
         self.hardware_flops_per_token = flops_per_token + recompute_flops_per_token
         self._steps_recorded = 0
+        self._start_step = start_step
+        self._started = time.perf_counter()  # the ETA's clock: this process's steps, pauses included
         self._last_record = time.perf_counter()
         self._paused_since_record = 0.0
         self._steady_seconds = 0.0
@@ -209,9 +251,19 @@ class Metrics:
             from tqdm import tqdm
 
             self._writer = SummaryWriter(log_dir=str(settings.logdir))
+            self._write_hparams(settings)
             # disable=None: a bar in a terminal, nothing when output goes to a file (CI, tests).
             self._bar = tqdm(total=self.max_steps, initial=start_step, desc="train", unit="step", disable=None,
                              dynamic_ncols=True, leave=False)
+
+    def _write_hparams(self, settings) -> None:
+        """The run's settings in TensorBoard's HPARAMS tab, in this run's own event file (SummaryWriter.add_hparams
+        would start another run in a subfolder: torch/utils/tensorboard/writer.py), keyed to the training loss."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        writer = self._writer._get_file_writer()
+        for summary in hparams_summaries(hparams(settings), {"train/loss": 0.0}):
+            writer.add_summary(summary)
 
     def _reset_window(self, now: float) -> None:
         self._t0 = now
@@ -293,10 +345,13 @@ class Metrics:
             figures["hfu"] = tokens_per_s_per_gpu * self.hardware_flops_per_token / 1e12 / self.peak_tflops
         return figures
 
-    def log(self, step: int, tokens_seen: int) -> dict[str, float]:
+    def log(self, step: int, tokens_seen: int, data: dict | None = None) -> dict[str, float]:
         """Report the window ending at `step` (called every logging_steps and at the end), then start a new one.
-        tokens_seen: real tokens of all ranks up to `step`, from the run's start (resumes included)."""
+        tokens_seen: real tokens of all ranks up to `step`, from the run's start (resumes included); data: the data
+        counters (gather_data_counters)."""
         now = time.perf_counter()
+        run_seconds = now - self._started
+        eta = (self.max_steps - step) * run_seconds / max(step - self._start_step, 1)
         elapsed = max(now - self._t0, 1e-9)
         tokens_per_s = self._tokens / elapsed
         per_gpu = tokens_per_s / self.world_size
@@ -308,6 +363,7 @@ class Metrics:
                    "skipped_steps_total": self.skipped_total, "empty_steps": self._empty,
                    "empty_steps_total": self.empty_total}
         steps = max(self._steps, 1)
+        figures["elapsed_s"], figures["eta_s"] = run_seconds, eta
         figures["step_s"] = elapsed / steps
         figures.update({f"{part}_s": seconds / steps for part, seconds in self._parts.items()})
         if self._steady_steps:
@@ -322,9 +378,10 @@ class Metrics:
             figures["max_memory_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
             torch.cuda.reset_peak_memory_stats()
         logger.info(
-            "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | tokens/s %s (%s/%s) | TFLOPS/%s %.3f | MFU %s"
-            "%s%s | step %.3f s: data %.3f, fwd+bwd %.3f, optimizer %.3f | skipped %d (total %d)%s",
-            step, self.max_steps, figures["loss"], self._lr, grad_norm, f"{tokens_per_s:,.0f}", f"{per_gpu:,.0f}",
+            "step %d/%d | elapsed %s | ETA %s | loss %.4f | lr %.3e | grad_norm %.3f | tokens/s %s (%s/%s) | "
+            "TFLOPS/%s %.3f | MFU %s%s%s | step %.3f s: data %.3f, fwd+bwd %.3f, optimizer %.3f | skipped %d "
+            "(total %d)%s%s",
+            step, self.max_steps, clock(run_seconds), clock(eta), figures["loss"], self._lr, grad_norm, f"{tokens_per_s:,.0f}", f"{per_gpu:,.0f}",
             self._per, self._per, tflops, (f"{mfu:.1%} (HFU {figures['hfu']:.1%}" + (
                 f", steady after {WARMUP_STEPS} steps: MFU {figures['steady_mfu']:.1%} HFU {figures['steady_hfu']:.1%}"
                 if "steady_mfu" in figures else "") + ")") if mfu is not None else "n/a",
@@ -332,14 +389,19 @@ class Metrics:
             f" | GPU mem {figures['max_memory_gb']:.1f} GB (reserved {figures['max_memory_reserved_gb']:.1f})"
             if "max_memory_gb" in figures else "", figures["step_s"], figures["data_s"],
             figures["forward_backward_s"], figures["optimizer_s"], self._skipped,
-            self.skipped_total, f" | empty {self._empty} (total {self.empty_total})" if self.empty_total else "")
+            self.skipped_total, f" | empty {self._empty} (total {self.empty_total})" if self.empty_total else "",
+            f" | {data_line(data)}" if data is not None else "")
         if self._writer is not None:
             for name, value in figures.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._writer.add_scalar(f"train/{name}", value, step)
+            for name, value in (data or {}).items():
+                for tag, n in (value.items() if isinstance(value, dict) else [("", value)]):
+                    self._writer.add_scalar(f"data/{name}/{tag}" if tag else f"data/{name}", n, step)
             self._writer.flush()
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, "tokens_seen": tokens_seen, **figures}) + "\n")
+            record = {"step": step, "time": round(time.time(), 3), "tokens_seen": tokens_seen, **figures}
+            self._jsonl.write(json.dumps({**record, "data": data} if data is not None else record) + "\n")
             self._jsonl.flush()
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{figures['loss']:.4f}", lr=f"{self._lr:.2e}")
@@ -373,7 +435,8 @@ class Metrics:
                         self._writer.add_scalar(f"{prefix}/{key}", value, step)
             self._writer.flush()
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, "tokens_seen": tokens_seen, "eval": record}) + "\n")
+            self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), "tokens_seen": tokens_seen,
+                                          "eval": record}) + "\n")
             self._jsonl.flush()
 
     def close(self) -> None:

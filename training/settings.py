@@ -191,6 +191,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "peak_tflops_per_gpu": (lambda v: v >= 0, "a float >= 0 (0: look the GPU up by name)"),
     "gradient_checkpointing": (lambda v: v in CHECKPOINTING_MODES, f"one of {CHECKPOINTING_MODES}"),
     "compile": (lambda v: isinstance(v, bool), "True or False"),
+    "preview_samples": (lambda v: isinstance(v, bool), "True or False"),
 }
 
 

@@ -322,3 +322,17 @@ def test_compile_runs_where_the_engine_allows_it_and_says_why_not_in_one_line(pl
     assert len(caplog.records) == 1 and ("running eager" in caplog.text) != compiled
     off = ENGINES[plugin](load_settings(pretrain_args, ["compile=False"]), choice)
     assert not off._compile_if_allowed(model)
+
+
+@pytest.mark.parametrize("argv", [[], ["plugin=zero2", "precision=bf16"], ["plugin=ddp"], ["plugin=ddp", "precision=bf16"]])
+def test_a_pair_that_needs_cuda_is_refused_without_it_naming_the_cpu_way(argv, monkeypatch):
+    """No silent fallback: a machine without CUDA trains only what it was asked to, ddp in fp32."""
+    from training.engine import choose_engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = load_settings(pretrain_args, argv)
+    with pytest.raises(SettingsError, match=rf"'plugin' = '{settings.plugin}', 'precision' = '{settings.precision}' "
+                                            r"need a CUDA device .* on CPU run plugin=ddp precision=fp32"):
+        choose_engine(settings)
+    engine = choose_engine(load_settings(pretrain_args, ["plugin=ddp", "precision=fp32"]))
+    assert (engine.choice.plugin, engine.choice.precision, engine.choice.device.type) == ("ddp", "fp32", "cpu")

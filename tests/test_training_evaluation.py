@@ -21,15 +21,16 @@ from training.corpus import DataError
 from training.evaluation import HeldOut, Score, Scores, held_out_samples, load_held_out
 from training.metrics import Metrics, setup_logging
 from training.samples import Sample
-from training.settings import load_settings
-from training_runs import HELDOUT, REPO, TINY_RUN, explain, one_process_group, tiny_model  # noqa: F401
+from training.settings import Settings, load_settings
+from training_runs import (HELDOUT, REPO, TINY_RUN, explain, on_cpu, one_each, one_process_group,  # noqa: F401
+                           tiny_model)
 
 
 def stage1_data(tokenizer_path, eval_root, *overrides):
     from llama.tokenization_llama import SentencePieceTokenizer
 
-    settings = load_settings(pretrain_args, TINY_RUN + ["batch_size=4", f"eval_data_root_dir={eval_root}",
-                                                        "eval_samples_per_set=6", *overrides])
+    settings = load_settings(pretrain_args, one_each(TINY_RUN + ["batch_size=4", f"eval_data_root_dir={eval_root}",
+                                                                 "eval_samples_per_set=6", *overrides]))
     return settings, pretrain_main.DataProcessor(settings, SentencePieceTokenizer(tokenizer_path), 0, 1)
 
 
@@ -127,9 +128,9 @@ def test_a_bad_eval_folder_stops_at_start_up_naming_the_set_and_path(tokenizer_p
 
 
 def test_the_run_stops_before_the_model_on_a_missing_eval_set(tiny_model, tmp_path):
-    result = subprocess.run([sys.executable, "pretrain_main.py", *TINY_RUN, f"init_model_path={tiny_model}",
+    result = subprocess.run([sys.executable, "pretrain_main.py", *on_cpu([*TINY_RUN, f"init_model_path={tiny_model}",
                              "max_steps=4", f"output_dir={tmp_path}", f"eval_data_root_dir={HELDOUT}",
-                             "eval_sets=['zh', 'zh-typo']"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                             "eval_sets=['zh', 'zh-typo']"])], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, explain(result)
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
     assert errors == [f"error: DataError: held-out set 'zh-typo': folder {HELDOUT}/zh-typo does not exist "
@@ -139,7 +140,7 @@ def test_the_run_stops_before_the_model_on_a_missing_eval_set(tiny_model, tmp_pa
 
 
 def test_paused_time_leaves_the_throughput_window_and_eval_records_stand_apart(tmp_path, capsys):
-    settings = types.SimpleNamespace(logging_steps=1, max_steps=10, logdir=str(tmp_path))
+    settings = Settings({"logging_steps": 1, "max_steps": 10, "logdir": str(tmp_path)}, "test")
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     setup_logging(tmp_path, 0)

@@ -4,7 +4,7 @@ colossalai or asks which plugin runs.
     base.py               Engine (the interface and what all share), EngineChoice, StepOutcome
     gemini.py             GeminiEngine: GeminiPlugin, ZeRO-3 chunks
     zero2.py              Zero2Engine: LowLevelZeroPlugin(stage=2)
-    ddp.py                DDPEngine: TorchDDPPlugin; also the CPU fallback
+    ddp.py                DDPEngine: TorchDDPPlugin; also the one engine that runs without CUDA (fp32)
     zero.py               what the two ZeRO engines share: half-precision loads, fp32 masters, the fp16 loss scaler
     masters.py            the fp32 masters and loss scaler that ColossalAI's checkpoints leave out
     optimizer.py          which Adam, HybridAdam's toolchain and kernels, the CPU Adam's threads

@@ -30,6 +30,8 @@ CHAT_FORMATS = ("billa", "template")
 # model trained with chat_format="billa". Each answer is followed by the end token and nothing else; the next
 # question follows it directly; a system turn is its text and one "\n" before the first question:
 #     <bos>[system\n]Human: q1\nAssistant: a1<eos>Human: q2\nAssistant: a2<eos>
+# The generation prompt is "Assistant:" without the space: training counts the space with the answer, since
+# tokenizers join it to the answer's first word (training.conversation.billa_question).
 # System and user texts are stripped, as the recipe strips its fields; an answer loses its trailing whitespace and
 # leading line breaks only, so that code keeps its indentation (training.conversation.answer_text). Rendered, it
 # equals training.conversation's billa rendering character for character (tests/test_llama_chat_template.py).
@@ -42,7 +44,7 @@ BILLA_CHAT_TEMPLATE = (
     "{% endgeneration %}"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 

@@ -22,14 +22,14 @@ def tok(tokenizer_path):
 
 
 def billa_layout(tok, system, turns):
-    """The billa layout written out by hand: bos [system "\\n"] "Human: " q "\\n" "Assistant: " (masked), answer + eos
+    """The billa layout written out by hand: bos [system "\\n"] "Human: " q "\\n" "Assistant:" (masked), " " + answer + eos
     (counted), the next "Human: " right after eos; each turn's text up to its eos tokenized whole, the answer's ids
     beginning where those of the whole leave those of the question alone."""
     ids, mask = [tok.bos_id], [0]
     masked = f"{system}\n" if system else ""
     for question, answer in turns:
-        question_text = f"{masked}Human: {question}\nAssistant: "
-        whole, apart = tok.encode(question_text + answer), tok.encode(question_text)
+        question_text = f"{masked}Human: {question}\nAssistant:"
+        whole, apart = tok.encode(question_text + " " + answer), tok.encode(question_text)
         common = next((i for i, (a, b) in enumerate(zip(whole, apart)) if a != b), len(apart))
         prompt = whole[:common]
         masked = ""

@@ -162,9 +162,9 @@ def test_stage3_human_assistant_format(tmp_path, tok):
     processor = alignment_sft_main.DataProcessor(
         settings(tmp_path, {"others": {"weight": 1, "file_start": 0}}, batch_size=1, max_seq_length=512), tok, 0, 1)
     # instruction and input stripped; the answer keeps its leading space (its indentation), not its trailing ones
-    expected = [chat_prompted(tok, "Human: Add the numbers.\n1 2\nAssistant: ", " 3"),
-                chat_prompted(tok, "Human: Say hi.\nAssistant: ", "hi"),
-                chat_prompted(tok, "Human: What is the capital of France?\nAssistant: ", "Paris.")]
+    expected = [chat_prompted(tok, "Human: Add the numbers.\n1 2\nAssistant:", "  3"),
+                chat_prompted(tok, "Human: Say hi.\nAssistant:", " hi"),
+                chat_prompted(tok, "Human: What is the capital of France?\nAssistant:", " Paris.")]
     assert {key(sample) for sample in take(processor, 8)} == {key(sample) for sample in expected}
 
 
@@ -298,20 +298,20 @@ def test_stage3_cuts_the_input_first_and_the_instruction_last(tmp_path, tok):
     samples, counters = stream_samples(alignment_sft_main, tmp_path, "others",
                                        [{"instruction": instruction, "input": PASSAGE + "\n" + QUESTION,
                                          "output": "In 1996."}], 2, tok)
-    parts = ("Human: ", instruction, "\n", PASSAGE + "\n" + QUESTION, "\n", "Assistant: ")
-    assert samples[0] == middle_cut_sample(tok, parts, [3], "In 1996.", ROW, joined=True)
+    parts = ("Human: ", instruction, "\n", PASSAGE + "\n" + QUESTION, "\n", "Assistant:")
+    assert samples[0] == middle_cut_sample(tok, parts, [3], " In 1996.", ROW, joined=True)
     text = tok.decode(samples[0][0][:samples[0][1].index(1)])
-    assert text.startswith(f"Human: {instruction}\n{PASSAGE[:10]}") and text.endswith(f"{QUESTION}\nAssistant: ")
+    assert text.startswith(f"Human: {instruction}\n{PASSAGE[:10]}") and text.endswith(f"{QUESTION}\nAssistant:")
     assert counters["cut_input_tokens"] > 0
 
     # The input alone cannot make room: it loses every token inside it, then the instruction its middle.
     long_instruction = "Summarise this text: " + PASSAGE
     samples, _ = stream_samples(alignment_sft_main, tmp_path / "b", "others",
                                 [{"instruction": long_instruction, "input": PASSAGE, "output": "In 1996."}], 1, tok)
-    parts = ("Human: ", long_instruction, "\n", PASSAGE, "\n", "Assistant: ")
-    assert samples[0] == middle_cut_sample(tok, parts, [3, 1], "In 1996.", ROW, joined=True)
+    parts = ("Human: ", long_instruction, "\n", PASSAGE, "\n", "Assistant:")
+    assert samples[0] == middle_cut_sample(tok, parts, [3, 1], " In 1996.", ROW, joined=True)
     text = tok.decode(samples[0][0][:samples[0][1].index(1)])
-    assert text.startswith("Human: Summarise this text: ") and text.endswith("\nAssistant: ")
+    assert text.startswith("Human: Summarise this text: ") and text.endswith("\nAssistant:")
 
 
 @pytest.mark.parametrize("module,fmt", [(pretrain_main, lambda source, p: source + "\n" + p),
@@ -347,8 +347,8 @@ def test_long_prompt_recipe_cuts_the_end_of_the_whole_sample(tmp_path, tok):
     records = [{"instruction": instruction, "input": PASSAGE[:40] + "\n" + QUESTION, "output": long_output}]
     samples, counters = stream_samples(alignment_sft_main, tmp_path, "others", records, 1, tok,
                                        long_prompt="recipe")
-    ids, mask = chat_prompted(tok, f"Human: {instruction}\n{PASSAGE[:40]}\n{QUESTION}\nAssistant: ",
-                              long_output.rstrip())
+    ids, mask = chat_prompted(tok, f"Human: {instruction}\n{PASSAGE[:40]}\n{QUESTION}\nAssistant:",
+                              " " + long_output.rstrip())
     assert mask.index(1) < ROW < len(ids)
     assert samples == [(ids[:ROW], mask[:ROW])]  # the answer's end is lost, the input kept whole
     assert counters["cut_answers"] >= 1 and counters["cut_input_tokens"] == 0
@@ -366,8 +366,8 @@ def test_long_prompt_recipe_cuts_the_end_of_the_whole_sample(tmp_path, tok):
 def test_answer_longer_than_the_row_keeps_its_start_after_half_a_row_of_prefix(tmp_path, tok):
     samples, counters = stream_samples(alignment_sft_main, tmp_path, "others",
                                        [{"instruction": "Summarise:", "input": PASSAGE, "output": PASSAGE}], 1, tok)
-    parts = ("Human: ", "Summarise:", "\n", PASSAGE, "\n", "Assistant: ")
-    prefix, answer = joined_split(tok, "".join(parts), PASSAGE)
+    parts = ("Human: ", "Summarise:", "\n", PASSAGE, "\n", "Assistant:")
+    prefix, answer = joined_split(tok, "".join(parts), " " + PASSAGE)
     first, stop = inner_tokens(tok, parts, 3)
     keep = ROW // 2 - len(head(tok)) - (len(prefix) - (stop - first))  # the prefix takes half the row, bos included
     prefix = prefix[:first + keep // 2] + prefix[stop - (keep - keep // 2):]

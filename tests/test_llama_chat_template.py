@@ -57,6 +57,8 @@ def test_billa_template_renders_exactly_the_training_format(templated_tokenizers
     if not chat.system and len(chat.turns) == 1:  # the recipe's single turn, spelled out
         parts, answer = chat.turns[0]
         assert ours == "</s>".join(["<s>Human: " + "".join(p + "\n" for p in parts) + "Assistant: " + answer, ""])
+    if chat.turns[-1][1] is None:  # the generation prompt ends where training's masked part does, at "Assistant:"
+        assert ours.endswith("\nAssistant:")
 
 
 def test_chat_format_file_round_trip_export_template_and_errors(tmp_path):

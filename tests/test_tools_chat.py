@@ -33,9 +33,9 @@ def model(model_dir):
 
 
 @pytest.mark.parametrize("message, prompt", [
-    ("What is the capital of France?", "Human: What is the capital of France?\nAssistant: "),
-    ("  请介绍一下北京。\n", "Human: 请介绍一下北京。\nAssistant: "),
-    ("a\nb", "Human: a\nb\nAssistant: "),
+    ("What is the capital of France?", "Human: What is the capital of France?\nAssistant:"),
+    ("  请介绍一下北京。\n", "Human: 请介绍一下北京。\nAssistant:"),
+    ("a\nb", "Human: a\nb\nAssistant:"),
 ])
 def test_prompt_is_the_sft_stage_prefix(message, prompt):
     assert turn_prompt(message) == prompt
@@ -63,7 +63,7 @@ def billa_prompt(tok, history, message):
     new question's prefix; each turn's text up to its eos tokenized whole, as the chat template's render is."""
     ids = [tok.bos_id]
     for q, a in history:
-        ids += tok.encode(turn_prompt(q) + a) + [tok.eos_id]
+        ids += tok.encode(turn_prompt(q) + " " + a) + [tok.eos_id]
     return ids + tok.encode(turn_prompt(message))
 
 
@@ -165,7 +165,7 @@ def test_chat_prompt_is_what_training_puts_before_the_answer(model, tokenizer_pa
         (q1, a1), (q2, a2), (q3, _) = [(q.strip(), answer_text(a)) for q, a in turns]
         assert prompts[0] == ([tok.bos_id] + tok.encode(f"{system}\nHuman: {q1}\nAssistant: {a1}") + [tok.eos_id] +
                               tok.encode(f"Human: {q2}\nAssistant: {a2}") + [tok.eos_id] +
-                              tok.encode(f"Human: {q3}\nAssistant: "))
+                              tok.encode(f"Human: {q3}\nAssistant:"))
 
 
 def test_cli_follows_the_chat_format_stored_with_the_model(model_dir, tmp_path, capsys):

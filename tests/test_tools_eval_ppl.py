@@ -99,8 +99,8 @@ def test_stage3_records_count_only_answers_and_end_tokens_in_the_stored_format(m
         return whole[:common], whole[common:] + [tok.eos_id]
 
     samples = [  # (ids, counted positions), the billa layout written out
-        ([tok.bos_id], []) + turn("ok\nHuman: hi\nAssistant: ", "yo") + turn("Human: 北京\nAssistant: ", "首都"),
-        ([tok.bos_id], []) + turn("Human: Say yes.\nAssistant: ", "yes"),
+        ([tok.bos_id], []) + turn("ok\nHuman: hi\nAssistant:", " yo") + turn("Human: 北京\nAssistant:", " 首都"),
+        ([tok.bos_id], []) + turn("Human: Say yes.\nAssistant:", " yes"),
     ]
     losses = []
     for pieces in samples:

@@ -16,7 +16,8 @@ from training_runs import CORPUS, TINY_RUN, explain, tiny_model, torchrun  # noq
 
 SETS = sorted(alignment_sft_args.pretrain_data_split)
 LINE = re.compile(r"step (\d+)/6 \| elapsed (\d+):(\d\d):(\d\d) \| ETA (\d+):(\d\d):(\d\d) \| loss [\d.]+ .*"
-                  r"\| step ([\d.]+) s: data .* \| data: skipped ([\d,]+) \(bad [\d,]+, empty [\d,]+, too long [\d,]+\), "
+                  r"\| step ([\d.]+) s: data .* \| data: skipped ([\d,]+) "
+                  r"\(bad [\d,]+, empty [\d,]+, too long [\d,]+\), "
                   r"cut answers ([\d,]+), cut input tokens [\d,]+, dropped turns [\d,]+, passes (.*)$")
 
 

@@ -106,7 +106,8 @@ def test_cli_error_is_one_clear_line(override, message):
 def test_missing_model_path_fails_before_data_and_model(tmp_path):
     # The data root does not exist either: the model check runs first, so its message is the one reported.
     result = subprocess.run([sys.executable, "pretrain_main.py", f"init_model_path={tmp_path / 'no-model'}",
-                             "plugin=ddp", "precision=fp32", f"pretrain_data_root_dir={tmp_path / 'no-data'}", f"output_dir={tmp_path / 'out'}",
+                             "plugin=ddp", "precision=fp32", f"pretrain_data_root_dir={tmp_path / 'no-data'}",
+                             f"output_dir={tmp_path / 'out'}",
                              f"logdir={tmp_path / 'logs'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert "init_model_path=" in result.stdout + result.stderr
@@ -324,7 +325,8 @@ def test_compile_runs_where_the_engine_allows_it_and_says_why_not_in_one_line(pl
     assert not off._compile_if_allowed(model)
 
 
-@pytest.mark.parametrize("argv", [[], ["plugin=zero2", "precision=bf16"], ["plugin=ddp"], ["plugin=ddp", "precision=bf16"]])
+@pytest.mark.parametrize("argv", [[], ["plugin=zero2", "precision=bf16"], ["plugin=ddp"],
+                                  ["plugin=ddp", "precision=bf16"]])
 def test_a_pair_that_needs_cuda_is_refused_without_it_naming_the_cpu_way(argv, monkeypatch):
     """No silent fallback: a machine without CUDA trains only what it was asked to, ddp in fp32."""
     from training.engine import choose_engine

@@ -23,7 +23,7 @@ import torch
 from llama.chat_template import stored_chat_format
 from llama.generation import stream
 from llama.pretrained import DTYPES, load_pretrained
-from tools.chat_format import MessageTooLong, fit_prompt, prompt_budget, stop_texts
+from tools.chat_format import MessageTooLong, fit_prompt, prompt_budget, reply_answer, stop_texts
 from tools.stream_decode import StreamDecoder
 from training.conversation import ChatRenderer
 
@@ -64,7 +64,7 @@ class ChatSession:
         piece = decoder.finish()
         if piece and on_text:
             on_text(piece)
-        answer = decoder.text
+        answer = reply_answer(decoder.text, self.renderer.chat_format)
         self.history.append((message, answer))
         return answer
 

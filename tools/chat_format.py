@@ -3,7 +3,7 @@
 A conversation is read by the SFT stage's own DataProcessor.build() (a {"messages"} record) and rendered by the
 stage's ChatRenderer (training/conversation.py) in the chat format stored with the model dir, so the prompt is
 exactly what training put before an answer, earlier answers' end tokens included. In the recipe's format:
-    bos Human: q1\\nAssistant: a1<eos>Human: q2\\nAssistant: 
+    bos Human: q1\\nAssistant: a1<eos>Human: q2\\nAssistant:
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import functools
 import random
 
 from tools.stage_schema import data_processor_class
-from training.conversation import Chat, ChatRenderer, billa_question
+from training.conversation import BILLA_ANSWER_SPACE, Chat, ChatRenderer, billa_question
 from training.samples import prefix_text
 
 STOP_TEXT = "\nHuman:"  # billa: a model that goes on to write the next question itself has finished its answer
@@ -46,6 +46,15 @@ def conversation(history: list[tuple[str, str]], message: str, system: str = "")
 def turn_prompt(message: str) -> str:
     """The recipe's masked prefix text for one question."""
     return prefix_text(billa_question((message.strip(),)))
+
+
+def reply_answer(text: str, chat_format: str) -> str:
+    """A generated reply as the conversation holds its answer: billa's answers begin with the space after
+    "Assistant:" (training.conversation.BILLA_ANSWER_SPACE), which the format writes itself (a byte-level tokenizer
+    decodes the generated " Re" with it; SentencePiece drops it at the start of a text)."""
+    if chat_format == "billa" and text.startswith(BILLA_ANSWER_SPACE):
+        return text[len(BILLA_ANSWER_SPACE):]
+    return text
 
 
 def stop_texts(chat_format: str) -> tuple[str, ...]:

@@ -6,8 +6,11 @@ Formats (setting chat_format):
   "billa"     the recipe's, as BILLA_CHAT_TEMPLATE writes it (llama/chat_template.py). Each turn's question is
               masked, each answer counted with the end token (tokenizer.eos_id) that follows it, and the next
               question follows the end token directly:
-                  bos [system "\\n"] "Human: " q1 "\\n" "Assistant: " a1 eos "Human: " q2 "\\n" "Assistant: " a2 eos
-              (no "\\n" after an end token). A system turn is its text and one "\\n".
+                  bos [system "\\n"] "Human: " q1 "\\n" "Assistant:" | " " a1 eos |
+                  "Human: " q2 "\\n" "Assistant:" | " " a2 eos |
+              (| around what is counted; no "\\n" after an end token). The space after "Assistant:" is counted
+              with its answer, so that the generation prompt ("...Assistant:") ends where the masked part does (see
+              billa_question). A system turn is its text and one "\\n".
   "template"  the tokenizer's chat template, rendered as transformers' apply_chat_template renders it
               (llama/chat_template.py). Turn boundaries come from rendering the growing conversation: the render of
               the messages before an answer with add_generation_prompt=True ends where the answer starts, the render
@@ -116,13 +119,19 @@ def answer_text(text: str) -> str:
     return text.rstrip().lstrip("\r\n")
 
 
+BILLA_ANSWER_SPACE = " "  # between "Assistant:" and an answer: the answer's, counted with it (see billa_question)
+
+
 def billa_question(parts: tuple) -> tuple:
-    """The recipe's masked prefix of one question: "Human: " + each part and "\\n" + "Assistant: ". Parts may be
-    training.samples.Cut (stage 3's long-input cut) or str."""
+    """The recipe's masked prefix of one question: "Human: " + each part and "\\n" + "Assistant:". Parts may be
+    training.samples.Cut (stage 3's long-input cut) or str. The recipe's "Assistant: " space goes with the answer
+    (BILLA_ANSWER_SPACE + answer): tokenizers join a space to the word after it (" Re", "\u2581Paris"), so a prompt
+    that ended with the space would end with a token training never put there; "Assistant:" is where both the
+    masked part and the generation prompt end."""
     prefix = ["Human: "]
     for part in parts:
         prefix += [part, "\n"]
-    prefix.append("Assistant: ")
+    prefix.append("Assistant:")
     return tuple(prefix)
 
 
@@ -168,7 +177,7 @@ class ChatRenderer:
             text += "".join(billa_question(parts))  # str parts: plain text
             if answer is not None:
                 start = len(text)
-                text += answer + self.tokenizer.eos_token
+                text += BILLA_ANSWER_SPACE + answer + self.tokenizer.eos_token
                 counted.append((start, len(text)))
         return Rendered(text, counted)
 

@@ -381,7 +381,8 @@ class Metrics:
             "step %d/%d | elapsed %s | ETA %s | loss %.4f | lr %.3e | grad_norm %.3f | tokens/s %s (%s/%s) | "
             "TFLOPS/%s %.3f | MFU %s%s%s | step %.3f s: data %.3f, fwd+bwd %.3f, optimizer %.3f | skipped %d "
             "(total %d)%s%s",
-            step, self.max_steps, clock(run_seconds), clock(eta), figures["loss"], self._lr, grad_norm, f"{tokens_per_s:,.0f}", f"{per_gpu:,.0f}",
+            step, self.max_steps, clock(run_seconds), clock(eta), figures["loss"], self._lr, grad_norm,
+            f"{tokens_per_s:,.0f}", f"{per_gpu:,.0f}",
             self._per, self._per, tflops, (f"{mfu:.1%} (HFU {figures['hfu']:.1%}" + (
                 f", steady after {WARMUP_STEPS} steps: MFU {figures['steady_mfu']:.1%} HFU {figures['steady_hfu']:.1%}"
                 if "steady_mfu" in figures else "") + ")") if mfu is not None else "n/a",

@@ -16,7 +16,8 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 
 from llama.tokenizer import Tokenizer
-from training.conversation import Chat, ChatRenderer, billa_question, first_token_at, token_spans
+from training.conversation import (BILLA_ANSWER_SPACE, Chat, ChatRenderer, billa_question, first_token_at,
+                                   token_spans)
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class SampleBuilder:
         if self.chats.chat_format != "billa" or chat.system or len(chat.turns) != 1:
             return chat
         parts, answer = chat.turns[0]
-        return Prompted(billa_question(tuple(Cut(part) for part in parts)), answer, joined=True)
+        return Prompted(billa_question(tuple(Cut(part) for part in parts)), BILLA_ANSWER_SPACE + answer, joined=True)
 
     def _joined(self, spec: Prompted, ids: list[int], ends: np.ndarray, counters: dict) -> list[Sample]:
         """A joined Prompted from the ids of its whole text (bos + prefix + answer + eos), split where the offsets

@@ -67,7 +67,7 @@ demo = Path(sys.argv[1])
 final = demo / "alignment_sft" / "final"
 model = Llama.from_pretrained(final).eval()
 tokenizer = load_tokenizer(final)
-prompt = "Human: 请用一句话介绍北京。\nAssistant: "
+prompt = "Human: 请用一句话介绍北京。\nAssistant:"  # the space before an answer is the answer's (stage 3 trains it)
 torch.manual_seed(0)
 with torch.no_grad():
     ids = generate(model, tokenizer.encode(prompt, bos=True), max_new_tokens=40, temperature=0.7, top_p=0.9,

@@ -99,3 +99,11 @@ def messages_records(n: int, max_turns: int = 3) -> list[dict]:
                          {"role": "assistant", "content": f"{zh_text(i + turn, 3)} a{i}.{turn}"}]
         records.append({"messages": messages})
     return records
+
+
+def joined_split(tok, prefix_text: str, answer_text: str) -> tuple[list[int], list[int]]:
+    """(prefix ids, answer ids) of prefix + answer tokenized as one text (stage 3, as a chat template's render is):
+    the answer's ids begin where those of the whole leave those of the prefix alone (" 3" after ":")."""
+    whole, apart = tok.encode(prefix_text + answer_text), tok.encode(prefix_text)
+    common = next((i for i, (a, b) in enumerate(zip(whole, apart)) if a != b), min(len(whole), len(apart)))
+    return whole[:common], whole[common:]

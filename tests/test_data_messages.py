@@ -7,7 +7,7 @@ import pytest
 
 import alignment_sft_main
 from chat_tokenizers import QWEN25, SMOLLM2
-from data_corpus_helpers import messages_records, settings, take, write_set
+from data_corpus_helpers import joined_split, messages_records, settings, take, write_set
 from llama.tokenization_llama import SentencePieceTokenizer
 from training.batching import pack_rows
 from training.conversation import Chat, ChatRenderer, chat_from_messages
@@ -29,11 +29,9 @@ def billa_layout(tok, system, turns):
     masked = f"{system}\n" if system else ""
     for question, answer in turns:
         question_text = f"{masked}Human: {question}\nAssistant:"
-        whole, apart = tok.encode(question_text + " " + answer), tok.encode(question_text)
-        common = next((i for i, (a, b) in enumerate(zip(whole, apart)) if a != b), len(apart))
-        prompt = whole[:common]
+        prompt, counted = joined_split(tok, question_text, " " + answer)
         masked = ""
-        counted = whole[common:] + [tok.eos_id]
+        counted = counted + [tok.eos_id]
         ids += prompt + counted
         mask += [0] * len(prompt) + [1] * len(counted)
     return ids, mask

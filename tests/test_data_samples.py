@@ -10,8 +10,8 @@ import pytest
 import alignment_sft_main
 import pretrain_main
 import task_instruct_tuning_main
-from data_corpus_helpers import (lm_records, settings, take, task_records, translate_records, write_set,
-                                 write_translate_prompts, zh_text)
+from data_corpus_helpers import (joined_split, lm_records, settings, take, task_records, translate_records,
+                                 write_set, write_translate_prompts, zh_text)
 from llama import load_tokenizer
 from training.corpus import DataError
 from training.data_stream import READ_AHEAD
@@ -39,14 +39,6 @@ def prompted(tok, prefix_text, answer_text):
     prefix = tok.encode(prefix_text, bos=True)
     answer = tok.encode(answer_text) + [tok.eos_id]
     return prefix + answer, [0] * len(prefix) + [1] * len(answer)
-
-
-def joined_split(tok, prefix_text, answer_text):
-    """(prefix ids, answer ids) of prefix + answer tokenized as one text (stage 3, as its chat template renders
-    it): the answer's ids begin where that text's ids leave those of the prefix alone (" 3" after ":", not " ")."""
-    whole, apart = tok.encode(prefix_text + answer_text), tok.encode(prefix_text)
-    common = next((i for i, (a, b) in enumerate(zip(whole, apart)) if a != b), min(len(whole), len(apart)))
-    return whole[:common], whole[common:]
 
 
 def chat_prompted(tok, prefix_text, answer_text):

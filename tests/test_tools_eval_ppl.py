@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from data_corpus_helpers import joined_split
 from llama import Llama, SentencePieceTokenizer
 from llama.tiny import make_tiny_model
 from tools.eval_ppl import main, parse_args, run
@@ -93,10 +94,9 @@ def test_stage3_records_count_only_answers_and_end_tokens_in_the_stored_format(m
     figures = run(parse_args(["--model", str(model_dir), "--data", str(path), "--device", "cpu", "--quiet"]),
                   out=open("/dev/null", "w"))
     model, tok = Llama.from_pretrained(model_dir), SentencePieceTokenizer(model_dir)
-    def turn(question_text, answer):  # one turn's text tokenized whole; the answer's ids where they leave the question's
-        whole, apart = tok.encode(question_text + answer), tok.encode(question_text)
-        common = next((i for i, (a, b) in enumerate(zip(whole, apart)) if a != b), len(apart))
-        return whole[:common], whole[common:] + [tok.eos_id]
+    def turn(question_text, answer):  # one turn's text tokenized whole, the answer with its eos
+        question, answer = joined_split(tok, question_text, answer)
+        return question, answer + [tok.eos_id]
 
     samples = [  # (ids, counted positions), the billa layout written out
         ([tok.bos_id], []) + turn("ok\nHuman: hi\nAssistant:", " yo") + turn("Human: 北京\nAssistant:", " 首都"),

@@ -18,6 +18,7 @@
 #   held-out evaluation at steps 0, 8, 16: 11 sets x 8 samples x <= 128 tokens, 3 times, forward only,
 #                     split over 2 processes at ~3.3 ms per token        ~15 s  x 3 =  45 s
 #   two chat lines (48 new tokens each, KV cache) + model loads           ~15 s
+#   bits per character of 5 models on held-out zh + en (tools.eval_ppl)  ~50 s  (110 s at load ~3)
 #   fixed total                                                           ~215 s, leaving ~385 s for training
 #   one optimizer step, 2 processes x BATCH 2 x SEQ 128 = 512 tokens: 5.0 CPU s per process here (one thread,
 #                     measured), + the gradient all-reduce               -> ~5.5 s per step on 2 idle cores

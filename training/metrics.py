@@ -4,8 +4,9 @@ Where they go: the rank-0 console (log lines above a tqdm bar), logdir/log.txt.<
 event files under logdir and logdir/metrics.jsonl (one JSON object per log line, full precision; rank 0).
 metrics.jsonl holds two kinds of record, told apart by their fields (readers select by field presence):
     training window   {"step", "tokens_seen", "loss", "lr", "grad_norm", "tokens_per_s", ...}
-    held-out scores   {"step", "tokens_seen", "eval": {"sets": {<set>: {"loss", "ppl", "tokens"}},
-                                                       "mix": {"loss", "ppl", "tokens", "weights"}, "seconds"}}
+    held-out scores   {"step", "tokens_seen", "eval": {"sets": {<set>: {"loss", "ppl", "tokens", "bits_per_byte",
+                                                                 "bits_per_char", "bytes", "chars"}},
+                                                       "mix": {the same, "weights"}, "seconds"}}
 ("mix" is absent when no held-out set is in the training mix; see training/evaluation.py.)
 Time spent inside `metrics.paused()` (held-out evaluation, checkpoint saves) is left out of tokens/s and MFU.
 
@@ -353,20 +354,22 @@ class Metrics:
         metrics.jsonl."""
         mix = scores.mix
         logger.info("eval step %d | %s%s | %.1f s", step,
-                    " | ".join(f"{name} {score.loss:.4f}" for name, score in scores.sets.items()),
+                    " | ".join(f"{name} {score.loss:.4f} ({score.bits_per_char:.3f} bits/char)"
+                               for name, score in scores.sets.items()),
                     f" | mix {mix.loss:.4f} (ppl {mix.ppl:.4g})" if mix is not None else "", scores.seconds)
         logger.info("eval step %d (%s tokens seen): %s", step, f"{tokens_seen:,}",
-                    "; ".join(f"{name} loss {s.loss:.4f} ppl {s.ppl:.4g} tokens {s.tokens:,}"
+                    "; ".join(f"{name} loss {s.loss:.4f} ppl {s.ppl:.4g} tokens {s.tokens:,} bits/byte "
+                              f"{s.bits_per_byte:.4f} bits/char {s.bits_per_char:.4f}"
                               + ("" if name in scores.weights else " (not in the mix)")
                               for name, s in scores.sets.items()), extra=FILE_ONLY)
-        rows = {name: {"loss": s.loss, "ppl": s.ppl, "tokens": s.tokens} for name, s in scores.sets.items()}
+        rows = {name: s.row() for name, s in scores.sets.items()}
         record = {"sets": rows, "seconds": scores.seconds}
         if mix is not None:
-            record["mix"] = {"loss": mix.loss, "ppl": mix.ppl, "tokens": mix.tokens, "weights": scores.weights}
+            record["mix"] = {**mix.row(), "weights": scores.weights}
         if self._writer is not None:
             tagged = {f"eval/{name}": row for name, row in rows.items()}
             if mix is not None:
-                tagged["eval/mix-weighted"] = {"loss": mix.loss, "ppl": mix.ppl}
+                tagged["eval/mix-weighted"] = {"loss": mix.loss, "ppl": mix.ppl, "bits_per_char": mix.bits_per_char}
             for prefix, row in tagged.items():
                 for key, value in row.items():
                     if math.isfinite(value):

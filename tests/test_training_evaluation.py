@@ -30,7 +30,7 @@ def stage1_data(tokenizer_path, eval_root, *overrides):
 
     settings = load_settings(pretrain_args, TINY_RUN + ["batch_size=4", f"eval_data_root_dir={eval_root}",
                                                         "eval_samples_per_set=6", *overrides])
-    return settings, pretrain_main.DataProcessor(settings, SentencePieceTokenizer(tokenizer_path), 0, 1)
+    return settings, stream(pretrain_main, settings, SentencePieceTokenizer(tokenizer_path), 0, 1)
 
 
 def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(tokenizer_path, tmp_path,
@@ -65,7 +65,7 @@ def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(token
     assert torch.equal(torch.get_rng_state(), torch_rng) and random.getstate() == python_rng
 
     model.eval()
-    rules = pretrain_main.DataProcessor.for_checking(data.root, ["zh", "translate", "news-zh"])
+    rules = pretrain_main.PretrainRecords(data.root, ["zh", "translate", "news-zh"])
     for name in ("zh", "translate", "news-zh"):
         files = sorted((root / name).glob("*.jsonl"))
         samples = held_out_samples(rules, data.builder, files, name, 6, False)

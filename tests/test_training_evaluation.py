@@ -21,7 +21,9 @@ from training.corpus import DataError
 from training.evaluation import HeldOut, Score, Scores, held_out_samples, load_held_out
 from training.metrics import Metrics, setup_logging
 from training.samples import Sample
+from settings_for import settings_for
 from training.settings import load_settings
+from data_corpus_helpers import stream
 from training_runs import HELDOUT, REPO, TINY_RUN, explain, one_process_group, tiny_model  # noqa: F401
 
 
@@ -139,7 +141,8 @@ def test_the_run_stops_before_the_model_on_a_missing_eval_set(tiny_model, tmp_pa
 
 
 def test_paused_time_leaves_the_throughput_window_and_eval_records_stand_apart(tmp_path, capsys):
-    settings = types.SimpleNamespace(logging_steps=1, max_steps=10, logdir=str(tmp_path))
+    settings = settings_for(pretrain_args, {"logging_steps": 1, "max_steps": 10, "warmup_steps": 0,
+                                            "logdir": str(tmp_path)})
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     setup_logging(tmp_path, 0)

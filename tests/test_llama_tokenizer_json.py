@@ -4,7 +4,6 @@ and the checks against a model's config."""
 import json
 import random
 import shutil
-import types
 from collections import Counter
 
 import numpy as np

@@ -72,7 +72,8 @@ def settings(root: Path, split: dict, args: types.ModuleType = pretrain_args, **
     return settings_for(args, values)
 
 
-def stream(main_module: types.ModuleType, config: Settings, tokenizer, rank: int = 0, world_size: int = 1) -> DataStream:
+def stream(main_module: types.ModuleType, config: Settings, tokenizer, rank: int = 0,
+           world_size: int = 1) -> DataStream:
     """The data stream the loop builds for the stage of `main_module` (e.g. pretrain_main)."""
     rules = stage_rules(main_module.__name__.removesuffix("_main"))
     return DataStream(config.data, tokenizer, rank, world_size, rules, config.chat)

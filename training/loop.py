@@ -166,11 +166,12 @@ def _run_steps(settings: Settings, run, engine: Engine, data, inputs, state: Tra
                            int(global_tokens), empty=outcome.empty)
             state.skipped_steps, state.empty_steps = metrics.skipped_total, metrics.empty_total
 
-            if metrics.consecutive_bad >= settings.optimisation.max_bad_steps:
+            max_bad_steps = settings.optimisation.max_bad_steps
+            if metrics.consecutive_bad >= max_bad_steps:
                 latest = find_latest(settings.output.output_dir)
                 raise TrainingError(
                     f"{metrics.consecutive_bad} consecutive steps with a non-finite loss or gradients "
-                    f"(max_bad_steps={settings.optimisation.max_bad_steps}), up to step {state.step}; stopping without saving. "
+                    f"(max_bad_steps={max_bad_steps}), up to step {state.step}; stopping without saving. "
                     f"Last good checkpoint: {latest or 'none'}. Lower lr or check the data, then resume with "
                     f"recover_training_from_checkpoint=latest")
             if state.step % settings.output.logging_steps == 0 or state.step == settings.optimisation.max_steps:

@@ -179,8 +179,8 @@ def setup_logging(logdir: str | Path, rank: int) -> Path:
 class Metrics:
     """Accumulates per-step figures over a logging window and reports their means every `logging_steps`."""
 
-    def __init__(self, settings: Settings, rank: int, world_size: int, flops_per_token: float, peak_tflops: float | None,
-                 start_step: int, recompute_flops_per_token: float = 0.0):
+    def __init__(self, settings: Settings, rank: int, world_size: int, flops_per_token: float,
+                 peak_tflops: float | None, start_step: int, recompute_flops_per_token: float = 0.0):
         self.rank, self.world_size = rank, world_size
         self.logging_steps = settings.output.logging_steps
         self.max_steps = settings.optimisation.max_steps

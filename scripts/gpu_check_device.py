@@ -310,7 +310,8 @@ def reference(spec_path: str) -> dict:
 def train(argv: list[str]) -> None:
     import pretrain_args
     import training.loop as loop
-    from pretrain_main import DataProcessor
+    from pretrain_main import PretrainRecords
+    from training.data_stream import DataStream
     from training.settings import load_settings
 
     settings = load_settings(pretrain_args, argv)
@@ -325,11 +326,11 @@ def train(argv: list[str]) -> None:
         torch.backends.cuda.enable_mem_efficient_sdp(False)
         torch.backends.cuda.enable_cudnn_sdp(False)
     rank = int(os.environ.get("RANK", "0"))
-    logdir = Path(settings.logdir)
+    logdir = Path(settings.output.logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     kept: dict = {}
 
-    class FirstBatchRecorded(DataProcessor):
+    class FirstBatchRecorded(DataStream):
         def __iter__(self):
             return self
 
@@ -356,7 +357,8 @@ def train(argv: list[str]) -> None:
 
     if os.environ.get("GPU_CHECK_LOGITS") == "1":
         loop.save_final = save_final_after_logits
-    loop.train(settings, FirstBatchRecorded)
+    loop.DataStream = FirstBatchRecorded  # the stream the loop builds, recording its first batch
+    loop.train(settings, PretrainRecords)
 
 
 def main(argv: list[str]) -> None:

@@ -23,7 +23,9 @@ from llama.text_units import TextUnits
 from training.evaluation import HeldOut, Score, Scores, held_out_samples, load_held_out
 from training.metrics import Metrics, setup_logging
 from training.samples import Sample
+from settings_for import settings_for
 from training.settings import load_settings
+from data_corpus_helpers import stream
 from training_runs import HELDOUT, REPO, TINY_RUN, explain, one_process_group, tiny_model  # noqa: F401
 
 
@@ -32,7 +34,7 @@ def stage1_data(tokenizer_path, eval_root, *overrides):
 
     settings = load_settings(pretrain_args, TINY_RUN + ["batch_size=4", f"eval_data_root_dir={eval_root}",
                                                         "eval_samples_per_set=6", *overrides])
-    return settings, pretrain_main.DataProcessor(settings, SentencePieceTokenizer(tokenizer_path), 0, 1)
+    return settings, stream(pretrain_main, settings, SentencePieceTokenizer(tokenizer_path), 0, 1)
 
 
 def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(tokenizer_path, tmp_path,
@@ -68,7 +70,7 @@ def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(token
 
     model.eval()
     table = data.tokenizer.token_bytes()
-    rules = pretrain_main.DataProcessor.for_checking(data.root, ["zh", "translate", "news-zh"])
+    rules = pretrain_main.PretrainRecords(data.root, ["zh", "translate", "news-zh"])
     for name in ("zh", "translate", "news-zh"):
         files = sorted((root / name).glob("*.jsonl"))
         samples = held_out_samples(rules, data.builder, files, name, 6, False)
@@ -155,7 +157,8 @@ def test_the_run_stops_before_the_model_on_a_missing_eval_set(tiny_model, tmp_pa
 
 
 def test_paused_time_leaves_the_throughput_window_and_eval_records_stand_apart(tmp_path, capsys):
-    settings = types.SimpleNamespace(logging_steps=1, max_steps=10, logdir=str(tmp_path))
+    settings = settings_for(pretrain_args, {"logging_steps": 1, "max_steps": 10, "warmup_steps": 0,
+                                            "logdir": str(tmp_path)})
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     setup_logging(tmp_path, 0)

@@ -1,4 +1,4 @@
-"""Worker script for the training tests: runs a stage's DataProcessor through training.loop.train, with faults.
+"""Worker script for the training tests: runs a stage's data stream through training.loop.train, with faults.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/training_harness.py key=value ...
 
@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from llama import load_tokenizer  # noqa: E402
 import training.checkpoint as checkpoint  # noqa: E402
 import training.loop as loop  # noqa: E402
+from tools.stage_schema import stage_rules  # noqa: E402
 from training.settings import load_settings  # noqa: E402
 
 
@@ -232,7 +233,7 @@ def train_transformers_class() -> None:
     from training.engine.ddp import DDPEngine
 
     def build_model(engine, inputs):  # the weights loaded whole, as DDPEngine loads ours
-        settings = engine.settings
+        settings = engine.settings.model
         assert float(settings.dropout_prob) == 0.0
         return TransformersAsOurs(AutoModelForCausalLM.from_pretrained(
             settings.init_model_path, torch_dtype=engine.load_dtype, attn_implementation="sdpa"))
@@ -285,9 +286,8 @@ def recording(data_processor_cls, texts: bool):
 
 def main() -> None:
     stage = os.environ.get("HARNESS_STAGE", "pretrain")
-    main_module = importlib.import_module(f"{stage}_main")
     settings = load_settings(importlib.import_module(f"{stage}_args"), sys.argv[1:])
-    data_processor_cls = main_module.DataProcessor
+    data_processor_cls = loop.DataStream  # the stream class the loop builds; subclassed below to inject faults
     if os.environ.get("HARNESS_ZERO_ON_CPU"):
         import zero_cpu
 
@@ -314,8 +314,9 @@ def main() -> None:
         save_after_resume(Path(os.environ["HARNESS_SAVE_AFTER_RESUME"]))
     if os.environ.get("HARNESS_RECORD_BATCHES"):
         data_processor_cls = recording(data_processor_cls, texts=os.environ["HARNESS_RECORD_BATCHES"] == "2")
-        data_processor_cls._harness_logdir = settings.logdir
-    loop.train(settings, data_processor_cls)
+        data_processor_cls._harness_logdir = settings.output.logdir
+    loop.DataStream = data_processor_cls
+    loop.train(settings, stage_rules(stage))
 
 
 if __name__ == "__main__":

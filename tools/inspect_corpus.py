@@ -25,12 +25,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tools.file_sampling import sample_file
-from tools.stage_schema import STAGES, RecordChecker, args_module, data_processor_class
+from tools.stage_schema import STAGES, RecordChecker, args_module, stage_rules
 from tools.text_stats import estimate_tokens, text_fields
 from training.corpus import DataError, RecordError, list_set_files, parse_record, parse_split, weighted_cycle
+from training.data_stream import DataStream
 from training.model_loading import resolved_tokenizer_path
 from training.set_reader import SetReader
-from training.settings import SettingsError, load_settings, resolve_global_batch
+from training.settings import Settings, SettingsError, load_settings, resolve_global_batch
+from training.settings_concerns import ModelSettings
 
 SHOW_PER_SET = 5  # problems listed per set before "... and N more"
 
@@ -80,14 +82,14 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
     overrides = list(args.overrides) + ([f"pretrain_data_root_dir={args.root}"] if args.root else [])
     settings = load_settings(args_module(args.stage), overrides)
     settings = resolve_global_batch(settings, args.world_size)  # as the launch does: per-GPU batch, accumulation
-    root = Path(settings.pretrain_data_root_dir)
+    root = Path(settings.data.pretrain_data_root_dir)
     global_problems: list[str] = []
     if not root.is_dir():
         problem = f"corpus root {root.resolve()} does not exist (pretrain_data_root_dir)"
         print(f"problem: {problem}", file=out)
         return [], [problem]
-    split = parse_split(settings.pretrain_data_split)
-    tokenizer = _tokenizer(args.tokenizer or _stage_tokenizer(settings), settings.eos_token)
+    split = parse_split(settings.data.pretrain_data_split)
+    tokenizer = _tokenizer(args.tokenizer or _stage_tokenizer(settings.model), settings.model.eos_token)
     reports = []
     for name, spec in split.items():
         report = SetReport(name, spec.weight)
@@ -104,14 +106,14 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
     if tokenizer is not None and not any(r.problems for r in reports):
         # The launch's own start-up validation: settings, files, prompt files, the head of every file.
         try:
-            data_processor_class(args.stage)(settings, tokenizer, 0, args.world_size).close()
+            DataStream(settings.data, tokenizer, 0, args.world_size, stage_rules(args.stage), settings.chat).close()
         except DataError as e:
             global_problems.append(f"DataProcessor start-up check: {e}")
     _print(reports, global_problems, settings, args, tokenizer, out)
     return reports, global_problems
 
 
-def _stage_tokenizer(settings) -> Path | None:
+def _stage_tokenizer(settings: ModelSettings) -> Path | None:
     """The tokenizer the stage itself would load (tokenizer_path, else init_model_path's), if it exists here."""
     try:
         return resolved_tokenizer_path(settings)
@@ -196,12 +198,12 @@ def _fmt(value: float, exact: bool) -> str:
     return text if exact else "~" + text
 
 
-def _print(reports: list[SetReport], global_problems: list[str], settings, args, tokenizer, out) -> None:
+def _print(reports: list[SetReport], global_problems: list[str], settings: Settings, args, tokenizer, out) -> None:
     total_weight = sum(r.weight for r in reports)
-    batch = settings.batch_size
+    batch = settings.data.batch_size
     period = weighted_cycle({r.name: r.weight for r in reports}) if reports else []
-    print(f"stage {args.stage}: root {Path(settings.pretrain_data_root_dir).resolve()}, batch {batch} per GPU x "
-          f"{args.world_size} processes x {settings.gradient_accumulation_steps} accumulation, "
+    print(f"stage {args.stage}: root {Path(settings.data.pretrain_data_root_dir).resolve()}, batch {batch} per GPU x "
+          f"{args.world_size} processes x {settings.optimisation.gradient_accumulation_steps} accumulation, "
           f"mix period {len(period)} samples", file=out)
     print(f"tokens: {'counted with ' + str(tokenizer.model_path) if tokenizer else 'estimated from characters'}"
           f" ('~' = estimated)", file=out)

@@ -46,6 +46,7 @@ from training.checkpoint_files import (DATA_STATE, FINAL_DIR, RNG_STATE, TMP_SUF
                                        write_json)
 from training.launch import barrier, rank, world_size
 from training.rng_state import capture_rng_state, reseed_rng, restore_rng_state
+from training.settings_concerns import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def _prune(output_dir: str | Path, keep: int, just_saved: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- load
 
 
-def load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerState:
+def load_checkpoint(path: Path, engine, data_processor, settings: Settings) -> TrainerState:
     """Collective: restore model, optimizer, scheduler, this rank's data position and RNG; return the loop state.
     A damaged or unreadable file ends every rank with one line that names the checkpoint to resume from instead."""
 
@@ -241,7 +242,7 @@ def load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerStat
         return _load_checkpoint(path, engine, data_processor, settings)
 
 
-def _load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerState:
+def _load_checkpoint(path: Path, engine, data_processor, settings: Settings) -> TrainerState:
     state = TrainerState(**read_trainer_state(path))
     old_world, new_world = state.world_size, world_size()
     if old_world != new_world:
@@ -251,27 +252,28 @@ def _load_checkpoint(path: Path, engine, data_processor, settings) -> TrainerSta
     verify_files(path)
     engine.load_weights(path)
     engine.load_state(path, old_world)
-    changed = {k: (v, getattr(settings, k)) for k, v in state.settings.items()
-               if k in settings and getattr(settings, k) != v and k in _SETTINGS_THAT_CHANGE_THE_RUN}
+    current = settings.to_dict()
+    changed = {k: (v, current[k]) for k, v in state.settings.items()
+               if k in current and current[k] != v and k in _SETTINGS_THAT_CHANGE_THE_RUN}
     for name, (old, new) in changed.items():
         logger.warning("resuming with %s=%r (the checkpoint ran with %r): the run will not match an uninterrupted one",
                        name, new, old)
     # Accumulation is derived from global_batch_size and the world size, so it may change on another GPU count while
     # the samples per optimizer step (what the recipe fixes) stay the same: compare those.
     old_samples = state.settings.get("batch_size", 0) * old_world * state.settings.get("gradient_accumulation_steps", 1)
-    new_samples = settings.batch_size * new_world * settings.gradient_accumulation_steps
+    new_samples = settings.data.batch_size * new_world * settings.optimisation.gradient_accumulation_steps
     if old_samples != new_samples:
         logger.warning("resuming with %d samples per optimizer step (the checkpoint ran with %d): set global_batch_size "
                        "to keep the recipe's batch on another GPU count", new_samples, old_samples)
     if changed.keys() & _SCHEDULE_SETTINGS:  # replaces the schedule engine.load_state loaded
-        engine.restart_schedule(settings, state.step)
+        engine.restart_schedule(settings.optimisation, state.step)
         logger.warning("lr schedule rebuilt from this run's lr/min_lr/warmup_steps/max_steps at step %d", state.step)
     if old_world == new_world:
         data_processor.load_state_dict(read_json(path / DATA_STATE.format(rank=rank())))
         restore_rng_state(read_json(path / RNG_STATE.format(rank=rank())))
     else:
         data_processor.load_resharded([read_json(path / DATA_STATE.format(rank=r)) for r in range(old_world)])
-        reseed_rng(settings.seed, state.step, rank(), new_world)
+        reseed_rng(settings.data.seed, state.step, rank(), new_world)
     state.world_size = new_world
     return state
 

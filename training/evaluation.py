@@ -41,6 +41,7 @@ from llama.text_units import TextUnits
 from training.batching import pad_batch
 from training.corpus import DataError, Location, RecordError, list_set_files, parse_record
 from training.samples import Sample
+from training.settings_concerns import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -84,19 +85,20 @@ class Scores:
     seconds: float = 0.0
 
 
-def load_held_out(settings, data, rank: int, world_size: int) -> "HeldOut | None":
-    """The held-out sets of `settings`, built with the rules of the training stream `data` (a DataProcessor);
+def load_held_out(run: Settings, data, rank: int, world_size: int) -> "HeldOut | None":
+    """The held-out sets of `run`'s settings, built with the rules of the training stream `data` (a DataStream);
     None when eval_data_root_dir is empty. Bad input (missing folder, bad record, no usable record) is a
     DataError that names the set and the path, raised at start-up."""
-    if not settings.eval_data_root_dir.strip():
+    if not run.evaluation.eval_data_root_dir.strip():
         return None
+    settings = run.evaluation
     root = Path(settings.eval_data_root_dir)
     if not root.is_dir():
         raise DataError(f"setting 'eval_data_root_dir': folder {root.resolve()} does not exist")
     names = list(settings.eval_sets) or list(data.split)
     # The stage's build() and prompt files, read from the training root: a held-out task record gets the prompts
     # its training twin gets.
-    rules = type(data).for_checking(data.root, names)
+    rules = type(data.rules)(data.root, names)
     sets = {}
     for name in names:
         folder = root / name
@@ -104,9 +106,9 @@ def load_held_out(settings, data, rank: int, world_size: int) -> "HeldOut | None
             source = "eval_sets" if settings.eval_sets else "pretrain_data_split (eval_sets is empty)"
             raise DataError(f"held-out set '{name}': folder {folder} does not exist ({source} names it)")
         sets[name] = held_out_samples(rules, data.builder, list_set_files(root, name, 0), name,
-                                      settings.eval_samples_per_set, settings.skip_bad_records)
+                                      settings.eval_samples_per_set, run.data.skip_bad_records)
     weights = {name: data.split[name].weight for name in names if name in data.split}
-    held_out = HeldOut(sets, weights, settings.eval_steps, settings.batch_size, data.tokenizer.pad_id, rank,
+    held_out = HeldOut(sets, weights, settings.eval_steps, run.data.batch_size, data.tokenizer.pad_id, rank,
                        world_size, TextUnits.of(data.tokenizer))
     counts = [f"{name} {len(samples)} samples" + ("" if name in weights else " (not in the mix)")
               for name, samples in sets.items()]

@@ -1,7 +1,7 @@
-"""The training loop shared by the three stages: `run_stage(args_module, DataProcessor, argv)`, then `train()`.
+"""The training loop shared by the three stages: `run_stage(args_module, Records, argv)`, then `train()`.
 
 Read top to bottom: launch -> model inputs checked -> data built -> model -> engine -> resume -> steps -> final/.
-Each stage's *_main.py only brings its DataProcessor (how records become batches) and its args file.
+Each stage's *_main.py only brings its RecordRules (how records become samples) and its args file.
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from training.metrics import (Metrics, batch_line, flops_per_token, peak_tflops_
                               setup_logging)
 from training.model_loading import ModelInputError, check_model_inputs, log_host_memory
 from training.corpus import DataError
-from training.settings import SettingsError, load_settings, resolve_global_batch
+from training.data_stream import DataStream
+from training.record_rules import RecordRules
+from training.settings import Settings, SettingsError, load_settings, resolve_global_batch
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +34,17 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. max_bad_steps non-finite steps in a row); the message says what to do."""
 
 
-def run_stage(args_module, data_processor_cls, argv: list[str]) -> None:
-    """A stage script's command line: its args file with key=value overrides, then train()."""
+def run_stage(args_module, rules: type[RecordRules], argv: list[str]) -> None:
+    """A stage script's command line: its args file with key=value overrides, then train() on its record rules."""
     with _expected_errors_as_one_line():
         settings = load_settings(args_module, argv)
-    train(settings, data_processor_cls)
+    train(settings, rules)
 
 
-def train(settings, data_processor_cls) -> None:
+def train(settings: Settings, rules: type[RecordRules]) -> None:
     try:
         with _expected_errors_as_one_line():
-            _train(settings, data_processor_cls)
+            _train(settings, rules)
     finally:
         shutdown()
 
@@ -61,10 +63,10 @@ def _expected_errors_as_one_line():
         raise SystemExit(1) from None
 
 
-def _train(settings, data_processor_cls) -> None:
+def _train(settings: Settings, rules: type[RecordRules]) -> None:
     # ---- launch: torchrun environment, process group, per-rank seeds, logging
-    run = launch(settings.seed)
-    log_file = setup_logging(settings.logdir, run.rank)
+    run = launch(settings.data.seed)
+    log_file = setup_logging(settings.output.logdir, run.rank)
     settings = resolve_global_batch(settings, run.world_size)  # gradient_accumulation_steps from global_batch_size
     if run.rank == 0:
         logger.info(settings.format())
@@ -80,14 +82,14 @@ def _train(settings, data_processor_cls) -> None:
     inputs = check_model_inputs(settings)
 
     # ---- data: built and validated before the model, so a bad corpus fails in seconds
-    data = data_processor_cls(settings, inputs.tokenizer, run.rank, run.world_size)
+    data = DataStream(settings.data, inputs.tokenizer, run.rank, run.world_size, rules, settings.chat)
     try:
         held_out = load_held_out(settings, data, run.rank, run.world_size)  # None: no evaluation
         # ---- model and engine (booster, plugin, optimizer, lr schedule)
         model = engine.build_model(inputs)
         fpt = flops_per_token(model, inputs.config.num_hidden_layers, inputs.config.hidden_size,
-                              settings.max_seq_length)
-        recompute_fpt = recompute_flops_per_token(model, inputs.config.hidden_size, settings.max_seq_length)
+                              settings.data.max_seq_length)
+        recompute_fpt = recompute_flops_per_token(model, inputs.config.hidden_size, settings.data.max_seq_length)
         resume_from = _agree_on_resume(settings, run.rank)
         engine.boost(model, initial_weights=inputs if resume_from is None else None)
         logger.info("engine: plugin=%s precision=%s device=%s", choice.plugin, choice.precision, choice.device)
@@ -104,29 +106,29 @@ def _train(settings, data_processor_cls) -> None:
         # ---- the loop
         completed = _run_steps(settings, run, engine, data, inputs, state, fpt, held_out, recompute_fpt)
         if completed:
-            final = save_final(engine, inputs.config, inputs.tokenizer, settings.output_dir,
-                               settings.chat_format if "chat_format" in settings else None)  # stage 3 only
+            final = save_final(engine, inputs.config, inputs.tokenizer, settings.output.output_dir,
+                               None if settings.chat is None else settings.chat.chat_format)  # stage 3 only
             logger.info("finished %d steps; model saved to %s", state.step, final)
     finally:
         data.close()
 
 
-def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState, fpt: float,
+def _run_steps(settings: Settings, run, engine: Engine, data, inputs, state: TrainerState, fpt: float,
                held_out: HeldOut | None, recompute_fpt: float) -> bool:
     """Train until max_steps (True) or a stop signal (False, after a checkpoint)."""
     stop = StopRequest()
     metrics = Metrics(settings, run.rank, run.world_size, fpt,
-                      peak_tflops_per_gpu(settings.peak_tflops_per_gpu, run.device, engine.choice.precision),
+                      peak_tflops_per_gpu(settings.output.peak_tflops_per_gpu, run.device, engine.choice.precision),
                       start_step=state.step, recompute_flops_per_token=recompute_fpt)
     metrics.skipped_total, metrics.empty_total = state.skipped_steps, state.empty_steps
     batches = iter(data)
     engine.model.train()
-    accumulation = settings.gradient_accumulation_steps
+    accumulation = settings.optimisation.gradient_accumulation_steps
     save_due = False
     try:
         if held_out is not None and state.step == 0:
             _evaluate(held_out, engine, metrics, state)  # the starting model: every curve shows change from it
-        while state.step < settings.max_steps:
+        while state.step < settings.optimisation.max_steps:
             # ---- forward and backward over the micro-batches of one optimizer step
             loss_sum = torch.zeros((), device=run.device)  # finite micro-batch losses, summed
             bad = torch.zeros((), device=run.device)  # micro-batches whose loss is not finite
@@ -164,19 +166,20 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
                            int(global_tokens), empty=outcome.empty)
             state.skipped_steps, state.empty_steps = metrics.skipped_total, metrics.empty_total
 
-            if metrics.consecutive_bad >= settings.max_bad_steps:
-                latest = find_latest(settings.output_dir)
+            max_bad_steps = settings.optimisation.max_bad_steps
+            if metrics.consecutive_bad >= max_bad_steps:
+                latest = find_latest(settings.output.output_dir)
                 raise TrainingError(
                     f"{metrics.consecutive_bad} consecutive steps with a non-finite loss or gradients "
-                    f"(max_bad_steps={settings.max_bad_steps}), up to step {state.step}; stopping without saving. "
+                    f"(max_bad_steps={max_bad_steps}), up to step {state.step}; stopping without saving. "
                     f"Last good checkpoint: {latest or 'none'}. Lower lr or check the data, then resume with "
                     f"recover_training_from_checkpoint=latest")
-            if state.step % settings.logging_steps == 0 or state.step == settings.max_steps:
+            if state.step % settings.output.logging_steps == 0 or state.step == settings.optimisation.max_steps:
                 state.loss = metrics.log(state.step, state.tokens_seen)["loss"]
-            if held_out is not None and held_out.due(state.step, settings.max_steps):
+            if held_out is not None and held_out.due(state.step, settings.optimisation.max_steps):
                 _evaluate(held_out, engine, metrics, state)
             stopping = stops > 0
-            save_due = save_due or state.step % settings.saving_steps == 0
+            save_due = save_due or state.step % settings.output.saving_steps == 0
             # A save that falls inside a run of skipped steps waits for the next good step, so that
             # keep_checkpoints never prunes the last good checkpoint in favour of one from a bad stretch.
             if (save_due and metrics.consecutive_bad == 0) or stopping:
@@ -184,7 +187,7 @@ def _run_steps(settings, run, engine: Engine, data, inputs, state: TrainerState,
                 state.loss = metrics.recent_loss()
                 with metrics.paused():
                     path = save_checkpoint(engine, data, state, inputs.config, inputs.tokenizer,
-                                           settings.output_dir, settings.keep_checkpoints)
+                                           settings.output.output_dir, settings.output.keep_checkpoints)
                 logger.info("saved checkpoint %s", path)
             if stopping:
                 logger.info("stop requested (%s): checkpoint saved at step %d, exiting cleanly",
@@ -205,14 +208,14 @@ def _evaluate(held_out: HeldOut, engine: Engine, metrics: Metrics, state: Traine
         metrics.log_eval(state.step, state.tokens_seen, scores)
 
 
-def _agree_on_resume(settings, rank: int):
+def _agree_on_resume(settings: Settings, rank: int):
     """Rank 0 resolves recover_training_from_checkpoint ("latest" or a path) and every rank uses its answer."""
     chosen = [None, None]
     if rank == 0:
         try:
-            path = resolve_resume(settings.recover_training_from_checkpoint, settings.output_dir)
-            if path is not None and Path(settings.output_dir).resolve() == path.parent.resolve():
-                set_aside_newer(settings.output_dir, TrainerState(**read_trainer_state(path)).step)
+            path = resolve_resume(settings.output.recover_training_from_checkpoint, settings.output.output_dir)
+            if path is not None and Path(settings.output.output_dir).resolve() == path.parent.resolve():
+                set_aside_newer(settings.output.output_dir, TrainerState(**read_trainer_state(path)).step)
             chosen = [str(path) if path else None, None]
         except CheckpointError as e:
             chosen = [None, str(e)]

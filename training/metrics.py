@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from training.settings import SettingsError
+from training.settings_concerns import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +80,16 @@ WARMUP_STEPS = 2  # a process's first optimizer steps, left out of the steady fi
 STEP_PARTS = ("data", "forward_backward", "optimizer")  # Metrics.timed's parts of a step
 
 
-def batch_line(settings, world_size: int) -> str:
+def batch_line(settings: Settings, world_size: int) -> str:
     """The batch of one optimizer step, for the log's first lines: per GPU, processes, accumulation, global, tokens
     (rows of max_seq_length: the most a step can train on; padding is counted in, packed rows have none)."""
-    accumulation = settings.gradient_accumulation_steps
-    samples = settings.batch_size * world_size * accumulation
-    source = (f"global_batch_size={settings.global_batch_size}" if getattr(settings, "global_batch_size", 0)
+    accumulation = settings.optimisation.gradient_accumulation_steps
+    samples = settings.data.batch_size * world_size * accumulation
+    source = (f"global_batch_size={settings.optimisation.global_batch_size}" if settings.optimisation.global_batch_size
               else "gradient_accumulation_steps as set")
-    return (f"batch: {settings.batch_size} per GPU x {world_size} processes x {accumulation} accumulation = "
-            f"{samples} samples per optimizer step ({source}); x {settings.max_seq_length} tokens = "
-            f"{samples * settings.max_seq_length:,} tokens per step at most")
+    return (f"batch: {settings.data.batch_size} per GPU x {world_size} processes x {accumulation} accumulation = "
+            f"{samples} samples per optimizer step ({source}); x {settings.data.max_seq_length} tokens = "
+            f"{samples * settings.data.max_seq_length:,} tokens per step at most")
 
 
 def peak_tflops_per_gpu(setting: float, device: torch.device, precision: str) -> float | None:
@@ -180,11 +180,11 @@ def setup_logging(logdir: str | Path, rank: int) -> Path:
 class Metrics:
     """Accumulates per-step figures over a logging window and reports their means every `logging_steps`."""
 
-    def __init__(self, settings, rank: int, world_size: int, flops_per_token: float, peak_tflops: float | None,
-                 start_step: int, recompute_flops_per_token: float = 0.0):
+    def __init__(self, settings: Settings, rank: int, world_size: int, flops_per_token: float,
+                 peak_tflops: float | None, start_step: int, recompute_flops_per_token: float = 0.0):
         self.rank, self.world_size = rank, world_size
-        self.logging_steps = settings.logging_steps
-        self.max_steps = settings.max_steps
+        self.logging_steps = settings.output.logging_steps
+        self.max_steps = settings.optimisation.max_steps
         self.flops_per_token = flops_per_token
         self.hardware_flops_per_token = flops_per_token + recompute_flops_per_token
         self._steps_recorded = 0
@@ -205,11 +205,11 @@ class Metrics:
         self._bar = None
         self._jsonl = None
         if rank == 0:
-            self._jsonl = open(Path(settings.logdir) / "metrics.jsonl", "a", encoding="utf-8")
+            self._jsonl = open(Path(settings.output.logdir) / "metrics.jsonl", "a", encoding="utf-8")
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
 
-            self._writer = SummaryWriter(log_dir=str(settings.logdir))
+            self._writer = SummaryWriter(log_dir=str(settings.output.logdir))
             # disable=None: a bar in a terminal, nothing when output goes to a file (CI, tests).
             self._bar = tqdm(total=self.max_steps, initial=start_step, desc="train", unit="step", disable=None,
                              dynamic_ncols=True, leave=False)

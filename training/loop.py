@@ -254,8 +254,9 @@ def _save_before_data_error(settings, engine: Engine, data, inputs, state: Train
     else:
         saved = _save(settings, engine, data, inputs, state, metrics)
         where = f"saved a checkpoint of step {state.step}, the last completed step: {saved.path}"
-    then = ("; mend or remove the record (or set skip_bad_records=True), then resume with "
-            "recover_training_from_checkpoint=latest" if state.step else "")
+    then = ("; resume with recover_training_from_checkpoint=latest and skip_bad_records=True to skip such records, "
+            "or mend the file and resume with accept_changed_files=True too (a changed file is read again from its "
+            "start)" if state.step else "")
     if error is not None:
         raise DataError(f"{error}; {where}{then}")
     raise TrainingError(f"a record failed on another rank (its log file has the line); {where}{then}")

@@ -157,3 +157,22 @@ def test_conversation_samples_keep_their_counted_spans_when_dealt_out(tmp_path, 
     assert any(len(row) > 3 for row in saved)  # conversations: their spans in the state
     for dp in old + [new]:
         dp.close()
+
+
+def test_a_copied_file_is_not_a_changed_one(tmp_path):
+    """A new modification time alone (a copy to another disk) is reported, not taken for new content; a same-size
+    rewrite is."""
+    import os
+
+    from training.set_reader import fingerprint, fingerprint_change
+
+    path = tmp_path / "10001.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    saved = fingerprint(path)
+    assert fingerprint_change(saved, path) is None
+    os.utime(path, ns=(saved["mtime_ns"] + 10**9, saved["mtime_ns"] + 10**9))
+    what, content = fingerprint_change(saved, path)
+    assert not content and what.startswith("modified ")
+    path.write_text('{"text": "b"}\n{"text": "a"}\n')  # shuffled, same size
+    what, content = fingerprint_change(saved, path)
+    assert content and "first/last 64 KB differ" in what and "size" not in what

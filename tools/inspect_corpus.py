@@ -3,9 +3,12 @@
     python -m tools.inspect_corpus pretrain --world-size 8
     python -m tools.inspect_corpus task_instruct_tuning --root /data/corpora --tokenizer models/llama-7b-zh
     python -m tools.inspect_corpus alignment_sft batch_size=12        # key=value: the stage's own overrides
+    python -m tools.inspect_corpus pretrain --full                    # every line of every file checked
 
 Reads <stage>_args.py (with the overrides) and prints one row per set: weight, share of the mix and samples per
-batch, files, records (counted for files up to --exact-mb, else estimated from sampled lines), a token estimate
+batch, files, records (counted for files up to --exact-mb or with --full, else estimated from sampled lines; a launch
+itself checks only the first lines of each file, and a bad line deeper in stops the run when it is reached, after a
+checkpoint of the last step), a token estimate
 (--tokenizer, else characters), files per rank for --world-size (and whether the set falls back to sharding by
 line); then every task type of each set (stage 2) with its record count and which prompt files serve it ("(no
 type)": records without one, which get no prompt, as the recipe's zh-qa-long), and every problem found. Records
@@ -65,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model, tokenizer.json or model dir: token counts and the "
                    "DataProcessor start-up check (default: the stage's own, if it exists)")
     p.add_argument("--exact-mb", type=float, default=64, help="count every line of files up to this size")
+    p.add_argument("--full", action="store_true", help="read and check every line of every file, whatever its size "
+                                                        "(one file's lines in memory at a time)")
     p.add_argument("--sample-mb", type=float, default=8, help="bytes read from a bigger file to estimate it")
     p.add_argument("--token-sample-chars", type=int, default=2_000_000,
                    help="characters per set tokenized for the tokens/char ratio")
@@ -136,7 +141,8 @@ def _read_set(report: SetReport, checker: RecordChecker, tokenizer, args) -> Non
     sample_texts: list[str] = []
     sample_chars = 0
     for path in tqdm(report.files, desc=f"{report.name}", unit="file", disable=args.quiet, file=sys.stderr):
-        sample = sample_file(path, int(args.exact_mb * 2**20), int(args.sample_mb * 2**20))
+        exact_bytes = path.stat().st_size if args.full else int(args.exact_mb * 2**20)
+        sample = sample_file(path, exact_bytes, int(args.sample_mb * 2**20))
         report.exact &= sample.exact
         report.records += sample.records
         if sample.size == 0:

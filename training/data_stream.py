@@ -30,7 +30,7 @@ from training.corpus import DataError, Location, RecordError, list_set_files, pa
 from training.record_rules import RecordRules, check_first_lines
 from training.samples import Sample, SampleBuilder, Spec, sample_from_json, sample_to_json
 from training.set_buffer import SetBuffer
-from training.set_reader import SetReader
+from training.set_reader import SetReader, fingerprint_change, restart_file
 from training.settings_concerns import ChatSettings, DataSettings
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class DataStream:
         self.long_prompt = settings.long_prompt
         self.packing = settings.packing
         self.skip_bad_records = settings.skip_bad_records
+        self.accept_changed_files = settings.accept_changed_files
         self.seed = seed = settings.seed
         # Before the corpus is read: a chat format the tokenizer cannot render stops the run first.
         self.builder = SampleBuilder(tokenizer, self.max_seq_length, self.long_text, self.long_prompt,
@@ -110,6 +111,16 @@ class DataStream:
         """Records, samples, skips and discarded tokens up to the last batch handed out."""
         return dict(self._handed["counters"])
 
+    def position_mark(self):
+        """The position after the last batch handed out, for rewind_to."""
+        return self._handed
+
+    def rewind_to(self, mark) -> None:
+        """Make state_dict() and counters those of `mark` again: the batches handed out since are given back. For a
+        stream that ends here (a record failed while fetching a step's batches, and the step is not trained): the
+        prefetch thread has read on, so iterating further is not exact."""
+        self._handed = mark
+
     @property
     def _mix(self) -> dict[str, int]:
         return {name: spec.weight for name, spec in self.split.items()}
@@ -127,6 +138,7 @@ class DataStream:
             "packing": self.packing,
             "mix": self._mix,
             "sets": {name: {**snap["readers"][name],
+                            "fingerprints": self.readers[name].fingerprints,
                             "last_sample_pass": snap["last_sample_pass"][name],
                             "pending": [sample_to_json(s) for s in snap["pending"][name]]}
                      for name in self.split},
@@ -141,7 +153,8 @@ class DataStream:
         self._check_saved(state, self.rank, self.world_size, "")
         self._stop_prefetch()
         for name, reader in self.readers.items():
-            saved = state["sets"][name]
+            saved = dict(state["sets"][name])
+            self._check_files(name, [saved])
             reader.seek(saved)
             self._last_sample_pass[name] = int(saved["last_sample_pass"])
             self._pending[name] = SetBuffer(sample_from_json(row) for row in saved["pending"])
@@ -173,8 +186,10 @@ class DataStream:
             self._check_saved(state, rank, old_world, f" of {old_world} ranks (rank {rank}'s state)")
         self._stop_prefetch()
         for name, reader in self.readers.items():
-            reader.resume_from([{**state["sets"][name], "rank": rank, "world_size": old_world}
-                                for rank, state in enumerate(states)])
+            positions = [{**state["sets"][name], "rank": rank, "world_size": old_world}
+                         for rank, state in enumerate(states)]
+            self._check_files(name, positions)
+            reader.resume_from(positions)
             self._last_sample_pass[name] = reader.passes
 
         # The documents in flight, dealt out whole: the n-th (pool first, then each set's buffer, old ranks in order)
@@ -214,6 +229,42 @@ class DataStream:
                     ", ".join(f"{name} {v['samples']} samples" + (f" of {v['documents']} records" if "documents" in v
                                                                    else "") for name, v in in_flight.items()))
         return in_flight
+
+    def _check_files(self, set_name: str, positions: list[dict]) -> None:
+        """The corpus files the saved `positions` (one per old rank) were read from, against their fingerprints: a
+        changed file stops the resume with one line naming it and what changed, before any step, since its saved
+        byte offsets would now land in other data. With accept_changed_files=True each saved position inside such
+        a file goes back to its start instead (in place), and the log says how many lines may be read again.
+        A state without fingerprints (a checkpoint from before they were recorded) is taken as it is."""
+        saved = {}
+        for position in positions:
+            saved.update(position.pop("fingerprints", None) or {})
+        if not saved:
+            logger.info("set '%s': the checkpoint records no corpus fingerprints (an older checkpoint): the files are "
+                        "taken as unchanged", set_name)
+            return
+        folder = self.readers[set_name].set_files[0].parent
+        changed = {}
+        for file_name, fingerprint in sorted(saved.items()):
+            change = fingerprint_change(fingerprint, folder / file_name)
+            if change is None:
+                continue
+            what, content = change
+            if not content:
+                logger.warning("set '%s', file %s: %s, with the same size and first/last 64 KB: taken as the same "
+                               "file (a copy)", set_name, folder / file_name, what)
+                continue
+            if not self.accept_changed_files:
+                raise DataError(f"set '{set_name}', file {folder / file_name} changed since the checkpoint ({what}): "
+                                f"its saved reading position would land in other data. Restore the file, or set "
+                                f"accept_changed_files=True to read it again from its start")
+            changed[file_name] = what
+        if changed:
+            lines = sum(restart_file(position, set(changed)) for position in positions)
+            logger.warning("set '%s': accept_changed_files=True: %s changed since the checkpoint (%s) and %s read "
+                           "again from its start; this may re-read up to %d line(s) read before the checkpoint",
+                           set_name, ", ".join(changed), "; ".join(changed.values()),
+                           "is" if len(changed) == 1 else "are", lines)
 
     def _check_saved(self, state: dict, rank: int, world_size: int, whose: str) -> None:
         """A saved state continues this stream only with the same version, mix, lengths and modes (and the rank

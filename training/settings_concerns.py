@@ -43,6 +43,7 @@ class DataSettings:
     long_prompt: str = "middle"
     packing: bool = False
     skip_bad_records: bool = False
+    accept_changed_files: bool = False
     seed: int = 42
 
 
@@ -84,7 +85,9 @@ class OutputSettings:
     logging_steps: int = 10
     peak_tflops_per_gpu: float = 0.0
     saving_steps: int = 1000
+    saving_minutes: float = 0.0
     keep_checkpoints: int = 3
+    stop_grace_seconds: float = 25.0
     recover_training_from_checkpoint: str = ""
 
 

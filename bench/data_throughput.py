@@ -1,4 +1,5 @@
-"""Data pipeline throughput of one stage's DataProcessor, against its tokenizer library's own batch encode speed.
+"""Data pipeline throughput of one stage's data stream (its RecordRules in a DataStream), against its tokenizer
+library's own batch encode speed.
 
     python bench/data_throughput.py --stage pretrain --corpus pretraining_corpora --tokenizer tok.model \
         [--batches 200 --batch-size 20 --max-seq-length 1024 --packing --long-text split]

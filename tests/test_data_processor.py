@@ -1,4 +1,4 @@
-"""The shared DataProcessor machinery through the stages' classes: batch format, exact mix, determinism, exact
+"""The data stream (DataStream) through the stages' record rules: batch format, exact mix, determinism, exact
 resume, prefetch errors, bad input up front, skip_bad_records."""
 import json
 import random

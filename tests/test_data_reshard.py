@@ -1,4 +1,4 @@
-"""The data stream on another number of ranks: SetReader.resume_from (claims) and DataProcessor.load_resharded."""
+"""The data stream on another number of ranks: SetReader.resume_from (claims) and DataStream.load_resharded."""
 import json
 import random
 from collections import Counter

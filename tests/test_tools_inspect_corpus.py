@@ -22,7 +22,7 @@ def test_bundled_corpus_is_clean(stage, tokenizer_path, capsys):
     for name in split:
         assert f"\n{name} " in out
     assert "PROBLEM" not in out and "problem:" not in out
-    assert "start-up check was not run" not in out  # the stage's DataProcessor was constructed
+    assert "start-up check was not run" not in out  # the stage's data stream was constructed
 
 
 def test_mix_shares_and_ranks(capsys):

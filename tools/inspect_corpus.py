@@ -12,8 +12,8 @@ checkpoint of the last step), a token estimate
 (--tokenizer, else characters), files per rank for --world-size (and whether the set falls back to sharding by
 line); then every task type of each set (stage 2) with its record count and which prompt files serve it ("(no
 type)": records without one, which get no prompt, as the recipe's zh-qa-long), and every problem found. Records
-are checked with the stage's own DataProcessor checks; with a tokenizer the stage's DataProcessor is also
-constructed, which runs its start-up validation exactly as a launch would.
+are checked with the stage's own record rules; with a tokenizer the stage's data stream (its RecordRules in a
+DataStream) is also constructed, which runs its start-up validation exactly as a launch would.
 
 Exit status: 0 clean, 1 problems found (with --strict, warnings count as problems), 2 bad usage.
 """
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--root", type=Path, help="corpus root (overrides pretrain_data_root_dir)")
     p.add_argument("--world-size", type=int, default=1, help="GPUs the stage will run on (default 1)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model, tokenizer.json or model dir: token counts and the "
-                   "DataProcessor start-up check (default: the stage's own, if it exists)")
+                   "data stream's start-up check (default: the stage's own, if it exists)")
     p.add_argument("--exact-mb", type=float, default=64, help="count every line of files up to this size")
     p.add_argument("--full", action="store_true", help="read and check every line of every file, whatever its size "
                                                         "(one file's lines in memory at a time)")
@@ -113,7 +113,7 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
         try:
             DataStream(settings.data, tokenizer, 0, args.world_size, stage_rules(args.stage), settings.chat).close()
         except DataError as e:
-            global_problems.append(f"DataProcessor start-up check: {e}")
+            global_problems.append(f"data stream start-up check: {e}")
     _print(reports, global_problems, settings, args, tokenizer, out)
     return reports, global_problems
 
@@ -233,8 +233,8 @@ def _print(reports: list[SetReport], global_problems: list[str], settings: Setti
     for line in global_problems:
         print(f"problem: {line}", file=out)
     if tokenizer is None:
-        print("note: no --tokenizer: the DataProcessor start-up check was not run (records were checked with the "
-              "stage's own checks)", file=out)
+        print("note: no --tokenizer: the data stream's start-up check was not run (records were checked with the "
+              "stage's own record rules)", file=out)
 
 
 def _prompt_files(task_type: str, missing: list[str]) -> str:

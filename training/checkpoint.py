@@ -12,7 +12,7 @@ Layout of output_dir/ckpt_step-<step>_loss-<loss>/ (written as <name>.tmp/, rena
     loss_scaler.json                                    ZeRO fp16: the dynamic loss scale and its counters
     scheduler.json                                      lr scheduler state
     grad_scaler.json                                    ddp + fp16 only: torch GradScaler's scale and growth tracker
-    data_state.rank<R>.json                             each rank's DataProcessor position
+    data_state.rank<R>.json                             each rank's DataStream position
     rng_state.rank<R>.json                              each rank's torch, CUDA and Python RNG states
     trainer_state.json                                  step, tokens seen, loss, skipped steps, world size, settings;
                                                         written last, so its presence marks a complete checkpoint
@@ -21,7 +21,7 @@ Nothing is unpickled on load: JSON, safetensors, and the optimizer through torch
 Another number of processes resumes too: the weights and the ZeRO optimizer states are saved whole and cut by
 ColossalAI's loaders for the new world; the fp32 masters are re-cut by parameter name and offset
 (training/engine/masters.py); the scalers and the lr schedule are the same on every rank; the data stream
-goes on from all the old ranks' positions (DataProcessor.load_resharded); the RNGs are seeded afresh (reseed_rng).
+goes on from all the old ranks' positions (DataStream.load_resharded); the RNGs are seeded afresh (reseed_rng).
 
 Saving and loading are collective, and a disk can fill or a file can be damaged on one rank only: then every rank
 ends with the same one-line CheckpointError naming the checkpoint, the cause and the last complete checkpoint to
@@ -189,7 +189,7 @@ class Saved:
         return f"{self.path} ({self.size_bytes / 2**30:.2f} GiB in {self.seconds:.1f} s)"
 
 
-def save_checkpoint(engine, data_processor, state: TrainerState, model_config, tokenizer,
+def save_checkpoint(engine, data, state: TrainerState, model_config, tokenizer,
                     output_dir: str | Path, keep: int) -> Saved:
     """Collective: every rank calls it. Writes <name>.tmp/, then rank 0 renames it to <name>/ and prunes old ones.
     Logs, and returns, its duration and size; trainer_state.json records the duration up to its own writing (all
@@ -204,7 +204,7 @@ def save_checkpoint(engine, data_processor, state: TrainerState, model_config, t
     with _atomic_directory(final, write_trainer_state) as tmp:
         _save_model_dir(engine, tmp, model_config, tokenizer)
         engine.save_state(tmp, state.step)
-        write_json(tmp / DATA_STATE.format(rank=rank()), data_processor.state_dict(), compact=True)
+        write_json(tmp / DATA_STATE.format(rank=rank()), data.state_dict(), compact=True)
         write_json(tmp / RNG_STATE.format(rank=rank()), capture_rng_state(), compact=True)
     size = 0
     if rank() == 0:
@@ -293,7 +293,7 @@ def _prune(output_dir: str | Path, keep: int, just_saved: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- load
 
 
-def load_checkpoint(path: Path, engine, data_processor, settings: Settings) -> TrainerState:
+def load_checkpoint(path: Path, engine, data, settings: Settings) -> TrainerState:
     """Collective: restore model, optimizer, scheduler, this rank's data position and RNG; return the loop state.
     A damaged or unreadable file ends every rank with one line that names the checkpoint to resume from instead."""
 
@@ -311,10 +311,10 @@ def load_checkpoint(path: Path, engine, data_processor, settings: Settings) -> T
         return f"cannot resume from {path} (rank {rank()}): {cause}; {advice}"
 
     with all_ranks_or_none(describe):
-        return _load_checkpoint(path, engine, data_processor, settings)
+        return _load_checkpoint(path, engine, data, settings)
 
 
-def _load_checkpoint(path: Path, engine, data_processor, settings: Settings) -> TrainerState:
+def _load_checkpoint(path: Path, engine, data, settings: Settings) -> TrainerState:
     state = trainer_state_of(path)
     old_world, new_world = state.world_size, world_size()
     if old_world != new_world:
@@ -341,10 +341,10 @@ def _load_checkpoint(path: Path, engine, data_processor, settings: Settings) -> 
         engine.restart_schedule(settings.optimisation, state.step)
         logger.warning("lr schedule rebuilt from this run's lr/min_lr/warmup_steps/max_steps at step %d", state.step)
     if old_world == new_world:
-        data_processor.load_state_dict(read_json(path / DATA_STATE.format(rank=rank())))
+        data.load_state_dict(read_json(path / DATA_STATE.format(rank=rank())))
         restore_rng_state(read_json(path / RNG_STATE.format(rank=rank())))
     else:
-        data_processor.load_resharded([read_json(path / DATA_STATE.format(rank=r)) for r in range(old_world)])
+        data.load_resharded([read_json(path / DATA_STATE.format(rank=r)) for r in range(old_world)])
         reseed_rng(settings.data.seed, state.step, rank(), new_world)
     state.world_size = new_world
     return state

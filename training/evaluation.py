@@ -4,7 +4,7 @@
     scores = held_out.evaluate(engine)                          # on every rank; every rank gets the same figures
 
 Samples. Each set of `eval_sets` (empty: the training mix's sets) is a folder <eval_data_root_dir>/<set>/<NNNNN>.jsonl
-in the training corpus's layout. Its records become samples by the stage's own rules: the DataProcessor's build()
+in the training corpus's layout. Its records become samples by the stage's own rules: its RecordRules.build()
 (with the prompt files of the *training* root) and the training stream's SampleBuilder, so formats, masks,
 max_seq_length and long_text are those of training. The samples are the first `eval_samples_per_set` in file and
 line order, drawn (prompts, directions, LM prefix masks) with an RNG of their own whose seed is fixed: they do not

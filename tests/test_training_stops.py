@@ -1,6 +1,7 @@
 """Stops on 2 processes: SIGUSR1 to one worker saves a checkpoint on every rank and training goes on; a SIGTERM
 whose grace (stop_grace_seconds) the last save does not fit exits at once, without a save, and names the checkpoint
 a resume will use."""
+import os
 import re
 import signal
 import time
@@ -54,3 +55,23 @@ def test_sigusr1_saves_and_goes_on_then_a_stop_without_time_exits_naming_the_che
                      rf"more than the grace left of stop_grace_seconds=0.*recover_training_from_checkpoint=latest "
                      rf"will use {re.escape(str(saved))} \(step {_step_of(saved)}\)", log), log[-3000:]
     assert resolve_resume("latest", out) == saved
+
+
+def test_a_sigusr1_during_start_up_is_kept_for_the_first_step():
+    """launch() installs the start-up handler: SIGUSR1 while the model loads neither kills the worker (its default
+    action) nor is lost; the loop's StopRequest takes it once."""
+    from training import launch
+
+    previous = signal.signal(signal.SIGUSR1, launch._save_requested_before_the_loop)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        stop = launch.StopRequest(25.0)
+        try:
+            assert stop.take_save_request() and not stop.take_save_request()
+        finally:
+            stop.restore()
+        again = launch.StopRequest(25.0)
+        again.restore()
+        assert not again.take_save_request()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

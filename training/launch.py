@@ -47,7 +47,19 @@ def launch(seed: int) -> Run:
         # 30 minutes: rank 0 may write a 7B checkpoint while the others wait in a barrier.
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     seed_rng(seed + rank)
+    # SIGUSR1's default action kills the process: a Slurm notice that arrives while the model loads (minutes at 7B)
+    # is kept for the loop's StopRequest instead, which saves after the first step.
+    signal.signal(signal.SIGUSR1, _save_requested_before_the_loop)
     return Run(rank, world_size, local_rank, device)
+
+
+_early_save_request = False
+
+
+def _save_requested_before_the_loop(signum, frame) -> None:
+    global _early_save_request
+    _early_save_request = True
+    logger.warning("SIGUSR1 received during start-up: a checkpoint will be saved after the first step")
 
 
 def shutdown() -> None:
@@ -93,7 +105,8 @@ class StopRequest:
         self.last_save_seconds = last_save_seconds  # the loop updates it after each save
         self.signal_name: str | None = None
         self._first_at = 0.0
-        self._save_requested = False
+        global _early_save_request
+        self._save_requested, _early_save_request = _early_save_request, False
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)

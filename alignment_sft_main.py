@@ -26,7 +26,6 @@ import sys
 import alignment_sft_args
 from training.conversation import Chat, answer_text, chat_from_messages
 from training.corpus import RecordError, text_field
-from training.data_stream import DataStream
 from training.loop import run_stage
 from training.record_rules import RecordRules
 
@@ -44,11 +43,8 @@ class AlignmentSftRecords(RecordRules):
         return Chat("", (((tuple(part for part in (instruction, task_input) if part)), output),))
 
 
-DataProcessor = DataStream.over(AlignmentSftRecords)
-
-
 def main() -> None:
-    run_stage(alignment_sft_args, DataProcessor, sys.argv[1:])
+    run_stage(alignment_sft_args, AlignmentSftRecords, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ long_text = "split"  # "split": a long document becomes several samples; "trunca
 long_prompt = "middle"  # too-long translation: source whole, target's end cut, as the recipe; "recipe": the same here
 packing = False  # True: pack samples into rows of max_seq_length (20 x 1024 = 20,480 tokens per GPU)
 skip_bad_records = False  # True: count, log and skip bad records instead of stopping
+accept_changed_files = False  # resume: a corpus file changed since the checkpoint stops the run; True reads that file again from its start
 seed = 42  # data order and masks; each rank derives its own stream from it
 
 # ---------------------------------------------------------------- optimisation
@@ -58,8 +59,10 @@ logging_steps = 10  # log every 10 optimizer steps
 preview_samples = True  # rank 0 logs the first sample of each set at start, its counted tokens between ⟦ ⟧; False: none
 peak_tflops_per_gpu = 0.0  # MFU denominator; 0: look the GPU up by name (V100 125, A100 312, H100 989 dense fp16/bf16)
 saving_steps = 1000  # checkpoint every 1,000 steps = every 164M tokens
+saving_minutes = 0.0  # also checkpoint every this many minutes of training (0: saving_steps only); e.g. 60 = at most an hour lost
 keep_checkpoints = 3  # delete older step checkpoints beyond the newest 3
 recover_training_from_checkpoint = ""  # "": fresh start; "latest": newest in output_dir; or a checkpoint path
+stop_grace_seconds = 25.0  # SIGTERM/SIGINT: save only if the last save took at most the grace left; 25 = torchrun's 30 s before SIGKILL - 5 s to exit
 
 # ---------------------------------------------------------------- held-out evaluation
 eval_data_root_dir = ""  # held-out <set>/<NNNNN>.jsonl files; empty: no evaluation; "heldout_corpora": the bundled ones

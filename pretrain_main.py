@@ -13,7 +13,6 @@ import sys
 
 import pretrain_args
 from training.corpus import draw_translation, load_translate_prompts, text_field
-from training.data_stream import DataStream
 from training.loop import run_stage
 from training.record_rules import RecordRules
 from training.samples import LM, Prompted
@@ -38,11 +37,8 @@ class PretrainRecords(RecordRules):
         return Prompted((source + "\n" + prompt,), target)
 
 
-DataProcessor = DataStream.over(PretrainRecords)
-
-
 def main() -> None:
-    run_stage(pretrain_args, DataProcessor, sys.argv[1:])
+    run_stage(pretrain_args, PretrainRecords, sys.argv[1:])
 
 
 if __name__ == "__main__":

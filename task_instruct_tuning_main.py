@@ -27,7 +27,6 @@ from typing import Optional
 
 import task_instruct_tuning_args
 from training.corpus import RecordError, draw_translation, load_translate_prompts, read_prompt_lines, text_field
-from training.data_stream import DataStream
 from training.loop import run_stage
 from training.record_rules import RecordRules
 from training.samples import LM, Cut, Prompted
@@ -101,11 +100,8 @@ class TaskInstructTuningRecords(RecordRules):
         return {position: read_prompt_lines(path) if path.exists() else [] for position, path in paths.items()}
 
 
-DataProcessor = DataStream.over(TaskInstructTuningRecords)
-
-
 def main() -> None:
-    run_stage(task_instruct_tuning_args, DataProcessor, sys.argv[1:])
+    run_stage(task_instruct_tuning_args, TaskInstructTuningRecords, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Data pipeline throughput of one stage's DataProcessor, against its tokenizer library's own batch encode speed.
+"""Data pipeline throughput of one stage's data stream (its RecordRules in a DataStream), against its tokenizer
+library's own batch encode speed.
 
     python bench/data_throughput.py --stage pretrain --corpus pretraining_corpora --tokenizer tok.model \
         [--batches 200 --batch-size 20 --max-seq-length 1024 --packing --long-text split]
@@ -37,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llama.tokenizer_files import load_tokenizer, tokenizer_file  # noqa: E402
+from tools.stage_schema import stage_rules  # noqa: E402
+from training.data_stream import DataStream  # noqa: E402
 from training.settings import load_settings  # noqa: E402
 
 STAGES = ("pretrain", "task_instruct_tuning", "alignment_sft")
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
             overrides.append(f"{name}={value}")
     settings = load_settings(importlib.import_module(f"{args.stage}_args"), overrides)
     tokenizer = RecordingTokenizer(load_tokenizer(args.tokenizer))
-    processor = importlib.import_module(f"{args.stage}_main").DataProcessor(settings, tokenizer, 0, 1)
+    processor = DataStream(settings.data, tokenizer, 0, 1, stage_rules(args.stage), settings.chat)
 
     real = slots = 0
     start, cpu_start = time.perf_counter(), time.process_time()

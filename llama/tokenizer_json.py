@@ -14,11 +14,15 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer as _Tokenizer
+from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
 from llama.model_files import TOKENIZER_CONFIG_NAME, TOKENIZER_JSON_NAME
 from llama.tokenizer import Tokenizer, piece_bytes
 from llama.tokenizer_config import (copy_tokenizer_file, end_token_id, read_tokenizer_config, token_text,
                                     write_tokenizer_config)
+
+BYTE_CHAR = bytes_to_unicode()  # byte -> its character in the byte-level alphabet (GPT-2's table)
+CHAR_BYTE = {c: b for b, c in BYTE_CHAR.items()}
 
 # transformers classes whose __init__ rebuilds the post-processor from add_bos_token (default True)
 _LLAMA_FAST_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
@@ -112,14 +116,10 @@ class TokenizerJson(Tokenizer):
     @functools.cached_property
     def _token_bytes(self) -> tuple[bytes, ...]:
         special = {i for i, token in self.tk.get_added_tokens_decoder().items() if token.special}
-        if _uses_decoder(json.loads(self.tk.to_str()).get("decoder"), "ByteLevel"):
-            from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-
-            to_byte = {c: b for b, c in bytes_to_unicode().items()}
-
+        if has_byte_level(json.loads(self.tk.to_str()).get("decoder")):
             def spelled(token: str) -> bytes:
-                if all(c in to_byte for c in token):
-                    return bytes(to_byte[c] for c in token)
+                if all(c in CHAR_BYTE for c in token):
+                    return bytes(CHAR_BYTE[c] for c in token)
                 return token.encode("utf-8")
         else:
             spelled = piece_bytes
@@ -160,8 +160,10 @@ def _template_head(processor: dict) -> int | None:
     return None
 
 
-def _uses_decoder(decoder: dict | None, kind: str) -> bool:
-    """Whether a tokenizer.json's decoder spec is `kind`, alone or in a Sequence."""
-    if not decoder:
-        return False
-    return decoder.get("type") == kind or any(_uses_decoder(d, kind) for d in decoder.get("decoders", []))
+def has_byte_level(node) -> bool:
+    """Whether a tokenizer.json node (pre_tokenizer, decoder) holds a ByteLevel step, alone or in a Sequence."""
+    if isinstance(node, dict):
+        return node.get("type") == "ByteLevel" or any(has_byte_level(v) for v in node.values())
+    if isinstance(node, list):
+        return any(has_byte_level(v) for v in node)
+    return False

@@ -18,6 +18,7 @@
 #   held-out evaluation at steps 0, 8, 16: 11 sets x 8 samples x <= 128 tokens, 3 times, forward only,
 #                     split over 2 processes at ~3.3 ms per token        ~15 s  x 3 =  45 s
 #   two chat lines (48 new tokens each, KV cache) + model loads           ~15 s
+#   bits per character of 5 models on held-out zh + en (tools.eval_ppl)  ~50 s  (110 s at load ~3)
 #   fixed total                                                           ~215 s, leaving ~385 s for training
 #   one optimizer step, 2 processes x BATCH 2 x SEQ 128 = 512 tokens: 5.0 CPU s per process here (one thread,
 #                     measured), + the gradient all-reduce               -> ~5.5 s per step on 2 idle cores
@@ -115,6 +116,18 @@ echo
 
 echo
 "$PY" scripts/demo_summary.py "$DEMO_DIR"
+
+# One scale for every model: bits per character on held-out Chinese and English text (heldout_corpora/zh and /en,
+# which neither the widening corpus, pretraining_corpora/zh, nor any stage's corpus holds), for the base, the widened
+# model before training and each stage's final. Per-token losses cannot compare them: widening changes the tokens.
+echo
+echo "== bits per character on held-out zh and en (heldout_corpora/zh, /en): base, widened, each stage's final"
+cat heldout_corpora/zh/*.jsonl heldout_corpora/en/*.jsonl > "$DEMO_DIR/heldout-zh-en.jsonl"
+"$PY" -m tools.eval_ppl --data "$DEMO_DIR/heldout-zh-en.jsonl" --quiet --chart "$DEMO_DIR/bits_per_char.png" \
+    --json "$DEMO_DIR/bits_per_char.json" --model "$DEMO_DIR/smollm2" --model "$DEMO_DIR/smollm2-zh" \
+    --model "$DEMO_DIR/pretrain/final" --model "$DEMO_DIR/task_instruct_tuning/final" \
+    --model "$DEMO_DIR/alignment_sft/final" | sed -n '/bits\/char  *bits\/byte/,$p'
+echo "$(elapsed) bits per character measured"
 
 FINAL="$DEMO_DIR/alignment_sft/final"
 echo

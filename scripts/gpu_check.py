@@ -1,4 +1,4 @@
-"""The device check: the GPU paths no CPU test can reach, in one call of at most 420 s (wheel install included) on a
+"""The device check: the GPU paths no CPU test can reach, in one run of at most 420 s (wheel install included) on a
 machine with 1-8 GPUs; docs/device_check.md.
 
     python scripts/gpu_check.py [--out DIR] [--nproc N] [--checks step1_loss,finite,...] [--budget-s S]
@@ -67,7 +67,7 @@ VOCAB = 32000  # LLaMA's; the tokenizer is trained on the bundled corpus with th
 # = 10.4 of any freshly initialised model.
 OUTPUT_SCALE = 12.0
 # fp16's first loss scale for the small runs. The sharpened model's fp16 gradients overflow at the recipe's 2**14:
-# measured at the device's sizes under the stand-ins, zero2 skipped step 2 there (gemini on the device: steps 1 and
+# measured at the check's sizes under the stand-ins, zero2 skipped step 2 there (gemini on an H200: steps 1 and
 # 4, a NaN step-1 loss and a step-4 checkpoint deferred past the resume point). At 2**8 all 8 steps trained, with
 # unscaled gradient norms of 22-97; no element exceeds the norm, so every scaled element stays below 256 x 100 =
 # 25600, under fp16's 65504 with 2.5x to spare, while the smallest gradients (~1e-6) scale to ~3e-4, far above
@@ -110,7 +110,7 @@ REHEARSAL_SIZES = {"batch_size": "2", "max_seq_length": "64"}  # small, overflow
 # reservation of a GPU node and a rerun after a fix costs minutes: (phase, budget in seconds on the GPU, what the
 # budget is derived from). Phases run in this order; docs/device_check.md has the figures.
 PHASES = (
-    ("facts", 20, "rehearsal: 11 s on 2 loaded CPU cores, all of it the colossalai import; the device's 16 cores "
+    ("facts", 20, "rehearsal: 11 s on 2 loaded CPU cores, all of it the colossalai import; the H200 node's 16 cores "
                   "import as fast, CUDA init adds ~5 s"),
     ("small", 150, "zero2+ddp: 9 runs, 4 at a time; rehearsal: ~15 s per run, all start-up (imports, boost); on the "
                    "GPU the 8 steps of a 20M model add ~5 s: 3 waves x ~25 s, plus the 32000-piece tokenizer "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check (scripts/gpu_check.py): every engine path on the GPUs present, in one call of at most 420 s with
+# The device check (scripts/gpu_check.py): every engine path on the GPUs present, in one run of at most 420 s with
 # the wheel install (docs/device_check.md). Prints a plan line, one JSON line per check and a summary line; the same
 # lines go to <out>/gpu_check.jsonl, each run's output to <out>/logs/. Exit code 0 when no check failed and every
 # skip was stated in the plan.

@@ -7,7 +7,7 @@
     python scripts/gpu_check_device.py reference SPEC.json         fp32 step-1 losses, final/ reloads, flash probe
     torchrun ... scripts/gpu_check_device.py train key=value ...   one stage-1 run that records what the checks need
 
-`train` is training.loop.train with pretrain_main's DataProcessor, unchanged, plus two records in <logdir>:
+`train` is training.loop.train with pretrain_main's PretrainRecords, unchanged, plus two records in <logdir>:
     first_batch.rank<R>.pt  the first micro-batch rank R trained on (input_ids, loss_mask, doc_ids when packed)
     trained_logits.pt       with GPU_CHECK_LOGITS=1, rank 0: fp32 logits of the trained, still boosted model on the
                             first row of rank 0's first batch, taken just before final/ is written: what final/ must
@@ -71,7 +71,7 @@ TRAINED_LOGITS = "trained_logits.pt"
 BATCH_KEYS = ("input_ids", "loss_mask", "doc_ids")
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 REHEARSE = os.environ.get("GPU_CHECK_REHEARSE") == "1"
-REHEARSAL_GPU_GB = 150.8  # an H200's torch.cuda.get_device_properties(0).total_memory / 1e9: the device's plan
+REHEARSAL_GPU_GB = 150.8  # an H200's torch.cuda.get_device_properties(0).total_memory / 1e9: the plan on an H200
 STAND_INS = "tests/zero_cpu.py: CPU accelerator named cuda, null streams, torch CPU Adam"
 
 
@@ -310,7 +310,8 @@ def reference(spec_path: str) -> dict:
 def train(argv: list[str]) -> None:
     import pretrain_args
     import training.loop as loop
-    from pretrain_main import DataProcessor
+    from pretrain_main import PretrainRecords
+    from training.data_stream import DataStream
     from training.settings import load_settings
 
     settings = load_settings(pretrain_args, argv)
@@ -325,11 +326,11 @@ def train(argv: list[str]) -> None:
         torch.backends.cuda.enable_mem_efficient_sdp(False)
         torch.backends.cuda.enable_cudnn_sdp(False)
     rank = int(os.environ.get("RANK", "0"))
-    logdir = Path(settings.logdir)
+    logdir = Path(settings.output.logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     kept: dict = {}
 
-    class FirstBatchRecorded(DataProcessor):
+    class FirstBatchRecorded(DataStream):
         def __iter__(self):
             return self
 
@@ -356,7 +357,8 @@ def train(argv: list[str]) -> None:
 
     if os.environ.get("GPU_CHECK_LOGITS") == "1":
         loop.save_final = save_final_after_logits
-    loop.train(settings, FirstBatchRecorded)
+    loop.DataStream = FirstBatchRecorded  # the stream the loop builds, recording its first batch
+    loop.train(settings, PretrainRecords)
 
 
 def main(argv: list[str]) -> None:

@@ -5,6 +5,12 @@ import json
 import types
 from pathlib import Path
 
+import pretrain_args
+from settings_for import settings_for
+from tools.stage_schema import stage_rules
+from training.data_stream import DataStream
+from training.settings import Settings
+
 WORDS = ("the quick brown fox jumps over the lazy dog language models learn from text apples oranges weather "
          "sunny question answer summarise article sentence").split()
 ZH = "我们今天去公园散步天气非常好大型语言模型可以理解中文和英文北京是中国的首都"
@@ -58,11 +64,19 @@ def sft_records(n: int) -> list[dict]:
              "output": words(i + 2, 4) + f" o{i}"} for i in range(n)]
 
 
-def settings(root: Path, split: dict, **overrides) -> types.SimpleNamespace:
+def settings(root: Path, split: dict, args: types.ModuleType = pretrain_args, **overrides) -> Settings:
+    """A stage's settings (pretrain_args unless `args` says otherwise) for a test corpus at `root`, small batches."""
     values = dict(pretrain_data_root_dir=str(root), pretrain_data_split=split, max_seq_length=64, batch_size=4,
                   long_text="split", packing=False, skip_bad_records=False, seed=7)
     values.update(overrides)
-    return types.SimpleNamespace(**values)
+    return settings_for(args, values)
+
+
+def stream(main_module: types.ModuleType, config: Settings, tokenizer, rank: int = 0,
+           world_size: int = 1) -> DataStream:
+    """The data stream the loop builds for the stage of `main_module` (e.g. pretrain_main)."""
+    rules = stage_rules(main_module.__name__.removesuffix("_main"))
+    return DataStream(config.data, tokenizer, rank, world_size, rules, config.chat)
 
 
 def stage1_corpus(root: Path, n: int = 40, n_files: int = 2) -> dict:

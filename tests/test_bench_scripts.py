@@ -57,6 +57,12 @@ def check_expand_vocab_bpe(out: dict) -> None:
     assert after < before and run["zh_reduction"] > 0  # new Chinese merges shorten the Chinese text
 
 
+def check_checkpoint_save(out: dict) -> None:
+    # Weights (4 bytes a parameter) and Adam's two moments (8 more) are all in the checkpoint.
+    assert out["checkpoint_bytes"] > 12 * out["params"] > 0
+    assert len(out["save_s"]) == 2 and out["best_s"] == min(out["save_s"]) > 0
+
+
 def check_gguf_convert(out: dict) -> None:
     assert out["gguf"] == "tiny.gguf" and out["gguf_to_hf_s"] > 0
     assert out["dequant_s"]["F32"][0] > 0  # tensors dequantized, counted by type
@@ -83,6 +89,8 @@ SCRIPTS = {
                            check_data_throughput),
     "expand_vocab_bpe.py": (lambda p: ["--tokenizer", p["bpe"], "--new-tokens", 20], check_expand_vocab_bpe),
     "gguf_convert.py": (lambda p: ["--gguf", p["gguf"]], check_gguf_convert),
+    "checkpoint_save.py": (lambda p: ["--dim", 32, "--layers", 1, "--ffn", 64, "--heads", 2, "--kv-heads", 1,
+                                      "--vocab", 300, "--saves", 2], check_checkpoint_save),
 }
 
 

@@ -44,7 +44,7 @@ def test_the_bundled_sets_are_the_stage_3_mix():
 def test_training_ids_are_apply_chat_templates_with_answers_counted(templated_tokenizers, base, chat_format,
                                                                     template):
     tok, hf = templated_tokenizers(base, template)
-    rules = alignment_sft_main.DataProcessor.for_checking(CORPUS, SFT_SETS)
+    rules = alignment_sft_main.AlignmentSftRecords(CORPUS, SFT_SETS)
     chats = [rules.build("others", record, random.Random(0)) for record in bundled_records() + messages_records(12)]
     chats = [chat for chat in chats if chat is not None]
     counters = Counter()
@@ -78,7 +78,7 @@ def test_answers_keep_their_indentation(templated_tokenizers):
     """A code answer trains as written after its leading line breaks and trailing spaces; questions are stripped."""
     tok, hf = templated_tokenizers("llama3", BILLA_CHAT_TEMPLATE)
     record = {"instruction": "  Write add.\n", "output": "\n    def add(a, b):\n        return a + b\n\n"}
-    chat = alignment_sft_main.DataProcessor.for_checking(CORPUS, ["x"]).build("x", record, random.Random(0))
+    chat = alignment_sft_main.AlignmentSftRecords(CORPUS, ["x"]).build("x", record, random.Random(0))
     (sample,), = SampleBuilder(tok, 512, "split", "middle").build([chat], random.Random(0), Counter())
     assert chat.turns[0] == (("Write add.",), "    def add(a, b):\n        return a + b")
     assert sample.ids == hf.apply_chat_template(chat.messages(), tokenize=True)

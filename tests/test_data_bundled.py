@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from llama.tokenization_llama import SentencePieceTokenizer
+from data_corpus_helpers import stream
 from training.settings import load_settings
 
 CORPUS = Path(__file__).resolve().parents[1] / "pretraining_corpora"
@@ -21,7 +22,7 @@ def test_bundled_corpus_validates_and_streams(stage, packing, tokenizer_path):
                                     "max_seq_length=256"])
     tok = SentencePieceTokenizer(tokenizer_path)
     for rank, world in ((0, 1), (7, 8)):  # 8 ranks > 2 files per set: sharded by line
-        with main.DataProcessor(settings, tok, rank, world) as dp:
+        with stream(main, settings, tok, rank, world) as dp:
             for _ in range(3):
                 batch = next(dp)
                 assert batch["num_target_tokens"] > 0
@@ -43,7 +44,7 @@ def test_each_stage_reads_its_own_files_of_the_bundled_corpus(stage, tokenizer_p
     args = importlib.import_module(f"{stage}_args")
     main = importlib.import_module(f"{stage}_main")
     settings = load_settings(args, [f"pretrain_data_root_dir={CORPUS}"])
-    with main.DataProcessor(settings, SentencePieceTokenizer(tokenizer_path), 0, 1) as dp:
+    with stream(main, settings, SentencePieceTokenizer(tokenizer_path), 0, 1) as dp:
         files = {name: [int(path.stem) for path in reader.files] for name, reader in dp.readers.items()}
     for name, numbers in OWN_FILES[stage].items():
         assert files[name] == numbers, name

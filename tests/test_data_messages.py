@@ -5,9 +5,10 @@ from collections import Counter
 
 import pytest
 
+import alignment_sft_args
 import alignment_sft_main
 from chat_tokenizers import QWEN25, SMOLLM2
-from data_corpus_helpers import joined_split, messages_records, settings, take, write_set
+from data_corpus_helpers import joined_split, messages_records, settings, stream, take, write_set
 from llama.tokenization_llama import SentencePieceTokenizer
 from training.batching import pack_rows
 from training.conversation import Chat, ChatRenderer, chat_from_messages
@@ -60,8 +61,8 @@ def test_billa_conversation_counts_every_answer_and_its_eos_and_nothing_else(tmp
     records = messages_records(24)
     write_set(tmp_path, "chat", records)
     forms = {tuple(billa_layout(tok, *record_turns(r))[0]): i for i, r in enumerate(records)}
-    samples = take(alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, batch_size=1,
-                                                             max_seq_length=512), tok, 0, 1), 24)
+    samples = take(stream(alignment_sft_main, settings(tmp_path, {"chat": 1}, batch_size=1,
+                                                       max_seq_length=512), tok, 0, 1), 24)
     seen = set()
     for ids, mask in samples:
         index = forms[tuple(ids)]
@@ -73,7 +74,7 @@ def test_billa_conversation_counts_every_answer_and_its_eos_and_nothing_else(tmp
 
 def test_single_turn_message_and_alpaca_without_input_are_the_recipes_sample(tmp_path, tok):
     builder = SampleBuilder(tok, 256, "split", "middle")
-    processor = alignment_sft_main.DataProcessor.for_checking(tmp_path, ["x"])
+    processor = alignment_sft_main.AlignmentSftRecords(tmp_path, ["x"])
     rng = random.Random(0)
     specs = [processor.build("x", record, rng) for record in (
         {"messages": [{"role": "user", "content": " What is 2+2? "}, {"role": "assistant", "content": "4 "}]},
@@ -92,8 +93,8 @@ def test_template_conversation_is_transformers_render_with_answers_and_end_token
     assert (tok.bos_id, tok.eos_token) == (None, "<|im_end|>")  # Qwen: no bos
     records = messages_records(12)
     write_set(tmp_path, "chat", records, n_files=1)
-    samples = take(alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, batch_size=1, max_seq_length=512,
-                                                             chat_format="template"), tok, 0, 1), 12)
+    samples = take(stream(alignment_sft_main, settings(tmp_path, {"chat": 1}, alignment_sft_args, batch_size=1,
+                                                       max_seq_length=512, chat_format="template"), tok, 0, 1), 12)
     forms = {tuple(hf.apply_chat_template(r["messages"], tokenize=True)): r for r in records}
     for ids, mask in samples:
         record = forms[tuple(ids)]  # transformers' own ids of the whole render
@@ -169,7 +170,7 @@ def test_conversation_that_cannot_fit_is_skipped_and_counted(tok):
 def test_bad_conversation_shapes_name_what_is_wrong_and_where(tmp_path, tok, messages, needle):
     write_set(tmp_path, "chat", messages_records(3) + [{"messages": messages}], n_files=1)
     with pytest.raises(DataError, match=rf"set 'chat', file .*10001\.jsonl, line 4: {needle}"):
-        alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}), tok, 0, 1)
+        stream(alignment_sft_main, settings(tmp_path, {"chat": 1}), tok, 0, 1)
 
 
 def test_empty_last_answer_is_skipped_as_empty():
@@ -181,22 +182,22 @@ def test_template_format_needs_a_template_that_renders_turn_by_turn(tmp_path, to
     write_set(tmp_path, "chat", messages_records(3), n_files=1)
     with pytest.raises(DataError, match=r"setting 'chat_format' = 'template': the tokenizer .*tokenizer\.model has "
                                         r"no chat template"):
-        alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, chat_format="template"), tok, 0, 1)
+        stream(alignment_sft_main, settings(tmp_path, {"chat": 1}, alignment_sft_args, chat_format="template"), tok,
+               0, 1)
     # Qwen3-like: earlier answers are rewritten once a later turn exists, so turns cannot be cut from one render.
     rewriting = ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}<old>{% else %}"
                  "<{{ m.role }}>{{ m.content }}<|im_end|>{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
     with pytest.raises(DataError, match="does not render turn by turn"):
-        alignment_sft_main.DataProcessor(settings(tmp_path, {"chat": 1}, chat_format="template"),
-                                         templated_tokenizers("qwen2", rewriting)[0], 0, 1)
+        stream(alignment_sft_main, settings(tmp_path, {"chat": 1}, alignment_sft_args, chat_format="template"),
+               templated_tokenizers("qwen2", rewriting)[0], 0, 1)
 
 
 def test_chat_format_setting_is_checked_by_name():
-    import alignment_sft_args
     from training.settings import SettingsError, load_settings
 
-    assert load_settings(alignment_sft_args, []).chat_format == "billa"  # the recipe's by default
-    assert load_settings(alignment_sft_args, ["chat_format=template"]).chat_format == "template"
+    assert load_settings(alignment_sft_args, []).chat.chat_format == "billa"  # the recipe's by default
+    assert load_settings(alignment_sft_args, ["chat_format=template"]).chat.chat_format == "template"
     with pytest.raises(SettingsError, match=r"setting 'chat_format' = 'chatml' is invalid: it must be one of "
                                             r"\('billa', 'template'\)"):
         load_settings(alignment_sft_args, ["chat_format=chatml"])

@@ -7,7 +7,7 @@ import torch
 
 import alignment_sft_main
 import pretrain_main
-from data_corpus_helpers import settings, sft_records, stage1_corpus, write_set
+from data_corpus_helpers import settings, sft_records, stage1_corpus, stream, write_set
 from llama.configuration_llama import LlamaConfig
 from llama.llama_model import Llama
 from llama.tokenization_llama import SentencePieceTokenizer
@@ -38,11 +38,11 @@ def documents(batch):
 def test_packed_batch_format_and_the_stages_samples(tmp_path, tok):
     records = [dict(r, output=r["output"] + " more" * (i % 7)) for i, r in enumerate(sft_records(300))]
     write_set(tmp_path, "others", records, n_files=2)
-    with alignment_sft_main.DataProcessor(settings(tmp_path, {"others": 1}, max_seq_length=LENGTH, packing=True,
-                                                   batch_size=4), tok, 0, 1) as dp:
+    with stream(alignment_sft_main, settings(tmp_path, {"others": 1}, max_seq_length=LENGTH, packing=True,
+                                             batch_size=4), tok, 0, 1) as dp:
         packed = [next(dp) for _ in range(5)]
         state = dp.state_dict()
-    stage = alignment_sft_main.DataProcessor.for_checking(tmp_path, ["others"])  # the stage's samples, unpacked
+    stage = alignment_sft_main.AlignmentSftRecords(tmp_path, ["others"])  # the stage's samples, unpacked
     specs = [stage.build("others", record, random.Random(0)) for record in records]
     singles = [tuple(sample.ids) for [sample] in SampleBuilder(tok, LENGTH, "split", "middle").build(
         specs, random.Random(0), Counter())]
@@ -73,8 +73,8 @@ def test_packed_documents_are_independent_through_the_model(tmp_path, tok):
                          max_sequence_length=LENGTH)
     model = Llama(config).eval()
     split = stage1_corpus(tmp_path)
-    dp = pretrain_main.DataProcessor(settings(tmp_path, split, max_seq_length=LENGTH, batch_size=2, packing=True),
-                                     tok, 0, 1)
+    dp = stream(pretrain_main, settings(tmp_path, split, max_seq_length=LENGTH, batch_size=2, packing=True),
+                tok, 0, 1)
     with dp, torch.no_grad():
         batch = next(dp)
         docs = documents(batch)

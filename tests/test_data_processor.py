@@ -1,4 +1,4 @@
-"""The shared DataProcessor machinery through the stages' classes: batch format, exact mix, determinism, exact
+"""The data stream (DataStream) through the stages' record rules: batch format, exact mix, determinism, exact
 resume, prefetch errors, bad input up front, skip_bad_records."""
 import json
 import random
@@ -12,10 +12,11 @@ import torch
 import alignment_sft_main
 import pretrain_main
 import task_instruct_tuning_main
-from data_corpus_helpers import (lm_records, messages_records, settings, sft_records, stage1_corpus, task_records, translate_records,
-                                 write_set, write_translate_prompts)
+from data_corpus_helpers import (lm_records, messages_records, settings, sft_records, stage1_corpus, stream,
+                                 task_records, translate_records, write_set, write_translate_prompts)
 from llama.tokenization_llama import SentencePieceTokenizer
 from training.corpus import DataError
+from training.settings import SettingsError
 from training.data_stream import READ_AHEAD
 from training.samples import Sample
 from training.set_buffer import SetBuffer
@@ -63,7 +64,7 @@ def sft_corpus(root, n=30):
 
 def test_batch_format_padding_and_counts(tmp_path, tok):
     split = stage1_corpus(tmp_path)
-    with pretrain_main.DataProcessor(settings(tmp_path, split, batch_size=6, max_seq_length=512), tok, 0, 1) as dp:
+    with stream(pretrain_main, settings(tmp_path, split, batch_size=6, max_seq_length=512), tok, 0, 1) as dp:
         batch = next(dp)
     assert set(batch) == {"input_ids", "loss_mask", "num_tokens", "num_target_tokens"}
     assert batch["input_ids"].dtype == batch["loss_mask"].dtype == torch.long
@@ -85,13 +86,13 @@ def classify_stage1(tok, row):
 
 def test_exact_mix_counts_in_every_batch(tmp_path, tok):
     split = stage1_corpus(tmp_path)
-    with pretrain_main.DataProcessor(settings(tmp_path, split, batch_size=10, max_seq_length=512), tok, 0, 1) as dp:
+    with stream(pretrain_main, settings(tmp_path, split, batch_size=10, max_seq_length=512), tok, 0, 1) as dp:
         for batch in batches(dp, 6):
             assert Counter(classify_stage1(tok, row) for row in batch["input_ids"]) == {"zh": 4, "en": 4,
                                                                                        "translate": 2}
     root = tmp_path / "sft"
     split = sft_corpus(root)
-    with alignment_sft_main.DataProcessor(settings(root, split, batch_size=5, max_seq_length=512), tok, 0, 1) as dp:
+    with stream(alignment_sft_main, settings(root, split, batch_size=5, max_seq_length=512), tok, 0, 1) as dp:
         rows = [tok.decode(row.tolist()) for batch in batches(dp, 12) for row in batch["input_ids"]]
     names = [next(name for name in SFT_MIX if f"[{name}]" in text) for text in rows]
     for start in range(0, len(names) - 12):  # any 12 consecutive samples: the exact weights
@@ -102,7 +103,7 @@ def test_deterministic_per_seed_and_rank(tmp_path, tok):
     split = stage1_corpus(tmp_path, n=60, n_files=4)
 
     def first(seed, rank, world=2):
-        with pretrain_main.DataProcessor(settings(tmp_path, split, seed=seed), tok, rank, world) as dp:
+        with stream(pretrain_main, settings(tmp_path, split, seed=seed), tok, rank, world) as dp:
             return batches(dp, 5)
 
     for a, b in zip(first(1, 0), first(1, 0)):
@@ -137,7 +138,7 @@ def test_resume_continues_with_exactly_the_next_batches(tmp_path, tok, stage):
     K, M = 7, 6
 
     def make(tokenizer=tok, rank=1):
-        return module.DataProcessor(settings(tmp_path, split, **kwargs), tokenizer, rank, 2)
+        return stream(module, settings(tmp_path, split, **kwargs), tokenizer, rank, 2)
 
     with make() as dp:
         reference = batches(dp, K + M)
@@ -196,7 +197,7 @@ def test_chunks_of_a_long_document_spread_over_batches(tmp_path, tok):
     full = [tok.bos_id] + tok.encode(long_text) + [tok.eos_id]
     chunks = [tuple(full[start:start + 16]) for start in range(0, len(full), 16)]
     assert len(chunks) >= 6 and len(set(chunks)) == len(chunks)
-    with pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=16), tok, 0, 1) as dp:
+    with stream(pretrain_main, settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=16), tok, 0, 1) as dp:
         found = []  # per batch: the long document's chunks in it
         for batch in batches(dp, 40):
             rows = [tuple(row[:int((row != tok.pad_id).sum())].tolist()) for row in batch["input_ids"]]
@@ -208,8 +209,8 @@ def test_chunks_of_a_long_document_spread_over_batches(tmp_path, tok):
     assert with_chunk[-1] - with_chunk[0] + 1 > len(chunks)  # spread among batches without it
 
     # long_text="truncate" (the recipe's): one sample per document, nothing to spread, the files' order kept
-    with pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=16,
-                                              long_text="truncate"), tok, 0, 1) as dp:
+    with stream(pretrain_main, settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=16,
+                                        long_text="truncate"), tok, 0, 1) as dp:
         first = [row[:int((row != tok.pad_id).sum())].tolist() for row in next(dp)["input_ids"]]
     assert first == [full[:16]] + [[tok.bos_id] + tok.encode(f"short {i}") + [tok.eos_id] for i in range(3)]
 
@@ -217,8 +218,8 @@ def test_chunks_of_a_long_document_spread_over_batches(tmp_path, tok):
 def test_resume_does_not_reread_or_retokenize(tmp_path, tok):
     write_set(tmp_path, "en", lm_records(200), n_files=1)
     def make(tokenizer):
-        return pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=512),
-                                           tokenizer, 0, 1)
+        return stream(pretrain_main, settings(tmp_path, {"en": 1}, batch_size=4, max_seq_length=512),
+                      tokenizer, 0, 1)
 
     with make(tok) as dp:
         batches(dp, 5)
@@ -236,7 +237,7 @@ def test_worker_error_reaches_caller_fast_with_location(tmp_path, tok):
     records = lm_records(60)
     records[40] = b'{"text": "broken\n'  # line 41 of the single file: past the start-up check
     write_set(tmp_path, "en", records, n_files=1)
-    dp = pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=2), tok, 0, 1)
+    dp = stream(pretrain_main, settings(tmp_path, {"en": 1}, batch_size=2), tok, 0, 1)
     start = time.monotonic()
     with pytest.raises(DataError, match=r"set 'en', file .*10001\.jsonl, line 41: malformed JSON"):
         for _ in range(100):
@@ -245,7 +246,7 @@ def test_worker_error_reaches_caller_fast_with_location(tmp_path, tok):
     dp.close()
 
     write_set(tmp_path, "zh", lm_records(60, "zh"), n_files=1)
-    dp = pretrain_main.DataProcessor(settings(tmp_path, {"zh": 1}, batch_size=2), RecordingTokenizer(tok, 3), 0, 1)
+    dp = stream(pretrain_main, settings(tmp_path, {"zh": 1}, batch_size=2), RecordingTokenizer(tok, 3), 0, 1)
     start = time.monotonic()
     with pytest.raises(DataError, match=r"data worker failed at records set 'zh', file .*, line \d+ \.\.\. .*line \d+: "
                                         r"RuntimeError: tokenizer exploded") as info:
@@ -279,7 +280,7 @@ BAD_RECORDS = [
 def test_bad_record_in_first_lines_fails_at_construction_naming_set_file_line(tmp_path, tok, line, message):
     write_stage1(tmp_path, line, bad_at=3)
     with pytest.raises(DataError, match=rf"set 'en', file .*en/10001\.jsonl, line 3: {message}"):
-        pretrain_main.DataProcessor(settings(tmp_path, {"zh": 4, "en": 4, "translate": 2}), tok, 0, 1)
+        stream(pretrain_main, settings(tmp_path, {"zh": 4, "en": 4, "translate": 2}), tok, 0, 1)
 
 
 def corrupt(root, case):
@@ -323,7 +324,7 @@ def test_bad_corpus_fails_at_construction(tmp_path, tok, case, module):
     split, needle = corrupt(tmp_path, case)
     root = tmp_path / "nowhere" if case == "missing root" else tmp_path
     with pytest.raises(DataError, match=needle):
-        module.DataProcessor(settings(root, split), tok, 0, 1)
+        stream(module, settings(root, split), tok, 0, 1)
 
 
 def test_stage2_task_record_and_prompt_file_errors(tmp_path, tok):
@@ -332,11 +333,11 @@ def test_stage2_task_record_and_prompt_file_errors(tmp_path, tok):
     (tmp_path / "prompts" / "qa.post.prompt").write_bytes(b"fine\n\xff\xfe broken\n")
     split = {"qa": {"weight": 1, "file_start": 0}}
     with pytest.raises(DataError, match=r"prompt file .*qa\.post\.prompt, line 2: invalid UTF-8"):
-        task_instruct_tuning_main.DataProcessor(settings(tmp_path, split), tok, 0, 1)
+        stream(task_instruct_tuning_main, settings(tmp_path, split), tok, 0, 1)
     (tmp_path / "prompts" / "qa.post.prompt").write_text("fine\n")
     write_set(tmp_path, "qa", [{"input": "x", "output": "y", "type": 3}] + task_records(5, "qa"), n_files=1)
     with pytest.raises(DataError, match=r"set 'qa', file .*10001\.jsonl, line 1: field 'type' must be a string"):
-        task_instruct_tuning_main.DataProcessor(settings(tmp_path, split), tok, 0, 1)
+        stream(task_instruct_tuning_main, settings(tmp_path, split), tok, 0, 1)
 
 
 def test_prompt_file_first_needed_mid_stream_names_record_and_file(tmp_path, tok):
@@ -346,7 +347,7 @@ def test_prompt_file_first_needed_mid_stream_names_record_and_file(tmp_path, tok
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "late.pre.prompt").write_bytes(b"\xff\n")
     (tmp_path / "prompts" / "late.post.prompt").write_bytes(b"\xff\n")
-    dp = task_instruct_tuning_main.DataProcessor(settings(tmp_path, {"qa": 1}, batch_size=4), tok, 0, 1)
+    dp = stream(task_instruct_tuning_main, settings(tmp_path, {"qa": 1}, batch_size=4), tok, 0, 1)
     with pytest.raises(DataError, match=r"set 'qa', file .*10001\.jsonl, line 31: prompt file .*late\.p.*\.prompt, "
                                         r"line 1: invalid UTF-8"):
         batches(dp, 20)
@@ -356,18 +357,23 @@ def test_prompt_file_first_needed_mid_stream_names_record_and_file(tmp_path, tok
 def test_stage3_record_without_instruction_or_input_is_bad(tmp_path, tok):
     write_set(tmp_path, "others", sft_records(3) + [{"instruction": " ", "input": "", "output": "x"}], n_files=1)
     with pytest.raises(DataError, match=r"set 'others', file .*10001\.jsonl, line 4: neither 'instruction' nor"):
-        alignment_sft_main.DataProcessor(settings(tmp_path, {"others": 1}), tok, 0, 1)
+        stream(alignment_sft_main, settings(tmp_path, {"others": 1}), tok, 0, 1)
 
 
-@pytest.mark.parametrize("override,needle", [(dict(long_text="cut"), "long_text"),
-                                             (dict(long_prompt="end"), "setting 'long_prompt' must be one of"),
-                                             (dict(max_seq_length=1), "max_seq_length"),
-                                             (dict(batch_size=0), "batch_size"),
-                                             (dict(pretrain_data_split={"zh": -2}), "pretrain_data_split")])
-def test_bad_settings_name_the_setting(tmp_path, tok, override, needle):
+@pytest.mark.parametrize("override,needle", [(dict(long_text="cut"), "setting 'long_text' = 'cut' is invalid"),
+                                             (dict(long_prompt="end"), "setting 'long_prompt' = 'end' is invalid"),
+                                             (dict(max_seq_length=1), "setting 'max_seq_length' = 1 is invalid"),
+                                             (dict(batch_size=0), "setting 'batch_size' = 0 is invalid")])
+def test_bad_data_settings_stop_at_parsing_and_name_the_setting(tmp_path, override, needle):
+    """The parser checks the data settings once; the stream takes them as given."""
+    with pytest.raises(SettingsError, match=needle):
+        settings(tmp_path, {"zh": 1}, **override)
+
+
+def test_a_bad_mix_weight_names_the_setting(tmp_path, tok):
     split = stage1_corpus(tmp_path)
-    with pytest.raises(DataError, match=needle):
-        pretrain_main.DataProcessor(settings(tmp_path, split, **{"pretrain_data_split": split, **override}), tok, 0, 1)
+    with pytest.raises(DataError, match="pretrain_data_split"):
+        stream(pretrain_main, settings(tmp_path, {**split, "zh": -2}), tok, 0, 1)
 
 
 def test_skip_bad_records_counts_logs_and_carries_skips(tmp_path, tok, caplog):
@@ -378,10 +384,10 @@ def test_skip_bad_records_counts_logs_and_carries_skips(tmp_path, tok, caplog):
     records[19] = {"text": 3}
     records[24] = b'{"text": "\xff"}\n'
     write_set(tmp_path, "en", records, n_files=1)
-    make = lambda: pretrain_main.DataProcessor(  # noqa: E731
+    make = lambda: stream(pretrain_main,  # noqa: E731
         settings(tmp_path, {"en": 1}, batch_size=25, max_seq_length=512, skip_bad_records=True), tok, 0, 1)
     with pytest.raises(DataError, match="line 2: malformed JSON"):
-        pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}), tok, 0, 1)
+        stream(pretrain_main, settings(tmp_path, {"en": 1}), tok, 0, 1)
     with caplog.at_level("WARNING"):
         dp = make()
         next(dp)  # 25 usable records = one pass; the refill reads READ_AHEAD passes
@@ -401,7 +407,7 @@ def test_skip_bad_records_counts_logs_and_carries_skips(tmp_path, tok, caplog):
 def test_set_with_no_usable_record_raises_instead_of_spinning(tmp_path, tok):
     write_set(tmp_path, "en", lm_records(4), n_files=1)
     write_set(tmp_path, "zh", [{"text": " "}] * 3 + [b"{bad\n"] * 20, n_files=1)
-    dp = pretrain_main.DataProcessor(settings(tmp_path, {"en": 1, "zh": 1}, skip_bad_records=True), tok, 0, 1)
+    dp = stream(pretrain_main, settings(tmp_path, {"en": 1, "zh": 1}, skip_bad_records=True), tok, 0, 1)
     start = time.monotonic()
     with pytest.raises(DataError, match="set 'zh': a whole pass .* gave no usable record"):
         next(dp)
@@ -418,7 +424,7 @@ def test_memory_stays_flat_on_a_large_file(tmp_path, tok):
     path.write_bytes(line * 100_000)  # ~18 MB
     tracemalloc.start()
     try:
-        with pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=8), tok, 0, 1) as dp:
+        with stream(pretrain_main, settings(tmp_path, {"en": 1}, batch_size=8), tok, 0, 1) as dp:
             batches(dp, 5)
             _, peak = tracemalloc.get_traced_memory()
     finally:

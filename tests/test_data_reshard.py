@@ -1,4 +1,4 @@
-"""The data stream on another number of ranks: SetReader.resume_from (claims) and DataProcessor.load_resharded."""
+"""The data stream on another number of ranks: SetReader.resume_from (claims) and DataStream.load_resharded."""
 import json
 import random
 from collections import Counter
@@ -7,8 +7,9 @@ import pytest
 
 import alignment_sft_main
 import pretrain_main
-from data_corpus_helpers import lm_records, messages_records, settings, write_set
+from data_corpus_helpers import lm_records, messages_records, settings, stream, write_set
 from llama.tokenization_llama import SentencePieceTokenizer
+from training.data_stream import DataStream
 from training.set_reader import SetReader
 
 
@@ -57,12 +58,12 @@ def tok(tokenizer_path):
     return SentencePieceTokenizer(tokenizer_path)
 
 
-class Traced(pretrain_main.DataProcessor):
-    """Batches built in this thread (no prefetch), so that the lines its readers handed out are exactly those of
-    the state; every line read is recorded."""
+class Traced(DataStream):
+    """Stage 1's stream, batches built in this thread (no prefetch), so that the lines its readers handed out are
+    exactly those of the state; every line read is recorded."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, config, tokenizer, rank, world_size):
+        super().__init__(config.data, tokenizer, rank, world_size, pretrain_main.PretrainRecords)
         self.lines = []
         for reader in self.readers.values():
             reader.next_line = self._recording(reader.next_line)
@@ -143,11 +144,11 @@ def test_conversation_samples_keep_their_counted_spans_when_dealt_out(tmp_path, 
     """Stage 3's samples in flight carry their answer spans to the new ranks."""
     write_set(tmp_path, "chat", messages_records(60), n_files=3)
     config = settings(tmp_path, {"chat": 1}, max_seq_length=128, batch_size=2, packing=True)
-    old = [alignment_sft_main.DataProcessor(config, tok, rank, 2) for rank in range(2)]
+    old = [stream(alignment_sft_main, config, tok, rank, 2) for rank in range(2)]
     for dp in old:
         next(dp)
     states = [json.loads(json.dumps(dp.state_dict())) for dp in old]
-    new = alignment_sft_main.DataProcessor(config, tok, 0, 1)
+    new = stream(alignment_sft_main, config, tok, 0, 1)
     new.load_resharded(states)
     saved = sorted(row for state in states for row in state["sets"]["chat"]["pending"] + state["packing_pool"])
     carried = new.state_dict()
@@ -156,3 +157,22 @@ def test_conversation_samples_keep_their_counted_spans_when_dealt_out(tmp_path, 
     assert any(len(row) > 3 for row in saved)  # conversations: their spans in the state
     for dp in old + [new]:
         dp.close()
+
+
+def test_a_copied_file_is_not_a_changed_one(tmp_path):
+    """A new modification time alone (a copy to another disk) is reported, not taken for new content; a same-size
+    rewrite is."""
+    import os
+
+    from training.set_reader import fingerprint, fingerprint_change
+
+    path = tmp_path / "10001.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    saved = fingerprint(path)
+    assert fingerprint_change(saved, path) is None
+    os.utime(path, ns=(saved["mtime_ns"] + 10**9, saved["mtime_ns"] + 10**9))
+    what, content = fingerprint_change(saved, path)
+    assert not content and what.startswith("modified ")
+    path.write_text('{"text": "b"}\n{"text": "a"}\n')  # shuffled, same size
+    what, content = fingerprint_change(saved, path)
+    assert content and "first/last 64 KB differ" in what and "size" not in what

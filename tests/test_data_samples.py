@@ -10,8 +10,8 @@ import pytest
 import alignment_sft_main
 import pretrain_main
 import task_instruct_tuning_main
-from data_corpus_helpers import (joined_split, lm_records, settings, take, task_records, translate_records,
-                                 write_set, write_translate_prompts, zh_text)
+from data_corpus_helpers import (joined_split, lm_records, settings, stream, take, task_records,
+                                 translate_records, write_set, write_translate_prompts, zh_text)
 from llama import load_tokenizer
 from training.corpus import DataError
 from training.data_stream import READ_AHEAD
@@ -77,7 +77,7 @@ def test_masked_prefix_length_range_and_short_texts():
 def test_stage1_lm_sample_is_bos_text_eos_with_random_prefix_masked(tmp_path, tok):
     records = lm_records(30, "zh")
     write_set(tmp_path, "zh", records, n_files=1)
-    processor = pretrain_main.DataProcessor(settings(tmp_path, {"zh": 1}, batch_size=1, max_seq_length=512), tok, 0, 1)
+    processor = stream(pretrain_main, settings(tmp_path, {"zh": 1}, batch_size=1, max_seq_length=512), tok, 0, 1)
     texts = {tuple(tok.encode(record["text"], bos=True, eos=True)): i for i, record in enumerate(records)}
     masked = []
     samples = take(processor, 30)
@@ -104,8 +104,8 @@ def test_stage1_translation_prompt_follows_source_both_directions(tmp_path, tok)
     prompts = {"en-zh": ["Translate into Chinese:", "In Chinese, please:"], "zh-en": ["请翻译成英文：", "英文是什么？"]}
     write_translate_prompts(tmp_path, ["  " + prompts["en-zh"][0] + "  ", prompts["en-zh"][1], ""],
                             [prompts["zh-en"][0], "\t" + prompts["zh-en"][1]])  # lines are stripped, blanks dropped
-    processor = pretrain_main.DataProcessor(settings(tmp_path, {"translate": 1}, batch_size=1, max_seq_length=512),
-                                            tok, 0, 1)
+    processor = stream(pretrain_main, settings(tmp_path, {"translate": 1}, batch_size=1, max_seq_length=512),
+                       tok, 0, 1)
     check_translation(tok, take(processor, 40), records, lambda source, p: source + "\n" + p, prompts)
 
 
@@ -114,7 +114,7 @@ def test_stage2_translation_prompt_after_rstripped_source(tmp_path, tok):
     write_set(tmp_path, "translate", records, n_files=1)
     prompts = {"en-zh": ["Translate into Chinese:", "In Chinese, please:"], "zh-en": ["请翻译成英文：", "英文是什么？"]}
     write_translate_prompts(tmp_path, prompts["en-zh"], prompts["zh-en"])
-    processor = task_instruct_tuning_main.DataProcessor(
+    processor = stream(task_instruct_tuning_main,
         settings(tmp_path, {"translate": {"weight": 1, "file_start": 0}}, batch_size=1, max_seq_length=512), tok, 0, 1)
     check_translation(tok, take(processor, 40), records, lambda source, p: source.rstrip() + "\n" + p + "\n", prompts)
 
@@ -130,7 +130,7 @@ def test_stage2_task_prompt_pre_post_and_none(tmp_path, tok):
     (tmp_path / "prompts" / "qa.pre.prompt").write_text("  Read and answer:  \n\n\tAnswer this:\n", encoding="utf-8")
     (tmp_path / "prompts" / "qa.post.prompt").write_text("What is the answer?\n", encoding="utf-8")
     (tmp_path / "prompts" / "preonly.pre.prompt").write_text("Only before:\n", encoding="utf-8")
-    processor = task_instruct_tuning_main.DataProcessor(
+    processor = stream(task_instruct_tuning_main,
         settings(tmp_path, {"zh-qa": {"weight": 1, "file_start": 0}}, batch_size=1, max_seq_length=512), tok, 0, 1)
     pre = {"qa": ["Read and answer:", "Answer this:"], "preonly": ["Only before:"], "": []}
     post = {"qa": ["What is the answer?"], "preonly": [], "": []}
@@ -151,7 +151,7 @@ def test_stage3_human_assistant_format(tmp_path, tok):
                {"instruction": "Say hi.", "input": "", "output": "hi"},
                {"instruction": "  ", "input": "What is the capital of France?", "output": "Paris."}]
     write_set(tmp_path, "others", records, n_files=1)
-    processor = alignment_sft_main.DataProcessor(
+    processor = stream(alignment_sft_main,
         settings(tmp_path, {"others": {"weight": 1, "file_start": 0}}, batch_size=1, max_seq_length=512), tok, 0, 1)
     # instruction and input stripped; the answer keeps its leading space (its indentation), not its trailing ones
     expected = [chat_prompted(tok, "Human: Add the numbers.\n1 2\nAssistant:", "  3"),
@@ -168,8 +168,8 @@ def test_long_lm_text_split_keeps_every_token_once_with_own_masks(tmp_path, tok)
     assert len(full) > 5 * length
     chunks = [tuple(full[start:start + length]) for start in range(0, len(full), length)]
     assert len(set(chunks)) == len(chunks)
-    processor = pretrain_main.DataProcessor(settings(tmp_path, {"en": 1}, batch_size=1, max_seq_length=length),
-                                            tok, 0, 1)
+    processor = stream(pretrain_main, settings(tmp_path, {"en": 1}, batch_size=1, max_seq_length=length),
+                       tok, 0, 1)
     # The first refill reads READ_AHEAD copies of the one-document corpus; their chunks come out interleaved at
     # random, each copy's in order, every token of each copy exactly once, before the document is read again.
     samples = take(processor, READ_AHEAD * len(chunks) + 1)
@@ -186,7 +186,7 @@ def test_long_lm_text_split_keeps_every_token_once_with_own_masks(tmp_path, tok)
         if n >= 4:
             assert int(0.2 * n) + 1 <= k <= int(0.7 * n)
 
-    processor = pretrain_main.DataProcessor(
+    processor = stream(pretrain_main,
         settings(tmp_path, {"en": 1}, batch_size=1, max_seq_length=length, long_text="truncate"), tok, 0, 1)
     with processor:
         batch = next(processor)
@@ -256,8 +256,8 @@ def stream_samples(module, root, set_name, records, n, tok, **overrides):
     write_set(root, set_name, records, n_files=1)
     values = dict(batch_size=1, max_seq_length=ROW)
     values.update(overrides)
-    processor = module.DataProcessor(settings(root, {set_name: {"weight": 1, "file_start": 0}}, **values),
-                                     NoReencode(tok), 0, 1)
+    processor = stream(module, settings(root, {set_name: {"weight": 1, "file_start": 0}}, **values),
+                       NoReencode(tok), 0, 1)
     with processor:
         samples = [(b["input_ids"][0].tolist(), b["loss_mask"][0].tolist()) for _, b in zip(range(n), processor)]
         return samples, processor.counters

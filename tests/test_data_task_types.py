@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import task_instruct_tuning_main
-from data_corpus_helpers import settings, task_records, write_set
+from data_corpus_helpers import settings, stream, task_records, write_set
 from llama.tokenization_llama import SentencePieceTokenizer
 from tools.inspect_corpus import main as inspect_main
 
@@ -17,7 +17,7 @@ BILLA_TYPES = ("dureader", "cmrc2018", "ape210k", "cnewsum-gen-abs", "hotpotqa",
 def stage2(root, set_name, tok, **overrides):
     # long_text="truncate" keeps a set's samples in file order (split draws them from a buffer), so that the i-th
     # sample is the i-th record's.
-    return task_instruct_tuning_main.DataProcessor(
+    return stream(task_instruct_tuning_main,
         settings(root, {set_name: {"weight": 1, "file_start": 0}}, batch_size=1, max_seq_length=512,
                  long_text="truncate", **overrides),
         tok, 0, 1)

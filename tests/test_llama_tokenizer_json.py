@@ -4,7 +4,6 @@ and the checks against a model's config."""
 import json
 import random
 import shutil
-import types
 from collections import Counter
 
 import numpy as np
@@ -254,10 +253,13 @@ def test_check_tokenizer_matches_the_families_configs(bpe_tokenizer_dirs):
 
 
 def _inputs_settings(model_dir, **overrides):
+    import pretrain_args
+    from settings_for import settings_for
+
     values = dict(init_model_path=str(model_dir), tokenizer_path="", eos_token="", max_seq_length=64,
                   dropout_prob=0.0)
     values.update(overrides)
-    return types.SimpleNamespace(**values)
+    return settings_for(pretrain_args, values)
 
 
 def test_stage_inputs_from_a_tokenizer_json_model_dir(tmp_path, bpe_tokenizer_dirs):
@@ -294,8 +296,8 @@ def test_eos_token_setting_is_checked_as_a_setting():
     import pretrain_args
     from training.settings import SettingsError, load_settings
 
-    assert load_settings(pretrain_args, ["eos_token=<|end_of_text|>"]).eos_token == "<|end_of_text|>"
-    assert load_settings(pretrain_args, []).eos_token == ""
+    assert load_settings(pretrain_args, ["eos_token=<|end_of_text|>"]).model.eos_token == "<|end_of_text|>"
+    assert load_settings(pretrain_args, []).model.eos_token == ""
     with pytest.raises(SettingsError, match="'eos_token'"):
         load_settings(pretrain_args, ["eos_token=' </s>'"])
 

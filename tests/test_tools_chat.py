@@ -140,7 +140,7 @@ def test_chat_prompt_is_what_training_puts_before_the_answer(model, tokenizer_pa
              ("最后一个问题", "好的。")]
     record = {"messages": [{"role": "system", "content": system}] + [
         {"role": role, "content": text} for q, a in turns for role, text in (("user", q), ("assistant", a))]}
-    spec = alignment_sft_main.DataProcessor.for_checking(".", ["x"]).build("x", record, random.Random(0))
+    spec = alignment_sft_main.AlignmentSftRecords(".", ["x"]).build("x", record, random.Random(0))
     (sample,), = SampleBuilder(tok, 512, "split", "middle", chat_format).build([spec], random.Random(0), Counter())
     last_answer = counted_spans(sample)[-1][0]
 

@@ -102,3 +102,26 @@ def test_cli_trains_the_chinese_model_and_refuses_to_overwrite(tmp_path, tokeniz
     assert SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model")).vocab_size() == \
         Llama.from_pretrained(tmp_path / "out").config.vocab_size
     assert main(argv) == 1 and "--overwrite" in capsys.readouterr().err
+
+
+def test_eval_data_reports_bits_per_char_before_and_after(tmp_path, tokenizer_path):
+    """--eval-data: the report's bits per character are tools.eval_ppl's on the base and on the widened dir."""
+    import json
+
+    from tools import eval_ppl
+
+    base = make_tiny_model(tmp_path / "base", tokenizer_path, dim=32, seed=4)
+    data = tmp_path / "heldout.jsonl"
+    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in SAME_TEXTS + [
+        "北京是中国的首都，有着悠久的历史。", "春天来了，花儿都开了。"]), encoding="utf-8")
+    printed = io.StringIO()
+    report = run(parse_args(["--model", str(base), "--zh-corpus", str(CORPUS / "zh"), "--zh-vocab-size", "1200",
+                             "--output", str(tmp_path / "out"), "--quiet", "--eval-data", str(data)]), out=printed)
+    scored = eval_ppl.run(eval_ppl.parse_args(["--model", str(base), "--model", str(tmp_path / "out"), "--data",
+                                               str(data), "--quiet", "--device", "cpu"]), out=io.StringIO())
+    for lang in ("zh", "en"):
+        before, after = report["bits_per_char"][lang]
+        assert before == pytest.approx(scored[str(base)][lang].bits_per_char, rel=1e-6)
+        assert after == pytest.approx(scored[str(tmp_path / "out")][lang].bits_per_char, rel=1e-6)
+        assert f"bits per character, {lang}" in printed.getvalue()
+    assert report["bits_per_char"]["zh"][0] != report["bits_per_char"]["zh"][1]

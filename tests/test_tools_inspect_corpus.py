@@ -22,7 +22,7 @@ def test_bundled_corpus_is_clean(stage, tokenizer_path, capsys):
     for name in split:
         assert f"\n{name} " in out
     assert "PROBLEM" not in out and "problem:" not in out
-    assert "start-up check was not run" not in out  # the stage's DataProcessor was constructed
+    assert "start-up check was not run" not in out  # the stage's data stream was constructed
 
 
 def test_mix_shares_and_ranks(capsys):
@@ -86,3 +86,18 @@ def test_big_file_record_count_is_estimated_from_samples(tmp_path):
     estimate = sample_file(path, exact_bytes=1000, sample_bytes=64_000)
     assert not estimate.exact and estimate.sampled_bytes < path.stat().st_size / 5
     assert abs(estimate.records - 20000) / 20000 < 0.05
+
+
+def test_full_checks_every_line_of_a_big_file(tmp_path, capsys):
+    root = tmp_path / "corpus"
+    shutil.copytree(CORPUS, root)
+    big = root / "zh" / "10001.jsonl"
+    with open(big, "w", encoding="utf-8") as f:  # 2.6 MB: sampled in 4 windows at --exact-mb 0.5, not read whole
+        for i in range(20000):
+            f.write(json.dumps({"text": "一段文字" * 10}, ensure_ascii=False) + "\n")
+            if i == 7777:
+                f.write('{"text": "cut off\n')  # one bad line, away from the sampled windows' reach
+    # The windows (at 0, 1/3, 2/3 and the end of the file, 2.5 KB each) miss the line at 40% of it.
+    assert main(["pretrain", "--root", str(root), "--quiet", "--exact-mb", "0.5", "--sample-mb", "0.01"]) == 0
+    assert main(["pretrain", "--root", str(root), "--quiet", "--exact-mb", "0.5", "--full"]) == 1
+    assert f"bad record at {big}:7779" in capsys.readouterr().out

@@ -2,12 +2,13 @@
 the stage reads, and no silent overwrite."""
 import json
 import random
-import types
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+import alignment_sft_args
+from data_corpus_helpers import settings, stream
 from llama.tokenization_llama import SentencePieceTokenizer
 from tools import external_shuffle
 from tools.external_shuffle import LINE_OVERHEAD, ExternalShuffler
@@ -57,10 +58,8 @@ def test_output_is_read_by_the_stage(tmp_path, tokenizer_path):
 
     write_jsonl(tmp_path / "raw.jsonl", SFT_RECORDS)
     prepare([tmp_path / "raw.jsonl", "--out", tmp_path / "corpus" / "mine", "--kind", "sft", "--num-files", 2])
-    settings = types.SimpleNamespace(pretrain_data_root_dir=str(tmp_path / "corpus"), pretrain_data_split={"mine": 1},
-                                     max_seq_length=64, batch_size=4, long_text="split", packing=False,
-                                     skip_bad_records=False, seed=0)
-    with alignment_sft_main.DataProcessor(settings, SentencePieceTokenizer(tokenizer_path), 0, 2) as dp:
+    config = settings(tmp_path / "corpus", {"mine": 1}, alignment_sft_args, seed=0)
+    with stream(alignment_sft_main, config, SentencePieceTokenizer(tokenizer_path), 0, 2) as dp:
         assert next(dp)["num_target_tokens"] > 0
 
 
@@ -164,7 +163,6 @@ SHAREGPT = [{"id": f"c{i}", "conversations": [{"from": "system", "value": "Be ki
 
 def test_sharegpt_becomes_messages_that_stage_3_reads(tmp_path, tokenizer_path):
     import alignment_sft_main
-    from data_corpus_helpers import settings
 
     write_jsonl(tmp_path / "sharegpt.jsonl", SHAREGPT)
     out = tmp_path / "c" / "chat"
@@ -180,8 +178,8 @@ def test_sharegpt_becomes_messages_that_stage_3_reads(tmp_path, tokenizer_path):
         assert record == {"id": source["id"], "messages": [
             {"role": {"human": "user", "gpt": "assistant", "system": "system"}[t["from"]], "content": t["value"]}
             for t in source["conversations"]]}
-    with alignment_sft_main.DataProcessor(settings(out.parent, {"chat": 1}, max_seq_length=256),
-                                          SentencePieceTokenizer(tokenizer_path), 0, 1) as dp:
+    with stream(alignment_sft_main, settings(out.parent, {"chat": 1}, max_seq_length=256),
+          SentencePieceTokenizer(tokenizer_path), 0, 1) as dp:
         batch = next(dp)
     assert batch["num_target_tokens"] > 0
 

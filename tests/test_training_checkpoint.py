@@ -1,12 +1,14 @@
 """Checkpoints: "latest" only sees complete ones, a crash mid-save leaves the previous one in charge, RNG round trip,
 and the layout a checkpoint promises (a loadable model dir plus the resume state)."""
 import json
+import logging
 import random
+import re
 
 import pytest
 import torch
 
-from training.checkpoint import checkpoint_name, find_latest, resolve_resume, set_aside_newer
+from training.checkpoint import checkpoint_name, find_latest, remove_leftovers, resolve_resume, set_aside_newer
 from training.checkpoint_files import CheckpointError
 from training.rng_state import capture_rng_state, restore_rng_state
 from training_runs import TINY_RUN, explain, read_metrics, tiny_model, torchrun  # noqa: F401
@@ -36,6 +38,17 @@ def test_latest_ignores_tmp_and_incomplete_and_sorts_by_number(tmp_path):
     with pytest.raises(CheckpointError, match="incomplete"):
         resolve_resume(str(tmp_path / (checkpoint_name(11, 1.5) + ".tmp")), tmp_path)
     assert checkpoint_name(3, float("nan")) == "ckpt_step-3_loss-nan"
+
+
+def test_latest_without_a_checkpoint_warns_and_names_the_leftovers(tmp_path, caplog):
+    _fake_checkpoint(tmp_path, 7, tmp=True)  # a save cut off: everything but its rename
+    with caplog.at_level(logging.INFO, logger="training.checkpoint"):
+        assert resolve_resume("latest", tmp_path) is None  # still a fresh start, so a job script can restart itself
+        remove_leftovers(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "starting FRESH" in warnings[0] and "ckpt_step-7_loss-1.5000.tmp" in warnings[0], warnings
+    assert "never counted as a checkpoint; removed" in warnings[1], warnings
+    assert not list(tmp_path.iterdir())
 
 
 def test_fresh_start_into_a_used_output_dir_is_refused(tmp_path):
@@ -90,8 +103,12 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tiny_model, tmp_path):
     resumed = torchrun(run + ["recover_training_from_checkpoint=latest"])
     assert resumed.returncode == 0, explain(resumed)
     assert "resumed from" in resumed.stdout and "ckpt_step-2_" in resumed.stdout
+    # The next start names the leftover, says it never counted, and removes it before any step.
+    log = (out / "logs" / "log.txt.0").read_text().split("resumed from")[0]
+    assert re.search(rf"WARNING.*leftover {re.escape(str(out / step4[0]))} \(\d+\.\d+ GiB, no trainer_state.json\): "
+                     rf"a save that did not finish, never counted as a checkpoint; removed", log), log[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert not any(n.endswith(".tmp") for n in names), names  # the next save cleared the leftover
+    assert not any(n.endswith(".tmp") for n in names), names
     steps = sorted(int(n.split("_")[1].split("-")[1]) for n in names if n.startswith("ckpt_step-"))
     assert steps == [4, 6], names  # keep_checkpoints=2
     assert (out / "final" / "config.json").exists()

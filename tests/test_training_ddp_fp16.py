@@ -36,7 +36,7 @@ def _settings(model_dir, out, initial_loss_scale: float):
 
 def _engine(settings) -> DDPEngine:
     engine = engine_for(settings, EngineChoice("ddp", "fp16", torch.device("cpu")))
-    engine.boost(Llama.from_pretrained(settings.init_model_path))
+    engine.boost(Llama.from_pretrained(settings.model.init_model_path))
     return engine
 
 

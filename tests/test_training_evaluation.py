@@ -1,4 +1,5 @@
-"""Held-out evaluation (training/evaluation.py): the per-set loss against a direct computation on the same samples,
+"""Held-out evaluation (training/evaluation.py): the per-set loss and bits per byte / character against a direct
+computation on the same samples,
 ranks' shares, bad eval folders, and the metrics it writes. The three stages evaluating under torchrun with
 2 processes are in test_training_stages.py; resume with evaluation on in test_training_resume.py."""
 import contextlib
@@ -18,10 +19,13 @@ import torch
 import pretrain_args
 import pretrain_main
 from training.corpus import DataError
+from llama.text_units import TextUnits
 from training.evaluation import HeldOut, Score, Scores, held_out_samples, load_held_out
 from training.metrics import Metrics, setup_logging
 from training.samples import Sample
-from training.settings import Settings, load_settings
+from settings_for import settings_for
+from training.settings import load_settings
+from data_corpus_helpers import stream
 from training_runs import (HELDOUT, REPO, TINY_RUN, explain, on_cpu, one_each, one_process_group,  # noqa: F401
                            tiny_model)
 
@@ -31,7 +35,7 @@ def stage1_data(tokenizer_path, eval_root, *overrides):
 
     settings = load_settings(pretrain_args, one_each(TINY_RUN + ["batch_size=4", f"eval_data_root_dir={eval_root}",
                                                                  "eval_samples_per_set=6", *overrides]))
-    return settings, pretrain_main.DataProcessor(settings, SentencePieceTokenizer(tokenizer_path), 0, 1)
+    return settings, stream(pretrain_main, settings, SentencePieceTokenizer(tokenizer_path), 0, 1)
 
 
 def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(tokenizer_path, tmp_path,
@@ -66,12 +70,13 @@ def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(token
     assert torch.equal(torch.get_rng_state(), torch_rng) and random.getstate() == python_rng
 
     model.eval()
-    rules = pretrain_main.DataProcessor.for_checking(data.root, ["zh", "translate", "news-zh"])
+    table = data.tokenizer.token_bytes()
+    rules = pretrain_main.PretrainRecords(data.root, ["zh", "translate", "news-zh"])
     for name in ("zh", "translate", "news-zh"):
         files = sorted((root / name).glob("*.jsonl"))
         samples = held_out_samples(rules, data.builder, files, name, 6, False)
         assert len(samples) == (2 if name == "news-zh" else 6)  # the empty text is skipped; no wrap-around
-        total, counted = 0.0, 0
+        total, counted, spelt = 0.0, 0, b""
         with torch.no_grad():
             for sample in samples:
                 _, logits = model(torch.tensor([sample.ids]))  # (1, L, vocab)
@@ -80,12 +85,21 @@ def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(token
                 token_loss = -log_probs[torch.arange(len(targets)), targets]
                 total += float(token_loss[sample.n_masked - 1:].sum())  # tokens t >= n_masked count
                 counted += len(sample.ids) - sample.n_masked
+                spelt += b"".join(table[i] for i in sample.ids[sample.n_masked:])
         assert scores.sets[name].tokens == counted
+        score = scores.sets[name]
+        # a masked prefix may end inside a character: its continuation bytes count as bytes, not as a character
+        starts = sum(1 for byte in spelt if byte & 0xC0 != 0x80)
+        assert (score.bytes, score.chars) == (len(spelt), starts) and score.chars > 0
+        assert score.bits_per_byte * score.bytes * math.log(2) == pytest.approx(total, rel=1e-5)
+        assert score.bits_per_char * score.chars * math.log(2) == pytest.approx(total, rel=1e-5)
         assert scores.sets[name].loss == pytest.approx(total / counted, rel=1e-5)
         assert scores.sets[name].ppl == pytest.approx(math.exp(total / counted), rel=1e-5)
     assert scores.weights == {"zh": 4, "translate": 2}  # news-zh is scored but not in the mix
     assert scores.mix.loss == pytest.approx((4 * scores.sets["zh"].loss + 2 * scores.sets["translate"].loss) / 6)
     assert scores.mix.tokens == scores.sets["zh"].tokens + scores.sets["translate"].tokens
+    assert scores.mix.bits_per_char == pytest.approx(
+        (4 * scores.sets["zh"].bits_per_char + 2 * scores.sets["translate"].bits_per_char) / 6)
 
     # The samples do not depend on the training seed: another seed builds the same ones.
     other_settings, other_data = stage1_data(tokenizer_path, root, "eval_sets=['zh', 'translate']", "seed=8",
@@ -100,13 +114,17 @@ def test_per_set_loss_is_the_token_weighted_mean_over_the_held_out_samples(token
 
 def test_ranks_score_every_sample_once_in_the_same_number_of_forwards():
     samples = [Sample(list(range(1, 4 + k % 5)), 1 + k % 2) for k in range(11)]  # each with a counted token
-    shares = [HeldOut({"s": samples}, {}, 1, 2, 0, rank, 3).batches["s"] for rank in range(3)]
+    units = TextUnits(torch.arange(10).numpy(), (torch.arange(10) % 2).numpy())  # id i spells i bytes
+    shares = [HeldOut({"s": samples}, {}, 1, 2, 0, rank, 3, units).batches["s"] for rank in range(3)]
     assert len({len(batches) for batches in shares}) == 1  # 11 samples, 3 ranks, batch 2: 2 forwards each
     rows = [(tuple(row[row != 0].tolist()), int(mask.sum())) for batches in shares for b in batches
             for row, mask in zip(b["input_ids"], b["loss_mask"]) if mask.sum() > 0]
     assert sorted(rows) == sorted((tuple(s.ids), len(s.ids) - s.n_masked) for s in samples)
     assert sum(b["num_counted"] for batches in shares for b in batches) == \
            sum(len(s.ids) - s.n_masked for s in samples)
+    assert sum(b["num_bytes"] for batches in shares for b in batches) == sum(sum(s.ids[s.n_masked:]) for s in samples)
+    assert sum(b["num_chars"] for batches in shares for b in batches) == \
+           sum(sum(i % 2 for i in s.ids[s.n_masked:]) for s in samples)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -140,7 +158,8 @@ def test_the_run_stops_before_the_model_on_a_missing_eval_set(tiny_model, tmp_pa
 
 
 def test_paused_time_leaves_the_throughput_window_and_eval_records_stand_apart(tmp_path, capsys):
-    settings = Settings({"logging_steps": 1, "max_steps": 10, "logdir": str(tmp_path)}, "test")
+    settings = settings_for(pretrain_args, {"logging_steps": 1, "max_steps": 10, "warmup_steps": 0,
+                                            "logdir": str(tmp_path)})
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     setup_logging(tmp_path, 0)
@@ -154,21 +173,26 @@ def test_paused_time_leaves_the_throughput_window_and_eval_records_stand_apart(t
             time.sleep(0.2)
         paused = metrics.log(2, tokens_seen=2000)["tokens_per_s"]
         assert counted < 1000 / 0.2 and paused > 4 * counted
-        metrics.log_eval(2, 2000, Scores({"zh": Score(3.0, 120), "news": Score(4.0, 80)}, Score(3.0, 120),
-                                         {"zh": 4}, seconds=0.5))
+        zh, news = Score(3.0, 120, 1.25, 2.5, 415, 208), Score(4.0, 80, 1.5, 6.0, 320, 80)
+        metrics.log_eval(2, 2000, Scores({"zh": zh, "news": news}, zh, {"zh": 4}, seconds=0.5))
         metrics.close()
     finally:
         root.handlers[:], root.level = saved
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["tokens_seen"], "loss" in r, "eval" in r) for r in records] == \
            [(1, 1000, True, False), (2, 2000, True, False), (2, 2000, False, True)]
-    assert records[2]["eval"] == {"sets": {"zh": {"loss": 3.0, "ppl": math.exp(3.0), "tokens": 120},
-                                           "news": {"loss": 4.0, "ppl": math.exp(4.0), "tokens": 80}},
-                                  "mix": {"loss": 3.0, "ppl": math.exp(3.0), "tokens": 120, "weights": {"zh": 4}},
-                                  "seconds": 0.5}
+    zh_row = {"loss": 3.0, "ppl": math.exp(3.0), "tokens": 120, "bits_per_byte": 1.25, "bits_per_char": 2.5,
+              "bytes": 415, "chars": 208}
+    assert records[2]["eval"] == {"sets": {"zh": zh_row,
+                                           "news": {"loss": 4.0, "ppl": math.exp(4.0), "tokens": 80,
+                                                    "bits_per_byte": 1.5, "bits_per_char": 6.0, "bytes": 320,
+                                                    "chars": 80}},
+                                  "mix": {**zh_row, "weights": {"zh": 4}}, "seconds": 0.5}
     console, log_file = capsys.readouterr().out, (tmp_path / "log.txt.0").read_text()
-    assert "eval step 2 | zh 3.0000 | news 4.0000 | mix 3.0000 (ppl 20.09) | 0.5 s" in console
-    detail = "zh loss 3.0000 ppl 20.09 tokens 120; news loss 4.0000 ppl 54.6 tokens 80 (not in the mix)"
+    assert ("eval step 2 | zh 3.0000 (2.500 bits/char) | news 4.0000 (6.000 bits/char) | mix 3.0000 (ppl 20.09) "
+            "| 0.5 s") in console
+    detail = ("zh loss 3.0000 ppl 20.09 tokens 120 bits/byte 1.2500 bits/char 2.5000; news loss 4.0000 ppl 54.6 "
+              "tokens 80 bits/byte 1.5000 bits/char 6.0000 (not in the mix)")
     assert detail in log_file and detail not in console
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -1,10 +1,11 @@
 """The GPU figures of training/metrics.py with the device faked: the peak-TFLOPS lookup by device name, and peak
 memory (allocated and reserved) reported per logging window."""
-import types
 
 import pytest
 import torch
 
+import pretrain_args
+from settings_for import settings_for
 from training.metrics import Metrics, peak_tflops_per_gpu
 
 GPU = torch.device("cuda", 0)
@@ -49,7 +50,8 @@ def test_peak_memory_is_per_logging_window(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: memory.peak["allocated"])
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: memory.peak["reserved"])
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", memory.reset)
-    settings = types.SimpleNamespace(logging_steps=1, max_steps=3, logdir=str(tmp_path))
+    settings = settings_for(pretrain_args, {"logging_steps": 1, "max_steps": 3, "warmup_steps": 0,
+                                            "logdir": str(tmp_path)})
     metrics = Metrics(settings, rank=1, world_size=1, flops_per_token=1.0, peak_tflops=None, start_step=0)
 
     memory.use(allocated=9_000_000_000, reserved=12_000_000_000)  # a spike in step 1
@@ -83,7 +85,8 @@ def test_steady_figures_leave_out_the_warmup_steps_and_steps_break_down_into_the
 
     now = [0.0]
     monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: now[0])
-    settings = types.SimpleNamespace(logging_steps=4, max_steps=4, logdir=str(tmp_path))
+    settings = settings_for(pretrain_args, {"logging_steps": 4, "max_steps": 4, "warmup_steps": 0,
+                                            "logdir": str(tmp_path)})
     metrics = Metrics(settings, rank=1, world_size=2, flops_per_token=3e12, peak_tflops=100.0, start_step=0,
                       recompute_flops_per_token=1e12)
     for seconds in (30.0, 20.0, 1.0, 1.0):  # compilation in the first two steps

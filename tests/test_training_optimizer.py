@@ -35,7 +35,7 @@ def _settings(*overrides):
 ])
 def test_optimizer_for_each_setting(overrides, device, kind, offloaded):
     settings = _settings(*overrides)
-    engine = engine_for(settings, EngineChoice(settings.plugin, settings.precision, device))
+    engine = engine_for(settings, EngineChoice(settings.engine.plugin, settings.optimisation.precision, device))
     assert engine.adam_kind == kind
     assert engine.optimizer_offloaded == offloaded
 
@@ -44,19 +44,21 @@ def check_toolchain(settings, choice):
     engine_for(settings, choice).check_toolchain()
 
 
-def test_every_plugin_setting_has_an_engine():
+def test_the_plugin_setting_offers_every_engine():
     from training.engine import ENGINES
-    from training.settings import PLUGINS
+    from training.settings import SettingsError
 
-    assert sorted(ENGINES) == sorted(PLUGINS)
+    with pytest.raises(SettingsError) as raised:
+        _settings("plugin=zero3")
+    assert all(repr(name) in str(raised.value) for name in ENGINES) and len(ENGINES) == 3
 
 
 @pytest.mark.parametrize("device, fused", [(CUDA, True), (CPU, None)])
 def test_torch_adamw_carries_the_settings(device, fused):
     settings = _settings("plugin=zero2", "lr=3e-4", "adam_beta2=0.9", "weight_decay=0.05")
     params = [torch.nn.Parameter(torch.ones(3))]
-    built = build_optimizer(settings, engine_for(settings, EngineChoice("zero2", "bf16", device)).adam_kind, device,
-                            False, params)
+    kind = engine_for(settings, EngineChoice("zero2", "bf16", device)).adam_kind
+    built = build_optimizer(settings.optimisation, kind, device, False, params)
     assert type(built) is torch.optim.AdamW and built.defaults["fused"] == fused
     assert built.defaults["lr"] == 3e-4 and built.defaults["betas"] == (0.9, 0.9)
     assert built.defaults["weight_decay"] == 0.05
@@ -220,8 +222,8 @@ def test_weight_decay_skip_groups():
     model = _tiny_llama()
     names = {id(p): name for name, p in model.named_parameters()}
     # The recipe: one group, every weight decayed.
-    assert optimizer.parameter_groups(_settings(), model) == list(model.parameters())
-    decay, no_decay = optimizer.parameter_groups(_settings("weight_decay_skip=True"), model)
+    assert optimizer.parameter_groups(_settings().optimisation, model) == list(model.parameters())
+    decay, no_decay = optimizer.parameter_groups(_settings("weight_decay_skip=True").optimisation, model)
     assert "weight_decay" not in decay and no_decay["weight_decay"] == 0.0
     skipped = sorted(names[id(p)] for p in no_decay["params"])
     assert skipped == sorted(["tok_embeddings.weight", "norm.weight"] + [f"layers.{i}.{norm}.weight" for i in range(2)
@@ -230,7 +232,7 @@ def test_weight_decay_skip_groups():
     # A bias and a frozen parameter: the bias skips decay, the frozen one is in no group.
     extra = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     extra[1].requires_grad_(False)
-    decay, no_decay = optimizer.parameter_groups(_settings("weight_decay_skip=True"), extra)
+    decay, no_decay = optimizer.parameter_groups(_settings("weight_decay_skip=True").optimisation, extra)
     assert decay["params"] == [extra[0].weight] and no_decay["params"] == [extra[0].bias]
 
 
@@ -247,7 +249,8 @@ def test_a_step_leaves_skipped_parameters_undecayed(plugin, monkeypatch):
     model = _tiny_llama()
     settings = _settings(f"plugin={plugin}", "weight_decay_skip=True", "weight_decay=0.5", "lr=0.1")
     kind = engine_for(settings, EngineChoice(plugin, "bf16", CPU)).adam_kind
-    built = build_optimizer(settings, kind, CPU, False, optimizer.parameter_groups(settings, model))
+    built = build_optimizer(settings.optimisation, kind, CPU, False,
+                            optimizer.parameter_groups(settings.optimisation, model))
     assert type(built).__name__ == ("AdamW" if plugin == "ddp" else "HybridAdam")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     for p in model.parameters():

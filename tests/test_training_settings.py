@@ -10,7 +10,9 @@ import torch
 import alignment_sft_args
 import pretrain_args
 import task_instruct_tuning_args
-from training.settings import Settings, SettingsError, load_settings, resolve_global_batch
+from settings_for import settings_for
+from training.settings import SettingsError, load_settings, resolve_global_batch
+from training.settings_concerns import DataSettings, OptimisationSettings
 from training_runs import REPO, tiny_model  # noqa: F401 (fixture)
 
 
@@ -18,20 +20,21 @@ def test_overrides_keep_the_args_type():
     s = load_settings(pretrain_args, ["lr=1e-5", "max_steps=100_000", "min_lr=0", "packing=true",
                                       "gradient_checkpointing=False", "plugin=zero2", "output_dir=out/x y",
                                       "tokenizer_path='  spaced  '", "pretrain_data_split={'zh': 1, 'en': 2}"])
-    assert s.lr == 1e-5 and isinstance(s.lr, float)
-    assert s.max_steps == 100_000 and isinstance(s.max_steps, int)
-    assert s.min_lr == 0.0 and isinstance(s.min_lr, float)  # an int is fine for a float setting
-    assert s.packing is True and s.gradient_checkpointing == "none"  # False: its meaning before the modes
-    assert s.plugin == "zero2" and s.output_dir == "out/x y"  # str settings take any text, unquoted
-    assert s.tokenizer_path == "  spaced  "  # quotes keep the spaces
-    assert s.pretrain_data_split == {"zh": 1, "en": 2}
+    o = s.optimisation
+    assert o.lr == 1e-5 and isinstance(o.lr, float)
+    assert o.max_steps == 100_000 and isinstance(o.max_steps, int)
+    assert o.min_lr == 0.0 and isinstance(o.min_lr, float)  # an int is fine for a float setting
+    assert s.data.packing is True and s.model.gradient_checkpointing == "none"  # False: its meaning before the modes
+    assert s.engine.plugin == "zero2" and s.output.output_dir == "out/x y"  # str settings take any text, unquoted
+    assert s.model.tokenizer_path == "  spaced  "  # quotes keep the spaces
+    assert s.data.pretrain_data_split == {"zh": 1, "en": 2}
     assert s.overridden >= {"lr", "plugin", "packing"}
-    assert s.batch_size == pretrain_args.batch_size  # untouched values come from the args file
+    assert s.data.batch_size == pretrain_args.batch_size  # untouched values come from the args file
 
 
 def test_logdir_follows_output_dir_unless_set():
-    assert load_settings(pretrain_args, ["output_dir=runs/a"]).logdir == "runs/a/logs"
-    assert load_settings(pretrain_args, ["output_dir=runs/a", "logdir=tb/a"]).logdir == "tb/a"
+    assert load_settings(pretrain_args, ["output_dir=runs/a"]).output.logdir == "runs/a/logs"
+    assert load_settings(pretrain_args, ["output_dir=runs/a", "logdir=tb/a"]).output.logdir == "tb/a"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -60,7 +63,7 @@ def test_bad_overrides_name_the_setting(argv, message):
 
 @pytest.mark.parametrize("module", [pretrain_args, task_instruct_tuning_args, alignment_sft_args])
 def test_each_args_file_is_valid_as_shipped(module):
-    s = load_settings(module, [])
+    s = load_settings(module, []).optimisation
     assert s.min_lr == pytest.approx(0.1 * s.lr)  # the recipe's cosine floor
     assert (s.adam_beta1, s.adam_beta2, s.weight_decay, s.max_grad_norm) == (0.9, 0.95, 0.1, 2.0)
     assert s.initial_loss_scale == 2 ** 14
@@ -82,12 +85,10 @@ def test_gemini_placement_settings_reach_the_plugin(placement, param_frac, expec
 def test_settings_are_read_only_and_dict_is_a_copy():
     s = load_settings(pretrain_args, ["plugin=ddp"])
     with pytest.raises(AttributeError):
-        s.lr = 1.0
+        s.optimisation.lr = 1.0
     d = s.to_dict()
     d["pretrain_data_split"]["zh"] = 99
-    assert s.pretrain_data_split["zh"] == pretrain_args.pretrain_data_split["zh"]
-    with pytest.raises(AttributeError, match="no setting named 'nope'"):
-        s.nope
+    assert s.data.pretrain_data_split["zh"] == pretrain_args.pretrain_data_split["zh"]
     assert "* plugin" in s.format()
 
 
@@ -119,7 +120,7 @@ def test_missing_model_path_fails_before_data_and_model(tmp_path):
 def _inputs_settings(model_dir, **overrides):
     values = dict(init_model_path=str(model_dir), tokenizer_path="", max_seq_length=64, dropout_prob=0.05)
     values.update(overrides)
-    return types.SimpleNamespace(**values)
+    return settings_for(pretrain_args, values)
 
 
 def test_model_inputs_checked_without_loading_weights(tiny_model, tmp_path):
@@ -141,9 +142,17 @@ def test_model_inputs_checked_without_loading_weights(tiny_model, tmp_path):
         check_model_inputs(_inputs_settings(tiny_model, tokenizer_path=str(tmp_path / "missing.model")))
 
 
-def test_settings_object_is_what_data_processors_receive():
-    s = Settings({"a": 1}, "x.py")
-    assert s.a == 1 and "a" in s and s.to_dict() == {"a": 1}
+def test_settings_left_out_of_an_args_file_take_their_concern_default_and_stay_flat_in_order():
+    s = settings_for({"lr": 1e-4, "warmup_steps": 10, "max_steps": 20})
+    assert (s.optimisation.lr, s.optimisation.min_lr) == (1e-4, OptimisationSettings().min_lr)
+    assert s.data == DataSettings() and s.chat is None  # a stage's own concern only where its args file has one
+    assert list(s.to_dict())[:3] == ["lr", "warmup_steps", "max_steps"]  # the args file's order, then the defaults
+    assert set(s.to_dict()) == set(load_settings(pretrain_args, []).to_dict())  # the same flat keys as a stage's
+    assert s.to_dict()["gradient_checkpointing"] == "full"
+    assert load_settings(alignment_sft_args, []).chat.chat_format == "billa"
+    with pytest.raises(SettingsError, match=r"test_args sets 'learning_rate', which is no setting of this repo; "
+                                            r"did you mean lr\?"):
+        settings_for({"learning_rate": 1e-4})
 
 
 def test_help_lists_every_setting_with_its_comment(capsys):
@@ -161,7 +170,7 @@ def test_loaded_model_trains_with_the_runs_dropout_not_the_checkpoints(tiny_mode
     from training.engine import EngineChoice, engine_for
     from training.model_loading import check_model_inputs
 
-    settings = types.SimpleNamespace(**vars(_inputs_settings(tiny_model)), gradient_checkpointing="full", compile=True)
+    settings = _inputs_settings(tiny_model, gradient_checkpointing="full", compile=True)
     engine = engine_for(settings, EngineChoice("ddp", "fp32", torch.device("cpu")))
     model = engine.build_model(check_model_inputs(settings))
     dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
@@ -192,8 +201,8 @@ RECIPE_BATCH = [(pretrain_args, 20, 8, 160), (task_instruct_tuning_args, 20, 8, 
 @pytest.mark.parametrize("module, per_gpu, gpus, global_batch", RECIPE_BATCH)
 def test_args_files_state_the_recipe_global_batch(module, per_gpu, gpus, global_batch):
     s = load_settings(module, [])
-    assert (s.batch_size, s.global_batch_size) == (per_gpu, global_batch) == (per_gpu, per_gpu * gpus)
-    assert resolve_global_batch(s, gpus).gradient_accumulation_steps == 1  # the recipe: no accumulation
+    assert (s.data.batch_size, s.optimisation.global_batch_size) == (per_gpu, global_batch) == (per_gpu, per_gpu * gpus)
+    assert resolve_global_batch(s, gpus).optimisation.gradient_accumulation_steps == 1  # the recipe: no accumulation
 
 
 @pytest.mark.parametrize("argv, world, accumulation", [
@@ -204,10 +213,11 @@ def test_args_files_state_the_recipe_global_batch(module, per_gpu, gpus, global_
 def test_global_batch_derives_the_accumulation(argv, world, accumulation):
     settings = load_settings(pretrain_args, argv)
     resolved = resolve_global_batch(settings, world)
-    assert resolved.gradient_accumulation_steps == accumulation
-    if settings.global_batch_size:
-        assert resolved.batch_size * world * resolved.gradient_accumulation_steps == settings.global_batch_size
-    assert resolved.overridden == settings.overridden and resolved.lr == settings.lr
+    accumulated = resolved.optimisation.gradient_accumulation_steps
+    assert accumulated == accumulation
+    if settings.optimisation.global_batch_size:
+        assert resolved.data.batch_size * world * accumulated == settings.optimisation.global_batch_size
+    assert resolved.overridden == settings.overridden and resolved.optimisation.lr == settings.optimisation.lr
 
 
 # (stage args, GPUs, per GPU, accumulation): batch_size is the most one GPU holds, so a smaller per-GPU batch keeps the
@@ -225,19 +235,20 @@ def test_global_batch_fits_any_gpu_count(module, world, per_gpu, accumulation, c
     settings = load_settings(module, [])
     with caplog.at_level("INFO", logger="training.settings"):
         resolved = resolve_global_batch(settings, world)
-    assert (resolved.batch_size, resolved.gradient_accumulation_steps) == (per_gpu, accumulation)
+    assert (resolved.data.batch_size, resolved.optimisation.gradient_accumulation_steps) == (per_gpu, accumulation)
     got = per_gpu * world * accumulation
-    assert abs(got - settings.global_batch_size) < world  # the nearest multiple of the GPU count, or exact
-    if got == settings.global_batch_size:
-        assert f"{per_gpu} per GPU (batch_size={settings.batch_size} is the most)" in caplog.text
+    wanted = settings.optimisation.global_batch_size
+    assert abs(got - wanted) < world  # the nearest multiple of the GPU count, or exact
+    if got == wanted:
+        assert f"{per_gpu} per GPU (batch_size={settings.data.batch_size} is the most)" in caplog.text
     else:
-        assert (f"global_batch_size={settings.global_batch_size} fits no per-GPU batch on {world} processes"
+        assert (f"global_batch_size={wanted} fits no per-GPU batch on {world} processes"
                 in caplog.text and f"training with the nearest, {per_gpu} per GPU x {world} x {accumulation} "
                 f"accumulation = {got} samples per step (global_batch_exact=True stops instead)" in caplog.text)
     with caplog.at_level("INFO", logger="training.settings"):
         caplog.clear()
-        assert resolve_global_batch(load_settings(module, []), 2 if module is alignment_sft_args else 8).batch_size \
-            == settings.batch_size
+        assert resolve_global_batch(load_settings(module, []), 2 if module is alignment_sft_args else 8
+                                    ).data.batch_size == settings.data.batch_size
     assert caplog.text == ""  # the recipe's own GPU count: nothing to say
 
 
@@ -251,7 +262,7 @@ def test_global_batch_exact_stops_and_names_the_numbers():
                                             r"\(global_batch_exact=True\); use global_batch_size a multiple of 3"):
         resolve_global_batch(load_settings(pretrain_args, ["global_batch_exact=True"]), 3)
     exact = resolve_global_batch(load_settings(pretrain_args, ["global_batch_exact=True", "batch_size=10"]), 8)
-    assert (exact.batch_size, exact.gradient_accumulation_steps) == (10, 2)
+    assert (exact.data.batch_size, exact.optimisation.gradient_accumulation_steps) == (10, 2)
     with pytest.raises(SettingsError, match="'gradient_accumulation_steps' is derived from 'global_batch_size' = 160"):
         load_settings(pretrain_args, ["gradient_accumulation_steps=2"])
     with pytest.raises(SettingsError, match="'global_batch_size' = -1 is invalid"):
@@ -296,14 +307,14 @@ def test_model_inputs_refuse_what_this_model_cannot_compute(tiny_model, tmp_path
 @pytest.mark.parametrize("given, mode", [("True", "full"), ("false", "none"), ("selective", "selective"),
                                          ("full", "full"), ("none", "none")])
 def test_gradient_checkpointing_takes_modes_and_keeps_the_old_true_false(given, mode):
-    assert load_settings(pretrain_args, [f"gradient_checkpointing={given}"]).gradient_checkpointing == mode
+    assert load_settings(pretrain_args, [f"gradient_checkpointing={given}"]).model.gradient_checkpointing == mode
 
 
 def test_an_old_args_file_with_a_bool_checkpointing_still_takes_a_mode(tmp_path, monkeypatch):
     old = types.ModuleType("old_args")
     old.gradient_checkpointing = True  # an args file written before the modes
-    assert load_settings(old, []).gradient_checkpointing == "full"
-    assert load_settings(old, ["gradient_checkpointing=selective"]).gradient_checkpointing == "selective"
+    assert load_settings(old, []).model.gradient_checkpointing == "full"
+    assert load_settings(old, ["gradient_checkpointing=selective"]).model.gradient_checkpointing == "selective"
     with pytest.raises(SettingsError, match="'gradient_checkpointing' = 'half' is invalid"):
         load_settings(old, ["gradient_checkpointing=half"])
 
@@ -333,8 +344,9 @@ def test_a_pair_that_needs_cuda_is_refused_without_it_naming_the_cpu_way(argv, m
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     settings = load_settings(pretrain_args, argv)
-    with pytest.raises(SettingsError, match=rf"'plugin' = '{settings.plugin}', 'precision' = '{settings.precision}' "
-                                            r"need a CUDA device .* on CPU run plugin=ddp precision=fp32"):
+    plugin, precision = settings.engine.plugin, settings.optimisation.precision
+    with pytest.raises(SettingsError, match=rf"'plugin' = '{plugin}', 'precision' = '{precision}' need a CUDA device "
+                                            r".* on CPU run plugin=ddp precision=fp32"):
         choose_engine(settings)
     engine = choose_engine(load_settings(pretrain_args, ["plugin=ddp", "precision=fp32"]))
     assert (engine.choice.plugin, engine.choice.precision, engine.choice.device.type) == ("ddp", "fp32", "cpu")

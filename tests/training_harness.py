@@ -1,4 +1,4 @@
-"""Worker script for the training tests: runs a stage's DataProcessor through training.loop.train, with faults.
+"""Worker script for the training tests: runs a stage's data stream through training.loop.train, with faults.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/training_harness.py key=value ...
 
@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from llama import load_tokenizer  # noqa: E402
 import training.checkpoint as checkpoint  # noqa: E402
 import training.loop as loop  # noqa: E402
+from tools.stage_schema import stage_rules  # noqa: E402
 from training.settings import load_settings  # noqa: E402
 
 
@@ -154,8 +155,8 @@ def inf_gradient_at_steps(steps: set[int]) -> None:
     Llama.forward = forward
 
 
-def emptying(data_processor_cls, which: set[tuple[int, int]]):
-    class Emptying(data_processor_cls):
+def emptying(stream_cls, which: set[tuple[int, int]]):
+    class Emptying(stream_cls):
         """Zeroes the loss mask of the chosen micro-batches."""
 
         def __iter__(self):
@@ -232,7 +233,7 @@ def train_transformers_class() -> None:
     from training.engine.ddp import DDPEngine
 
     def build_model(engine, inputs):  # the weights loaded whole, as DDPEngine loads ours
-        settings = engine.settings
+        settings = engine.settings.model
         assert float(settings.dropout_prob) == 0.0
         return TransformersAsOurs(AutoModelForCausalLM.from_pretrained(
             settings.init_model_path, torch_dtype=engine.load_dtype, attn_implementation="sdpa"))
@@ -261,8 +262,8 @@ def save_after_resume(directory: Path) -> None:
     loop.load_checkpoint = load_then_save
 
 
-def recording(data_processor_cls, texts: bool):
-    class Recording(data_processor_cls):
+def recording(stream_cls, texts: bool):
+    class Recording(stream_cls):
         """Records every batch handed to the loop (not the ones prefetched behind it)."""
 
         def __iter__(self):
@@ -285,9 +286,8 @@ def recording(data_processor_cls, texts: bool):
 
 def main() -> None:
     stage = os.environ.get("HARNESS_STAGE", "pretrain")
-    main_module = importlib.import_module(f"{stage}_main")
     settings = load_settings(importlib.import_module(f"{stage}_args"), sys.argv[1:])
-    data_processor_cls = main_module.DataProcessor
+    stream_cls = loop.DataStream  # the stream class the loop builds; subclassed below to inject faults
     if os.environ.get("HARNESS_ZERO_ON_CPU"):
         import zero_cpu
 
@@ -305,7 +305,7 @@ def main() -> None:
         inf_gradient_at_steps({int(s) for s in os.environ["HARNESS_INF_GRAD_STEPS"].split(",")})
     if os.environ.get("HARNESS_EMPTY_BATCHES"):
         which = {tuple(int(n) for n in item.split(".")) for item in os.environ["HARNESS_EMPTY_BATCHES"].split(",")}
-        data_processor_cls = emptying(data_processor_cls, which)
+        stream_cls = emptying(stream_cls, which)
     if os.environ.get("HARNESS_DUMP_LOADED"):
         dump_loaded(Path(os.environ["HARNESS_DUMP_LOADED"]))
     if os.environ.get("HARNESS_TRANSFORMERS"):
@@ -313,9 +313,10 @@ def main() -> None:
     if os.environ.get("HARNESS_SAVE_AFTER_RESUME"):
         save_after_resume(Path(os.environ["HARNESS_SAVE_AFTER_RESUME"]))
     if os.environ.get("HARNESS_RECORD_BATCHES"):
-        data_processor_cls = recording(data_processor_cls, texts=os.environ["HARNESS_RECORD_BATCHES"] == "2")
-        data_processor_cls._harness_logdir = settings.logdir
-    loop.train(settings, data_processor_cls)
+        stream_cls = recording(stream_cls, texts=os.environ["HARNESS_RECORD_BATCHES"] == "2")
+        stream_cls._harness_logdir = settings.output.logdir
+    loop.DataStream = stream_cls
+    loop.train(settings, stage_rules(stage))
 
 
 if __name__ == "__main__":

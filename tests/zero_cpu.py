@@ -127,7 +127,8 @@ def choose_zero_on_cpu(settings):
     """training.engine.choose_engine as on a GPU machine, but on the CPU device."""
     from training.engine import EngineChoice, engine_for
 
-    return engine_for(settings, EngineChoice(settings.plugin, settings.precision, torch.device("cpu")))
+    return engine_for(settings, EngineChoice(settings.engine.plugin, settings.optimisation.precision,
+                                             torch.device("cpu")))
 
 
 def install() -> None:

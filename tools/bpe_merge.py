@@ -27,12 +27,9 @@ from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer
-from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
 
 from llama.model_files import read_json_object
-
-BYTE_CHAR = bytes_to_unicode()  # byte -> its character in the byte-level alphabet (GPT-2's table)
-CHAR_BYTE = {c: b for b, c in BYTE_CHAR.items()}
+from llama.tokenizer_json import BYTE_CHAR, CHAR_BYTE, has_byte_level
 # UTF-8 lead bytes of U+3000-U+9FFF (CJK punctuation, kana, CJK ideographs: 0xE3-0xE9) and U+F000-U+FFFF
 # (compatibility ideographs, fullwidth forms such as "，" and "："; 0xEF). A new token must hold one of them.
 ZH_LEAD_BYTES = (*range(0xE3, 0xEA), 0xEF)
@@ -70,14 +67,6 @@ class BpeTokenizer:
         return [t.value for t in self.tokenizer.model.tokenize(word)]
 
 
-def _has_byte_level(node) -> bool:
-    if isinstance(node, dict):
-        return node.get("type") == "ByteLevel" or any(_has_byte_level(v) for v in node.values())
-    if isinstance(node, list):
-        return any(_has_byte_level(v) for v in node)
-    return False
-
-
 def load_bpe(path: str | Path) -> BpeTokenizer:
     """A byte-level BPE tokenizer.json; ValueError naming the file for any other kind."""
     path = Path(path)
@@ -92,7 +81,7 @@ def load_bpe(path: str | Path) -> BpeTokenizer:
     if model.get("type") != "BPE":
         raise ValueError(f"{path}: model type {model.get('type')!r}; vocabulary expansion of a tokenizer.json needs "
                          f"a byte-level BPE (a SentencePiece tokenizer.model is expanded through its own path)")
-    if not _has_byte_level(spec.get("pre_tokenizer")):
+    if not has_byte_level(spec.get("pre_tokenizer")):
         raise ValueError(f"{path}: the pre_tokenizer has no ByteLevel step; only byte-level BPE tokenizers "
                          f"(Llama 3, Qwen, SmolLM2, GPT-2) can be expanded from a tokenizer.json")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):

@@ -1,6 +1,6 @@
 """The conversation tools.chat holds, in the format the model was trained on, and fitting it into the context.
 
-A conversation is read by the SFT stage's own DataProcessor.build() (a {"messages"} record) and rendered by the
+A conversation is read by the SFT stage's own record rules (build(), a {"messages"} record) and rendered by the
 stage's ChatRenderer (training/conversation.py) in the chat format stored with the model dir, so the prompt is
 exactly what training put before an answer, earlier answers' end tokens included. In the recipe's format:
     bos Human: q1\\nAssistant: a1<eos>Human: q2\\nAssistant:
@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import random
 
-from tools.stage_schema import data_processor_class
+from tools.stage_schema import stage_rules
 from training.conversation import BILLA_ANSWER_SPACE, Chat, ChatRenderer, billa_question
 from training.samples import prefix_text
 
@@ -23,7 +23,7 @@ class MessageTooLong(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def _sft_stage():
-    return data_processor_class("alignment_sft").for_checking(".", ["chat"])
+    return stage_rules("alignment_sft")(".", ["chat"])
 
 
 def sft_record_chat(record: dict) -> Chat | None:

@@ -33,7 +33,10 @@ or --tokenizer X.json) is widened by continued BPE training instead (tools/bpe_m
 
 The report gives the vocabulary sizes and tokens per character on Chinese and English sample text, before and
 after (--sample-zh / --sample-en; default: the bundled pretraining_corpora/zh and /en); for a tokenizer.json also
-the time the merges took to learn and whether the English sample's ids are identical.
+the time the merges took to learn and whether the English sample's ids are identical. With --eval-data (JSONL as
+tools.eval_ppl reads it, e.g. held-out zh and en text the widening corpus does not hold) it also gives bits per
+character and per byte per language of the model before and after: the widening's cost on a scale that does not
+change with the tokenizer.
 """
 from __future__ import annotations
 
@@ -86,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "model dir's; tokenizer.model first)")
     p.add_argument("--sample-zh", type=Path, default=BUNDLED / "zh", help="Chinese text for tokens/char")
     p.add_argument("--sample-en", type=Path, default=BUNDLED / "en", help="English text for tokens/char")
+    p.add_argument("--eval-data", type=Path, help="JSONL of held-out texts ({\"text\", \"lang\"}, as tools.eval_ppl "
+                   "reads): report bits per character per language before and after")
+    p.add_argument("--device", default="cpu", help="where --eval-data is scored")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load and write")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
@@ -146,9 +152,36 @@ def run(args: argparse.Namespace, out=None) -> dict:
         raise FileExistsError(f"{args.output} is not empty; pass --overwrite to write into it")
     # --tokenizer, else the model dir's: tokenizer.model (the recipe's kind) first, as load_tokenizer picks
     tokenizer_path = tokenizer_file(args.tokenizer or args.model)
+    if args.eval_data is not None and not args.eval_data.is_file():
+        raise FileNotFoundError(f"--eval-data {args.eval_data}: no such file")
     if tokenizer_kind(tokenizer_path) == "tokenizer.json":
-        return run_bpe(args, tokenizer_path, out)
-    return run_sentencepiece(args, out)
+        report = run_bpe(args, tokenizer_path, out)
+    else:
+        report = run_sentencepiece(args, out)
+    if args.eval_data is not None:
+        report["bits_per_char"] = report_bits(args, out)
+    return report
+
+
+def report_bits(args: argparse.Namespace, out) -> dict:
+    """{language: (bits/char before, after)} of --eval-data, printed with bits per byte (tools.eval_ppl)."""
+    from llama.text_units import TextUnits
+    from tools.eval_ppl import evaluate, prepare_texts, read_texts
+
+    items = read_texts(args.eval_data)
+    figures = []
+    for directory in (args.model, args.output):
+        model, tokenizer = load_pretrained(directory, DTYPES[args.dtype], args.device,
+                                           args.tokenizer if directory == args.model else None)
+        texts, _ = prepare_texts(tokenizer, items, model.config.max_sequence_length, False)
+        figures.append(evaluate(model, texts, 8, tokenizer.pad_id, args.device, TextUnits.of(tokenizer)))
+        del model
+    before, after = figures
+    for lang in before:
+        print(f"bits per character, {lang} ({args.eval_data}): {before[lang].bits_per_char:.4f} -> "
+              f"{after[lang].bits_per_char:.4f} ({after[lang].bits_per_char / before[lang].bits_per_char - 1:+.1%}); "
+              f"bits per byte {before[lang].bits_per_byte:.4f} -> {after[lang].bits_per_byte:.4f}", file=out)
+    return {lang: (before[lang].bits_per_char, after[lang].bits_per_char) for lang in before}
 
 
 def run_sentencepiece(args: argparse.Namespace, out) -> dict:

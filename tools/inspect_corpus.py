@@ -3,14 +3,17 @@
     python -m tools.inspect_corpus pretrain --world-size 8
     python -m tools.inspect_corpus task_instruct_tuning --root /data/corpora --tokenizer models/llama-7b-zh
     python -m tools.inspect_corpus alignment_sft batch_size=12        # key=value: the stage's own overrides
+    python -m tools.inspect_corpus pretrain --full                    # every line of every file checked
 
 Reads <stage>_args.py (with the overrides) and prints one row per set: weight, share of the mix and samples per
-batch, files, records (counted for files up to --exact-mb, else estimated from sampled lines), a token estimate
+batch, files, records (counted for files up to --exact-mb or with --full, else estimated from sampled lines; a launch
+itself checks only the first lines of each file, and a bad line deeper in stops the run when it is reached, after a
+checkpoint of the last step), a token estimate
 (--tokenizer, else characters), files per rank for --world-size (and whether the set falls back to sharding by
 line); then every task type of each set (stage 2) with its record count and which prompt files serve it ("(no
 type)": records without one, which get no prompt, as the recipe's zh-qa-long), and every problem found. Records
-are checked with the stage's own DataProcessor checks; with a tokenizer the stage's DataProcessor is also
-constructed, which runs its start-up validation exactly as a launch would.
+are checked with the stage's own record rules; with a tokenizer the stage's data stream (its RecordRules in a
+DataStream) is also constructed, which runs its start-up validation exactly as a launch would.
 
 Exit status: 0 clean, 1 problems found (with --strict, warnings count as problems), 2 bad usage.
 """
@@ -25,12 +28,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tools.file_sampling import sample_file
-from tools.stage_schema import STAGES, RecordChecker, args_module, data_processor_class
+from tools.stage_schema import STAGES, RecordChecker, args_module, stage_rules
 from tools.text_stats import estimate_tokens, text_fields
 from training.corpus import DataError, RecordError, list_set_files, parse_record, parse_split, weighted_cycle
+from training.data_stream import DataStream
 from training.model_loading import resolved_tokenizer_path
 from training.set_reader import SetReader
-from training.settings import SettingsError, load_settings, resolve_global_batch
+from training.settings import Settings, SettingsError, load_settings, resolve_global_batch
+from training.settings_concerns import ModelSettings
 
 SHOW_PER_SET = 5  # problems listed per set before "... and N more"
 
@@ -61,8 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--root", type=Path, help="corpus root (overrides pretrain_data_root_dir)")
     p.add_argument("--world-size", type=int, default=1, help="GPUs the stage will run on (default 1)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model, tokenizer.json or model dir: token counts and the "
-                   "DataProcessor start-up check (default: the stage's own, if it exists)")
+                   "data stream's start-up check (default: the stage's own, if it exists)")
     p.add_argument("--exact-mb", type=float, default=64, help="count every line of files up to this size")
+    p.add_argument("--full", action="store_true", help="read and check every line of every file, whatever its size "
+                                                        "(one file's lines in memory at a time)")
     p.add_argument("--sample-mb", type=float, default=8, help="bytes read from a bigger file to estimate it")
     p.add_argument("--token-sample-chars", type=int, default=2_000_000,
                    help="characters per set tokenized for the tokens/char ratio")
@@ -80,14 +87,14 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
     overrides = list(args.overrides) + ([f"pretrain_data_root_dir={args.root}"] if args.root else [])
     settings = load_settings(args_module(args.stage), overrides)
     settings = resolve_global_batch(settings, args.world_size)  # as the launch does: per-GPU batch, accumulation
-    root = Path(settings.pretrain_data_root_dir)
+    root = Path(settings.data.pretrain_data_root_dir)
     global_problems: list[str] = []
     if not root.is_dir():
         problem = f"corpus root {root.resolve()} does not exist (pretrain_data_root_dir)"
         print(f"problem: {problem}", file=out)
         return [], [problem]
-    split = parse_split(settings.pretrain_data_split)
-    tokenizer = _tokenizer(args.tokenizer or _stage_tokenizer(settings), settings.eos_token)
+    split = parse_split(settings.data.pretrain_data_split)
+    tokenizer = _tokenizer(args.tokenizer or _stage_tokenizer(settings.model), settings.model.eos_token)
     reports = []
     for name, spec in split.items():
         report = SetReport(name, spec.weight)
@@ -104,14 +111,14 @@ def inspect(args: argparse.Namespace, out=None) -> tuple[list[SetReport], list[s
     if tokenizer is not None and not any(r.problems for r in reports):
         # The launch's own start-up validation: settings, files, prompt files, the head of every file.
         try:
-            data_processor_class(args.stage)(settings, tokenizer, 0, args.world_size).close()
+            DataStream(settings.data, tokenizer, 0, args.world_size, stage_rules(args.stage), settings.chat).close()
         except DataError as e:
-            global_problems.append(f"DataProcessor start-up check: {e}")
+            global_problems.append(f"data stream start-up check: {e}")
     _print(reports, global_problems, settings, args, tokenizer, out)
     return reports, global_problems
 
 
-def _stage_tokenizer(settings) -> Path | None:
+def _stage_tokenizer(settings: ModelSettings) -> Path | None:
     """The tokenizer the stage itself would load (tokenizer_path, else init_model_path's), if it exists here."""
     try:
         return resolved_tokenizer_path(settings)
@@ -134,7 +141,8 @@ def _read_set(report: SetReport, checker: RecordChecker, tokenizer, args) -> Non
     sample_texts: list[str] = []
     sample_chars = 0
     for path in tqdm(report.files, desc=f"{report.name}", unit="file", disable=args.quiet, file=sys.stderr):
-        sample = sample_file(path, int(args.exact_mb * 2**20), int(args.sample_mb * 2**20))
+        exact_bytes = path.stat().st_size if args.full else int(args.exact_mb * 2**20)
+        sample = sample_file(path, exact_bytes, int(args.sample_mb * 2**20))
         report.exact &= sample.exact
         report.records += sample.records
         if sample.size == 0:
@@ -196,12 +204,12 @@ def _fmt(value: float, exact: bool) -> str:
     return text if exact else "~" + text
 
 
-def _print(reports: list[SetReport], global_problems: list[str], settings, args, tokenizer, out) -> None:
+def _print(reports: list[SetReport], global_problems: list[str], settings: Settings, args, tokenizer, out) -> None:
     total_weight = sum(r.weight for r in reports)
-    batch = settings.batch_size
+    batch = settings.data.batch_size
     period = weighted_cycle({r.name: r.weight for r in reports}) if reports else []
-    print(f"stage {args.stage}: root {Path(settings.pretrain_data_root_dir).resolve()}, batch {batch} per GPU x "
-          f"{args.world_size} processes x {settings.gradient_accumulation_steps} accumulation, "
+    print(f"stage {args.stage}: root {Path(settings.data.pretrain_data_root_dir).resolve()}, batch {batch} per GPU x "
+          f"{args.world_size} processes x {settings.optimisation.gradient_accumulation_steps} accumulation, "
           f"mix period {len(period)} samples", file=out)
     print(f"tokens: {'counted with ' + str(tokenizer.model_path) if tokenizer else 'estimated from characters'}"
           f" ('~' = estimated)", file=out)
@@ -225,8 +233,8 @@ def _print(reports: list[SetReport], global_problems: list[str], settings, args,
     for line in global_problems:
         print(f"problem: {line}", file=out)
     if tokenizer is None:
-        print("note: no --tokenizer: the DataProcessor start-up check was not run (records were checked with the "
-              "stage's own checks)", file=out)
+        print("note: no --tokenizer: the data stream's start-up check was not run (records were checked with the "
+              "stage's own record rules)", file=out)
 
 
 def _prompt_files(task_type: str, missing: list[str]) -> str:

@@ -1,4 +1,6 @@
-"""Training curves as a picture: training loss, held-out loss per set and learning rate against tokens seen.
+"""Training curves as a picture: training loss, held-out loss per set, held-out bits per character per set and learning
+rate against tokens seen. Bits per character do not depend on the tokenizer: a widened model's stages and its base
+read on that panel's one axis, where per-token losses of different vocabularies cannot be compared.
 
     python -m tools.plot_metrics outputs/demo/pretrain outputs/demo/task_instruct_tuning outputs/demo/alignment_sft \\
         --out curves.png
@@ -44,21 +46,22 @@ def read_run(path: Path) -> Run:
 
 
 def draw(runs: list[Run]) -> Figure:
-    """Three panels over one axis: training loss (one line per run), held-out loss (one line per run and set, one
-    colour per set), learning rate (one line per run)."""
+    """Four panels over one axis: training loss (one line per run), held-out loss and held-out bits per character
+    (one line per run and set, one colour per set; records written before bits were logged have none), learning
+    rate (one line per run)."""
     records = [r for run in runs for r in run.train + run.evals]
     by_tokens = bool(records) and all("tokens_seen" in r for r in records)
     x_key = "tokens_seen" if by_tokens else "step"
 
-    fig = Figure(figsize=(10, 8), layout="constrained")
+    fig = Figure(figsize=(10, 10), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_loss, ax_eval, ax_lr = fig.subplots(3, 1, sharex=True)
+    ax_loss, ax_eval, ax_bits, ax_lr = fig.subplots(4, 1, sharex=True)
     set_colours: dict[str, str] = {}
     offset = 0.0
     for index, run in enumerate(runs):
         end = offset + max((r[x_key] for r in run.train + run.evals), default=0)
         if index % 2:
-            for ax in (ax_loss, ax_eval, ax_lr):
+            for ax in (ax_loss, ax_eval, ax_bits, ax_lr):
                 ax.axvspan(offset, end, color="0.5", alpha=0.08, linewidth=0)
         ax_loss.text((offset + end) / 2, 1.02, run.name, transform=ax_loss.get_xaxis_transform(), ha="center",
                      va="bottom", fontsize="small")
@@ -66,16 +69,19 @@ def draw(runs: list[Run]) -> Figure:
         ax_loss.plot(x, [r["loss"] for r in run.train], color="C0", linewidth=1.2)
         ax_lr.plot(x, [r["lr"] for r in run.train], color="0.3", linewidth=1.2)
         for name in dict.fromkeys(name for r in run.evals for name in r["eval"]["sets"]):
-            points = [(offset + r[x_key], r["eval"]["sets"][name]["loss"]) for r in run.evals
-                      if name in r["eval"]["sets"]]
             new = name not in set_colours
             colour = set_colours.setdefault(name, f"C{len(set_colours) % 10}")
-            ax_eval.plot(*zip(*points), color=colour, marker="o", markersize=3, linewidth=1.2,
-                         label=name if new else "_" + name)  # one legend entry per set
+            for ax, key in ((ax_eval, "loss"), (ax_bits, "bits_per_char")):
+                points = [(offset + r[x_key], r["eval"]["sets"][name][key]) for r in run.evals
+                          if key in r["eval"]["sets"].get(name, {})]
+                if points:
+                    ax.plot(*zip(*points), color=colour, marker="o", markersize=3, linewidth=1.2,
+                            label=name if new else "_" + name)  # one legend entry per set
         offset = end
 
     ax_loss.set_ylabel("training loss")
-    ax_eval.set_ylabel("held-out loss")
+    ax_eval.set_ylabel("held-out loss\n(nats per token)")
+    ax_bits.set_ylabel("held-out bits\nper character")
     ax_lr.set_ylabel("learning rate")
     if set_colours:
         ax_eval.legend(title="held-out set", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -88,7 +94,7 @@ def draw(runs: list[Run]) -> Figure:
         ax_lr.set_xlabel("tokens seen" + (" (stages one after another)" if len(runs) > 1 else ""))
     else:
         ax_lr.set_xlabel("optimizer steps" + (" (stages one after another)" if len(runs) > 1 else ""))
-    for ax in (ax_loss, ax_eval, ax_lr):
+    for ax in (ax_loss, ax_eval, ax_bits, ax_lr):
         ax.grid(True, alpha=0.3)
     return fig
 
@@ -98,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="output_dir, logdir or metrics.jsonl")
     p.add_argument("--out", type=Path, default=Path("curves.png"), help="PNG to write (default: curves.png)")
-    p.add_argument("--dpi", type=int, default=100, help="pixels per inch; the figure is 10 x 8 inches")
+    p.add_argument("--dpi", type=int, default=100, help="pixels per inch; the figure is 10 x 10 inches")
     return p.parse_args(argv)
 
 

@@ -4,7 +4,7 @@
     python -m tools.prepare_corpus dump.jsonl --out corpora/others --stage alignment_sft --file-size-mb 256
 
 Input: JSONL files (one object per line), or plain text for LM sets (one document per line, or per file with
---text-unit file); folders are read recursively. Each record is checked with the stage's own DataProcessor checks
+--text-unit file); folders are read recursively. Each record is checked with the stage's own record rules
 (tools/stage_schema.py): --kind picks a schema, --stage reads the set the way that stage reads the output folder's
 name (default: the first stage whose args file mixes that name). Bad records are left out and listed with
 file:line; records the stage would skip (text empty after stripping) are left out and counted. Whenever something is

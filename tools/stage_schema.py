@@ -1,13 +1,13 @@
 """The stages' record schemas, as the stages themselves check them: the one place tools reach into *_main.py.
 
 The schema of a record (which fields, which types, what counts as empty, which prompt files a task type needs)
-lives only in each stage script's DataProcessor.build() / check_record(); training/ holds the shared field
-readers (parse_record, text_field) but not the per-stage rules. So the tools load the stage's DataProcessor
+lives only in each stage script's RecordRules (build() / check_record()); training/ holds the shared field
+readers (parse_record, text_field) but not the per-stage rules. So the tools load the stage's RecordRules
 class through importlib, by stage name, here and nowhere else, and run its own checks on a record -- a record
 prepare_corpus accepts is one the stage accepts.
 
-A RecordChecker holds the stage's DataProcessor.for_checking(): its record rules and prompt files, without its
-corpus streams. It never reads set files or builds batches.
+A RecordChecker holds the stage's record rules and prompt files, without a data stream. It never reads set files or
+builds batches.
 """
 from __future__ import annotations
 
@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Optional
 
 from training.corpus import DataError, RecordError
+from training.record_rules import RecordRules
 
-STAGES = ("pretrain", "task_instruct_tuning", "alignment_sft")
+# stage -> the RecordRules class of <stage>_main.py, the one its main() hands to run_stage
+STAGE_RULES = {"pretrain": "PretrainRecords", "task_instruct_tuning": "TaskInstructTuningRecords",
+               "alignment_sft": "AlignmentSftRecords"}
+STAGES = tuple(STAGE_RULES)
 
-# --kind -> (stage whose DataProcessor defines that schema, a set name that stage reads with it). The stage, not
+# --kind -> (stage whose RecordRules define that schema, a set name that stage reads with it). The stage, not
 # this table, decides what a set name means; the names below are ones every stage reads the way the kind says.
 KINDS = {
     "lm": ("pretrain", "zh"),  # {"text"}
@@ -37,10 +41,10 @@ def args_module(stage: str) -> types.ModuleType:
     return importlib.import_module(f"{stage}_args")
 
 
-def data_processor_class(stage: str) -> type:
-    """The DataProcessor class of <stage>_main.py."""
+def stage_rules(stage: str) -> type[RecordRules]:
+    """The RecordRules class of <stage>_main.py."""
     _check_stage(stage)
-    return importlib.import_module(f"{stage}_main").DataProcessor
+    return getattr(importlib.import_module(f"{stage}_main"), STAGE_RULES[stage])
 
 
 def stage_for_set(set_name: str) -> Optional[str]:
@@ -53,7 +57,7 @@ def stage_for_set(set_name: str) -> Optional[str]:
 
 
 class RecordChecker:
-    """Check records of one set the way `stage`'s DataProcessor checks them at start-up.
+    """Check records of one set the way `stage`'s data stream checks them at start-up.
 
     check_record(record) -> "ok" | "empty" (the stage would skip it: a text empty after stripping) and raises
     RecordError (bad record: the stage stops, or skips it with skip_bad_records). Prompt files come from `root`
@@ -62,32 +66,28 @@ class RecordChecker:
 
     def __init__(self, stage: str, set_name: str, root: str | Path):
         self.stage, self.set_name = stage, set_name
-        self.processor = data_processor_class(stage).for_checking(root, [set_name])
+        self.rules = stage_rules(stage)(root, [set_name])
         self._rng = random.Random(0)
 
     def check_record(self, record: dict) -> str:
-        self.processor.check_record(self.set_name, record)
-        return "empty" if self.processor.build(self.set_name, record, self._rng) is None else "ok"
+        self.rules.check_record(self.set_name, record)
+        return "empty" if self.rules.build(self.set_name, record, self._rng) is None else "ok"
 
     def task_type(self, record: dict) -> Optional[str]:
         """A stage-2 task record's prompt type ("" for none: the no-prompt form); None for sets and stages without
         typed prompts, and for a bad type (check_record reports that)."""
-        task_type = getattr(self.processor, "task_type", None)
-        if task_type is None:
-            return None
         try:
-            return task_type(self.set_name, record)
+            return self.rules.task_type(self.set_name, record)
         except RecordError:
             return None
 
     def prompt_types_missing(self, task_type: str) -> list[str]:
-        """For a stage-2 task record's type: the positions ("pre", "post") whose prompt file does not exist.
-        Empty for stages/sets without typed prompts."""
-        prompts_for = getattr(self.processor, "prompts_for", None)
-        if prompts_for is None or not isinstance(task_type, str):
+        """For a stage-2 task record's type (one task_type() gave; it gives None where a stage or set has no typed
+        prompts): the positions ("pre", "post") whose prompt file does not exist."""
+        if not isinstance(task_type, str):
             return []
         try:
-            return [position for position in ("pre", "post") if not prompts_for(task_type, position)]
+            return [position for position in ("pre", "post") if not self.rules.prompts_for(task_type, position)]
         except (RecordError, DataError):
             return []  # a bad type name is reported by check_record() itself
 

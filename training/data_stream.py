@@ -1,9 +1,9 @@
 """The data stream of every stage: one rank's batches, from the stage's record rules (training/record_rules.py).
 
 A stage brings only its RecordRules (record -> LM / Prompted / Chat spec, or None for an empty text; prompt files);
-DataStream does the rest: settings, corpus checks at start-up, this rank's share of every set (SetReader), the exact
-weighted cycle, batched tokenization, padding or packing, the prefetch thread, and the state. A stage script names
-its stream DataStream.over(Rules): the class loop.run_stage builds as (settings, tokenizer, rank, world_size).
+DataStream does the rest: corpus checks at start-up, this rank's share of every set (SetReader), the exact weighted
+cycle, batched tokenization, padding or packing, the prefetch thread, and the state. The training loop builds it as
+DataStream(settings.data, tokenizer, rank, world_size, TheStageRecords, settings.chat).
 
 Each set's samples wait in a SetBuffer (training/set_buffer.py) from which every slot draws at random, so that
 the chunks of a long document spread over later batches.
@@ -30,8 +30,8 @@ from training.corpus import DataError, Location, RecordError, list_set_files, pa
 from training.record_rules import RecordRules, check_first_lines
 from training.samples import Sample, SampleBuilder, Spec, sample_from_json, sample_to_json
 from training.set_buffer import SetBuffer
-from training.set_reader import SetReader
-from training.settings import LONG_PROMPT_MODES, LONG_TEXT_MODES
+from training.set_reader import SetReader, fingerprint_change, restart_file
+from training.settings_concerns import ChatSettings, DataSettings
 
 logger = logging.getLogger(__name__)
 
@@ -41,67 +41,40 @@ PREFETCH_DEPTH = 4  # batches built ahead of the training loop
 READ_AHEAD = 4  # a set that runs short is refilled for this many calls' worth: bigger tokenizer batch calls
 COUNTERS = ("records", "samples", "bad_records", "empty_texts", "blank_lines", "too_long", "discarded_tokens",
             "cut_input_tokens", "cut_answers", "untyped_records", "dropped_turns")
-_REQUIRED = object()
-
-
-def _setting(settings, name: str, default=_REQUIRED):
-    if hasattr(settings, name):
-        return getattr(settings, name)
-    if default is _REQUIRED:
-        raise DataError(f"setting '{name}' is missing")
-    return default
 
 
 class DataStream:
     """Infinite, deterministic, resumable stream of batches for one rank. See the module docstring."""
 
-    rules_class: type[RecordRules]  # the stage's rules, where DataStream.over() bound them
-
-    @classmethod
-    def over(cls, rules: type[RecordRules]) -> type["DataStream"]:
-        """The stream class of a stage whose records follow `rules`, constructed as (settings, tokenizer, rank,
-        world_size), as training.loop.run_stage constructs it."""
-        return type(f"{rules.__name__}Stream", (cls,), {"rules_class": rules, "__module__": rules.__module__})
-
-    @classmethod
-    def for_checking(cls, root: str | Path, set_names) -> RecordRules:
-        """The stage's record rules without a stream: prompt files loaded from `root`, nothing read from the sets.
-        For tools and held-out evaluation, which check or build records exactly as the stage does."""
-        return cls.rules_class(root, set_names)
-
     # ---------------------------------------------------------------- construction
 
-    def __init__(self, settings, tokenizer: Tokenizer, rank: int, world_size: int,
-                 rules: type[RecordRules] | None = None):
+    def __init__(self, settings: DataSettings, tokenizer: Tokenizer, rank: int, world_size: int,
+                 rules: type[RecordRules], chat: ChatSettings | None = None):
+        """`settings` were validated by load_settings; `chat`: the stage's chat settings, None where its records hold
+        no conversations (stages 1 and 2)."""
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise DataError(f"rank {rank!r} / world size {world_size!r}: need 0 <= rank < world_size")
         self.tokenizer, self.rank, self.world_size = tokenizer, rank, world_size
-        self.root = Path(_setting(settings, "pretrain_data_root_dir"))
-        self.split = parse_split(_setting(settings, "pretrain_data_split"))
-        self.max_seq_length = _setting(settings, "max_seq_length")
-        self.batch_size = _setting(settings, "batch_size")
-        self.long_text = _setting(settings, "long_text", "split")
-        self.long_prompt = _setting(settings, "long_prompt", "middle")
-        self.packing = bool(_setting(settings, "packing", False))
-        self.skip_bad_records = bool(_setting(settings, "skip_bad_records", False))
-        self.seed = seed = _setting(settings, "seed", 42)
-        for name, value, low in (("max_seq_length", self.max_seq_length, 2), ("batch_size", self.batch_size, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise DataError(f"setting '{name}' must be an integer >= {low}, got {value!r}")
-        for name, value, modes in (("long_text", self.long_text, LONG_TEXT_MODES),
-                                   ("long_prompt", self.long_prompt, LONG_PROMPT_MODES)):
-            if value not in modes:
-                raise DataError(f"setting '{name}' must be one of {modes}, got {value!r}")
+        self.root = Path(settings.pretrain_data_root_dir)
+        self.split = parse_split(settings.pretrain_data_split)
+        self.max_seq_length = settings.max_seq_length
+        self.batch_size = settings.batch_size
+        self.long_text = settings.long_text
+        self.long_prompt = settings.long_prompt
+        self.packing = settings.packing
+        self.skip_bad_records = settings.skip_bad_records
+        self.accept_changed_files = settings.accept_changed_files
+        self.seed = seed = settings.seed
         # Before the corpus is read: a chat format the tokenizer cannot render stops the run first.
         self.builder = SampleBuilder(tokenizer, self.max_seq_length, self.long_text, self.long_prompt,
-                                     _setting(settings, "chat_format", "billa"))
+                                     (chat or ChatSettings()).chat_format)
         if not self.root.is_dir():
             raise DataError(f"setting 'pretrain_data_root_dir': folder {self.root.resolve()} does not exist")
 
         files = {name: list_set_files(self.root, name, spec.file_start, spec.file_stop)
                  for name, spec in self.split.items()}
         self._streaming = False  # the start-up checks build records too: they neither count nor log notes
-        self.rules = (rules or self.rules_class)(self.root, self.split, note=self._note)
+        self.rules = rules(self.root, self.split, note=self._note)
         for name, set_files in files.items():
             check_first_lines(self.rules, name, set_files, self.skip_bad_records)
         self.readers = {name: SetReader(name, set_files, rank, world_size) for name, set_files in files.items()}
@@ -138,6 +111,16 @@ class DataStream:
         """Records, samples, skips and discarded tokens up to the last batch handed out."""
         return dict(self._handed["counters"])
 
+    def position_mark(self):
+        """The position after the last batch handed out, for rewind_to."""
+        return self._handed
+
+    def rewind_to(self, mark) -> None:
+        """Make state_dict() and counters those of `mark` again: the batches handed out since are given back. For a
+        stream that ends here (a record failed while fetching a step's batches, and the step is not trained): the
+        prefetch thread has read on, so iterating further is not exact."""
+        self._handed = mark
+
     @property
     def passes(self) -> dict[str, int]:
         """Per set, the completed passes over this rank's files up to the last batch handed out."""
@@ -160,6 +143,7 @@ class DataStream:
             "packing": self.packing,
             "mix": self._mix,
             "sets": {name: {**snap["readers"][name],
+                            "fingerprints": self.readers[name].fingerprints,
                             "last_sample_pass": snap["last_sample_pass"][name],
                             "pending": [sample_to_json(s) for s in snap["pending"][name]]}
                      for name in self.split},
@@ -174,7 +158,8 @@ class DataStream:
         self._check_saved(state, self.rank, self.world_size, "")
         self._stop_prefetch()
         for name, reader in self.readers.items():
-            saved = state["sets"][name]
+            saved = dict(state["sets"][name])
+            self._check_files(name, [saved])
             reader.seek(saved)
             self._last_sample_pass[name] = int(saved["last_sample_pass"])
             self._pending[name] = SetBuffer(sample_from_json(row) for row in saved["pending"])
@@ -206,8 +191,10 @@ class DataStream:
             self._check_saved(state, rank, old_world, f" of {old_world} ranks (rank {rank}'s state)")
         self._stop_prefetch()
         for name, reader in self.readers.items():
-            reader.resume_from([{**state["sets"][name], "rank": rank, "world_size": old_world}
-                                for rank, state in enumerate(states)])
+            positions = [{**state["sets"][name], "rank": rank, "world_size": old_world}
+                         for rank, state in enumerate(states)]
+            self._check_files(name, positions)
+            reader.resume_from(positions)
             self._last_sample_pass[name] = reader.passes
 
         # The documents in flight, dealt out whole: the n-th (pool first, then each set's buffer, old ranks in order)
@@ -247,6 +234,42 @@ class DataStream:
                     ", ".join(f"{name} {v['samples']} samples" + (f" of {v['documents']} records" if "documents" in v
                                                                    else "") for name, v in in_flight.items()))
         return in_flight
+
+    def _check_files(self, set_name: str, positions: list[dict]) -> None:
+        """The corpus files the saved `positions` (one per old rank) were read from, against their fingerprints: a
+        changed file stops the resume with one line naming it and what changed, before any step, since its saved
+        byte offsets would now land in other data. With accept_changed_files=True each saved position inside such
+        a file goes back to its start instead (in place), and the log says how many lines may be read again.
+        A state without fingerprints (a checkpoint from before they were recorded) is taken as it is."""
+        saved = {}
+        for position in positions:
+            saved.update(position.pop("fingerprints", None) or {})
+        if not saved:
+            logger.info("set '%s': the checkpoint records no corpus fingerprints (an older checkpoint): the files are "
+                        "taken as unchanged", set_name)
+            return
+        folder = self.readers[set_name].set_files[0].parent
+        changed = {}
+        for file_name, fingerprint in sorted(saved.items()):
+            change = fingerprint_change(fingerprint, folder / file_name)
+            if change is None:
+                continue
+            what, content = change
+            if not content:
+                logger.warning("set '%s', file %s: %s, with the same size and first/last 64 KB: taken as the same "
+                               "file (a copy)", set_name, folder / file_name, what)
+                continue
+            if not self.accept_changed_files:
+                raise DataError(f"set '{set_name}', file {folder / file_name} changed since the checkpoint ({what}): "
+                                f"its saved reading position would land in other data. Restore the file, or set "
+                                f"accept_changed_files=True to read it again from its start")
+            changed[file_name] = what
+        if changed:
+            lines = sum(restart_file(position, set(changed)) for position in positions)
+            logger.warning("set '%s': accept_changed_files=True: %s changed since the checkpoint (%s) and %s read "
+                           "again from its start; this may re-read up to %d line(s) read before the checkpoint",
+                           set_name, ", ".join(changed), "; ".join(changed.values()),
+                           "is" if len(changed) == 1 else "are", lines)
 
     def _check_saved(self, state: dict, rank: int, world_size: int, whose: str) -> None:
         """A saved state continues this stream only with the same version, mix, lengths and modes (and the rank

@@ -10,8 +10,10 @@ metrics.jsonl holds two kinds of record, told apart by their fields (readers sel
 "time", the wall clock when written (Unix seconds):
     training window   {"step", "time", "tokens_seen", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
                        "eta_s", ..., "data": {<counter>: n, ..., "passes": {<set>: n}}}
-    held-out scores   {"step", "time", "tokens_seen", "eval": {"sets": {<set>: {"loss", "ppl", "tokens"}},
-                                                               "mix": {"loss", "ppl", "tokens", "weights"}, "seconds"}}
+    held-out scores   {"step", "time", "tokens_seen", "eval": {"sets": {<set>: {"loss", "ppl", "tokens",
+                                                                          "bits_per_byte", "bits_per_char", "bytes",
+                                                                          "chars"}},
+                                                               "mix": {the same, "weights"}, "seconds"}}
 ("mix" is absent when no held-out set is in the training mix; see training/evaluation.py.)
 Time spent inside `metrics.paused()` (held-out evaluation, checkpoint saves) is left out of tokens/s and MFU.
 
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from training.settings import SettingsError
+from training.settings_concerns import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -85,16 +87,16 @@ WARMUP_STEPS = 2  # a process's first optimizer steps, left out of the steady fi
 STEP_PARTS = ("data", "forward_backward", "optimizer")  # Metrics.timed's parts of a step
 
 
-def batch_line(settings, world_size: int) -> str:
+def batch_line(settings: Settings, world_size: int) -> str:
     """The batch of one optimizer step, for the log's first lines: per GPU, processes, accumulation, global, tokens
     (rows of max_seq_length: the most a step can train on; padding is counted in, packed rows have none)."""
-    accumulation = settings.gradient_accumulation_steps
-    samples = settings.batch_size * world_size * accumulation
-    source = (f"global_batch_size={settings.global_batch_size}" if getattr(settings, "global_batch_size", 0)
+    accumulation = settings.optimisation.gradient_accumulation_steps
+    samples = settings.data.batch_size * world_size * accumulation
+    source = (f"global_batch_size={settings.optimisation.global_batch_size}" if settings.optimisation.global_batch_size
               else "gradient_accumulation_steps as set")
-    return (f"batch: {settings.batch_size} per GPU x {world_size} processes x {accumulation} accumulation = "
-            f"{samples} samples per optimizer step ({source}); x {settings.max_seq_length} tokens = "
-            f"{samples * settings.max_seq_length:,} tokens per step at most")
+    return (f"batch: {settings.data.batch_size} per GPU x {world_size} processes x {accumulation} accumulation = "
+            f"{samples} samples per optimizer step ({source}); x {settings.data.max_seq_length} tokens = "
+            f"{samples * settings.data.max_seq_length:,} tokens per step at most")
 
 
 def clock(seconds: float) -> str:
@@ -219,11 +221,11 @@ def setup_logging(logdir: str | Path, rank: int) -> Path:
 class Metrics:
     """Accumulates per-step figures over a logging window and reports their means every `logging_steps`."""
 
-    def __init__(self, settings, rank: int, world_size: int, flops_per_token: float, peak_tflops: float | None,
-                 start_step: int, recompute_flops_per_token: float = 0.0):
+    def __init__(self, settings: Settings, rank: int, world_size: int, flops_per_token: float,
+                 peak_tflops: float | None, start_step: int, recompute_flops_per_token: float = 0.0):
         self.rank, self.world_size = rank, world_size
-        self.logging_steps = settings.logging_steps
-        self.max_steps = settings.max_steps
+        self.logging_steps = settings.output.logging_steps
+        self.max_steps = settings.optimisation.max_steps
         self.flops_per_token = flops_per_token
         self.hardware_flops_per_token = flops_per_token + recompute_flops_per_token
         self._steps_recorded = 0
@@ -246,11 +248,11 @@ class Metrics:
         self._bar = None
         self._jsonl = None
         if rank == 0:
-            self._jsonl = open(Path(settings.logdir) / "metrics.jsonl", "a", encoding="utf-8")
+            self._jsonl = open(Path(settings.output.logdir) / "metrics.jsonl", "a", encoding="utf-8")
             from torch.utils.tensorboard import SummaryWriter
             from tqdm import tqdm
 
-            self._writer = SummaryWriter(log_dir=str(settings.logdir))
+            self._writer = SummaryWriter(log_dir=str(settings.output.logdir))
             self._write_hparams(settings)
             # disable=None: a bar in a terminal, nothing when output goes to a file (CI, tests).
             self._bar = tqdm(total=self.max_steps, initial=start_step, desc="train", unit="step", disable=None,
@@ -416,20 +418,22 @@ class Metrics:
         metrics.jsonl."""
         mix = scores.mix
         logger.info("eval step %d | %s%s | %.1f s", step,
-                    " | ".join(f"{name} {score.loss:.4f}" for name, score in scores.sets.items()),
+                    " | ".join(f"{name} {score.loss:.4f} ({score.bits_per_char:.3f} bits/char)"
+                               for name, score in scores.sets.items()),
                     f" | mix {mix.loss:.4f} (ppl {mix.ppl:.4g})" if mix is not None else "", scores.seconds)
         logger.info("eval step %d (%s tokens seen): %s", step, f"{tokens_seen:,}",
-                    "; ".join(f"{name} loss {s.loss:.4f} ppl {s.ppl:.4g} tokens {s.tokens:,}"
+                    "; ".join(f"{name} loss {s.loss:.4f} ppl {s.ppl:.4g} tokens {s.tokens:,} bits/byte "
+                              f"{s.bits_per_byte:.4f} bits/char {s.bits_per_char:.4f}"
                               + ("" if name in scores.weights else " (not in the mix)")
                               for name, s in scores.sets.items()), extra=FILE_ONLY)
-        rows = {name: {"loss": s.loss, "ppl": s.ppl, "tokens": s.tokens} for name, s in scores.sets.items()}
+        rows = {name: s.row() for name, s in scores.sets.items()}
         record = {"sets": rows, "seconds": scores.seconds}
         if mix is not None:
-            record["mix"] = {"loss": mix.loss, "ppl": mix.ppl, "tokens": mix.tokens, "weights": scores.weights}
+            record["mix"] = {**mix.row(), "weights": scores.weights}
         if self._writer is not None:
             tagged = {f"eval/{name}": row for name, row in rows.items()}
             if mix is not None:
-                tagged["eval/mix-weighted"] = {"loss": mix.loss, "ppl": mix.ppl}
+                tagged["eval/mix-weighted"] = {"loss": mix.loss, "ppl": mix.ppl, "bits_per_char": mix.bits_per_char}
             for prefix, row in tagged.items():
                 for key, value in row.items():
                     if math.isfinite(value):

@@ -17,6 +17,7 @@ from llama.configuration_llama import CONFIG_NAME, LlamaConfig
 from llama.model_files import TOKENIZER_JSON_NAME, TOKENIZER_NAME, weight_files
 from llama.tokenizer import Tokenizer, check_tokenizer_matches
 from llama.tokenizer_files import load_tokenizer, tokenizer_file
+from training.settings_concerns import ModelSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class ModelInputs:
     tokenizer_path: Path
 
 
-def resolved_tokenizer_path(settings) -> Path:
+def resolved_tokenizer_path(settings: ModelSettings) -> Path:
     """tokenizer_path (a tokenizer.model or tokenizer.json), or when it is empty init_model_path's tokenizer file
     (tokenizer.model, else tokenizer.json). FileNotFoundError naming the setting when there is none."""
     try:
@@ -42,7 +43,8 @@ def resolved_tokenizer_path(settings) -> Path:
         raise FileNotFoundError(f"{which}: {e}") from None
 
 
-def check_model_inputs(settings) -> ModelInputs:
+def check_model_inputs(run: Settings) -> ModelInputs:
+    settings = run.model
     init = Path(settings.init_model_path)
     if not init.is_dir():
         raise ModelInputError(
@@ -56,7 +58,7 @@ def check_model_inputs(settings) -> ModelInputs:
         raise ModelInputError(f"init_model_path={settings.init_model_path!r}: {e}") from None
     try:
         tokenizer_path = resolved_tokenizer_path(settings)
-        tokenizer = load_tokenizer(tokenizer_path, getattr(settings, "eos_token", ""))
+        tokenizer = load_tokenizer(tokenizer_path, settings.eos_token)
     except (FileNotFoundError, ValueError) as e:  # a missing file, or an eos_token not in the vocabulary
         raise ModelInputError(str(e)) from None
     try:
@@ -65,7 +67,7 @@ def check_model_inputs(settings) -> ModelInputs:
         raise ModelInputError(f"tokenizer_path / init_model_path: {e}") from None
     _end_with(config, tokenizer)
     try:  # the model's length, and a sliding window (Mistral, Qwen) that would cut the run's sequences
-        config.check_sequence_length(settings.max_seq_length, "max_seq_length", str(init / CONFIG_NAME))
+        config.check_sequence_length(run.data.max_seq_length, "max_seq_length", str(init / CONFIG_NAME))
     except ValueError as e:
         raise ModelInputError(str(e)) from None
     config.dropout_prob = float(settings.dropout_prob)

@@ -38,6 +38,16 @@ class RecordRules:
         Raise RecordError for a bad record (the caller adds set, file and line)."""
         raise NotImplementedError
 
+    def task_type(self, set_name: str, record: dict) -> Optional[str]:
+        """The record's prompt type ("" for none: the no-prompt form); None in a set or stage without typed prompts.
+        Stage 2 overrides it; tools report the types a corpus uses (tools/stage_schema.py)."""
+        return None
+
+    def prompts_for(self, task_type: str, position: str) -> list[str]:
+        """The prompt lines of `task_type` at `position` ("pre" or "post"); [] where there are none (no such file,
+        or a stage without typed prompts)."""
+        return []
+
     def check_record(self, set_name: str, record: dict) -> None:
         """Start-up check of one record: builds it with a throwaway RNG. Stages extend it (prompt files)."""
         self.build(set_name, record, random.Random(0))

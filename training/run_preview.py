@@ -23,10 +23,10 @@ _TOKEN_TEXT = re.compile(r"<[^<>\s]{1,40}>")  # special-token texts a chat templ
 def tokens_line(tokenizer: Tokenizer, settings) -> str:
     """bos, the end token (where it comes from) and what this stage ends with it; the chat format in stage 3."""
     bos = f"{tokenizer.bos_token} (id {tokenizer.bos_id})" if tokenizer.bos_id is not None else "none added"
-    source = "eos_token setting" if settings.eos_token else "the tokenizer's eos"
+    source = "eos_token setting" if settings.model.eos_token else "the tokenizer's eos"
     line = f"tokens: bos {bos} | end token {tokenizer.eos_token} (id {tokenizer.eos_id}, {source})"
-    if "chat_format" in settings:
-        return f"{line} ends every answer | chat format {settings.chat_format}"
+    if settings.chat is not None:
+        return f"{line} ends every answer | chat format {settings.chat.chat_format}"
     return f"{line} ends every document and answer"
 
 
@@ -49,13 +49,13 @@ def end_token_warning(tokenizer: Tokenizer, settings) -> str | None:
     """Where eos_token is unset and the tokenizer's chat template says its eos is not the end this stage needs: in
     stages 1-2 an eos that ends the template's turns (an Instruct base: every document would end with its turn
     end); in stage 3 a template whose turns end with another token than the eos. None otherwise."""
-    if settings.eos_token:
+    if settings.model.eos_token:
         return None
     turn_end = template_turn_end(tokenizer)
     if turn_end is None:
         return None
     eos = tokenizer.eos_token
-    stage_3 = "chat_format" in settings
+    stage_3 = settings.chat is not None
     if not stage_3 and turn_end.startswith(eos):
         other = next((name for name in END_OF_TEXT_NAMES if name != eos and tokenizer.token_to_id(name) is not None),
                      None)
@@ -71,7 +71,7 @@ def end_token_warning(tokenizer: Tokenizer, settings) -> str | None:
 def preview_lines(data, tokenizer: Tokenizer) -> list[str]:
     """The first usable record of each set (rank 0's first file), as the stream builds it: its ids written out as
     text, the counted ones between ⟦ ⟧. Read apart from the stream (its position and counters stay as they are)."""
-    rules = type(data).for_checking(data.root, data.split)
+    rules = type(data.rules)(data.root, data.split)  # without the stream's note: nothing counted
     builder = SampleBuilder(tokenizer, data.max_seq_length, data.long_text, data.long_prompt,
                             data.builder.chats.chat_format)
     spell = _speller(tokenizer)

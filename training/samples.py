@@ -1,4 +1,4 @@
-"""From what a stage's DataProcessor says a record is (LM text, or prompt prefix + answer) to token samples.
+"""From what a stage's RecordRules say a record is (LM text, or prompt prefix + answer) to token samples.
 
 A sample is (ids, n_masked): bos ... eos with the first n_masked tokens out of the loss, the rest counted (no bos
 where the tokenizer adds none: Qwen, SmolLM2). Every sample kind of the recipe has this shape, so a loss mask is

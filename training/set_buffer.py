@@ -5,7 +5,7 @@ next slots one after another, so one long GitHub file could take a rank's whole 
 make those batches correlated. Instead each slot draws one of the set's pending documents uniformly at random
 (with the data RNG, so the stream stays deterministic) and takes that document's next chunk: a document's chunks
 come out in order, spread over later batches among the other documents. A document that already has a sample in
-the batch being built is passed over while the set has another one pending; the DataProcessor reads more records
+the batch being built is passed over while the set has another one pending; the DataStream reads more records
 before that can run out, so two chunks of one document share a batch only when the set has nothing else.
 
 Without an RNG (long_text="truncate": one sample per document, nothing to spread) the oldest document comes first,

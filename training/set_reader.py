@@ -6,13 +6,68 @@ line number), so a resumed run seeks straight back to where it was instead of re
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Optional
 
 from training.corpus import DataError, Location
 
 logger = logging.getLogger(__name__)
+
+FINGERPRINT_BYTES = 64 * 1024  # hashed at each end of a file: a reshuffle or rewrite changes them, at 128 KB a file
+
+
+def fingerprint(path: Path) -> dict:
+    """What a resume checks a corpus file against: its size, modification time, and a hash of its first and last
+    64 KB (the whole file when smaller). A file rewritten in place, shuffled or cut changes at least one of them."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            digest = hashlib.sha256(f.read(FINGERPRINT_BYTES))
+            if size > FINGERPRINT_BYTES:
+                f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                digest.update(f.read(FINGERPRINT_BYTES))
+            return {"size": size, "mtime_ns": os.fstat(f.fileno()).st_mtime_ns, "ends_sha256": digest.hexdigest()}
+    except OSError as e:
+        raise DataError(f"file {path}: cannot read: {e}") from e
+
+
+def fingerprint_change(saved: dict, path: Path) -> tuple[str, bool] | None:
+    """(what changed, whether the content did) between a saved fingerprint and the file now; None when nothing did.
+    A new modification time alone, with the same size and ends, is reported but not taken for new content: copying
+    a corpus to another disk does that."""
+    if not path.is_file():
+        return "the file is gone", True
+    now = fingerprint(path)
+    changes = []
+    if now["size"] != saved["size"]:
+        changes.append(f"size {saved['size']:,} -> {now['size']:,} bytes")
+    if now["ends_sha256"] != saved["ends_sha256"]:
+        changes.append(f"its first/last {FINGERPRINT_BYTES // 1024} KB differ")
+    content = bool(changes)
+    if now["mtime_ns"] != saved["mtime_ns"]:
+        changes.append(f"modified {_when(saved['mtime_ns'])} -> {_when(now['mtime_ns'])}")
+    return (", ".join(changes), content) if changes else None
+
+
+def _when(mtime_ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime_ns / 1e9))
+
+
+def restart_file(position: dict, names: set[str]) -> int:
+    """Set a saved reader position (or a claim) whose current file is one of `names` back to that file's start, in
+    place, with its earlier claims likewise; the lines it had read of those files, which may be read again."""
+    lines = 0
+    for claim in position.get("claims", []):
+        lines += restart_file(claim, names)
+    if position["file"] in names and position["line"] > 0:
+        lines += position["line"]
+        position["pass_line"] -= position["line"]
+        position["byte_offset"] = position["line"] = 0
+    return lines
 
 
 
@@ -53,6 +108,7 @@ class SetReader:
         self.claims: list[dict] = []  # what the ranks of earlier world sizes had read (see the class docstring)
         self._file = None
         self._line_offsets: Optional[list[int]] = None  # lines of the set's files before each (line-shard claims)
+        self.fingerprints = {path.name: fingerprint(path) for path in self.files}  # as this run found its files
 
     @property
     def path(self) -> Path:

@@ -1,12 +1,13 @@
 """Settings: the constants of a `<stage>_args.py` module, with `key=value` command-line overrides, validated.
 
     settings = load_settings(pretrain_args, ["lr=1e-5", "plugin=zero2"])
-    settings.lr            # 1e-05
-    settings.to_dict()     # plain dict, stored in every checkpoint
+    settings.optimisation.lr   # 1e-05: one typed dataclass per concern (training/settings_concerns.py)
+    settings.to_dict()         # plain dict, stored in every checkpoint
 
 An override must name an existing setting and keep its type (an int setting takes an int, a float setting an int or
 a float, a str setting any text, a dict setting a Python dict literal); anything else is a SettingsError that names
 the setting. Values are then checked against the rules below, so a bad value stops the run before any work starts.
+A setting the args file leaves out takes its concern's default; a constant no concern holds is a SettingsError.
 """
 from __future__ import annotations
 
@@ -20,8 +21,14 @@ from typing import Any, Callable
 
 from llama.chat_template import CHAT_FORMATS
 from llama.llama_model import CHECKPOINTING_MODES, checkpointing_mode
+from training.engine import ENGINES
+from training.settings_concerns import (CONCERN_OF, SHARED_CONCERNS, STAGE_CONCERNS, Settings, SettingsError,
+                                        concern_defaults)
 
-PLUGINS = ("gemini", "zero2", "ddp")
+__all__ = ["Settings", "SettingsError", "load_settings", "parse_override", "validate", "resolve_global_batch",
+           "fit_global_batch", "args_file_layout"]
+
+PLUGINS = tuple(ENGINES)  # each engine's `name` (training/engine/)
 PRECISIONS = ("fp16", "bf16", "fp32")
 LONG_TEXT_MODES = ("split", "truncate")
 LONG_PROMPT_MODES = ("middle", "recipe")
@@ -30,57 +37,17 @@ GEMINI_PLACEMENTS = ("static", "auto")
 logger = logging.getLogger(__name__)
 
 
-class SettingsError(ValueError):
-    """A setting is unknown, has the wrong type or an invalid value; the message names it."""
-
-
-class Settings:
-    """Resolved settings with attribute access. `overridden` holds the names set on the command line."""
-
-    def __init__(self, values: dict[str, Any], source: str, overridden: set[str] | None = None):
-        object.__setattr__(self, "_values", dict(values))
-        object.__setattr__(self, "source", source)
-        object.__setattr__(self, "overridden", set(overridden or ()))
-
-    def __getattr__(self, name: str) -> Any:
-        values = object.__getattribute__(self, "_values")
-        if name in values:
-            return values[name]
-        raise AttributeError(f"no setting named {name!r} in {object.__getattribute__(self, 'source')}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("settings are read-only; override them on the command line: key=value")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._values
-
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self._values)
-
-    def format(self) -> str:
-        """One line per setting, command-line overrides marked, for the rank-0 console and log file."""
-        width = max(len(name) for name in self._values)
-        lines = [f"settings from {self.source} (* = overridden on the command line):"]
-        for name, value in self._values.items():
-            mark = "*" if name in self.overridden else " "
-            lines.append(f"  {mark} {name:<{width}} = {value!r}")
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return f"Settings({self.source}, {len(self._values)} values)"
-
-
 def load_settings(args_module: types.ModuleType, argv: list[str]) -> Settings:
     """Read the public constants of `args_module`, apply `key=value` items of argv, validate, return Settings.
 
     `-h` or `--help` prints every setting with its comment from the args file and exits.
     """
     source = Path(getattr(args_module, "__file__", None) or args_module.__name__).name
-    values = {name: value for name, value in vars(args_module).items() if _is_setting(name, value)}
+    values = {name: copy.deepcopy(value) for name, value in vars(args_module).items() if _is_setting(name, value)}
     if any(item in ("-h", "--help") for item in argv):
         print(_help_text(args_module, values))
         raise SystemExit(0)
-    values = _normalized(values, source)
+    values = _normalized(_with_defaults(values, source), source)
     overridden = set()
     for item in argv:
         name, sep, text = item.partition("=")
@@ -102,7 +69,23 @@ def load_settings(args_module: types.ModuleType, argv: list[str]) -> Settings:
                             f"choose it yourself ({source})")
     if values.get("logdir") == "" and "output_dir" in values:
         values["logdir"] = str(Path(values["output_dir"]) / "logs")  # follows an overridden output_dir
-    return Settings(values, source, overridden)
+    settings = Settings.from_values(values, source, overridden)
+    ENGINES[settings.engine.plugin].check_engine_settings(settings.engine, source)  # the plugin's own rules
+    return settings
+
+
+def _with_defaults(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """The args file's settings in its order, then those it leaves out, at their concern's default: every shared
+    concern, and a stage's own concern where the args file sets one of its settings."""
+    for name in values:
+        if name not in CONCERN_OF:
+            raise SettingsError(f"{source} sets {name!r}, which is no setting of this repo"
+                                f"{_did_you_mean(name, CONCERN_OF)}")
+    concerns = list(SHARED_CONCERNS) + [concern for concern in STAGE_CONCERNS if concern in map(CONCERN_OF.get, values)]
+    for concern in concerns:
+        for name, default in concern_defaults(concern).items():
+            values.setdefault(name, default)
+    return values
 
 
 def parse_override(name: str, text: str, default: Any) -> Any:
@@ -179,6 +162,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                                 for name in v) and len(set(v)) == len(v),
                   "a list of distinct set names (plain folder names); empty: the training mix's sets"),
     "keep_checkpoints": (lambda v: v >= 1, "an int >= 1"),
+    "saving_minutes": (lambda v: v >= 0, "a number >= 0 (0: saving_steps only)"),
+    "stop_grace_seconds": (lambda v: v >= 0, "a number of seconds >= 0 (0: a stop never saves)"),
+    "accept_changed_files": (lambda v: isinstance(v, bool), "True or False"),
     "max_bad_steps": (lambda v: v >= 1, "an int >= 1"),
     "lr": (lambda v: v > 0, "a float > 0"),
     "min_lr": (lambda v: v >= 0, "a float >= 0"),
@@ -196,18 +182,13 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def validate(values: dict[str, Any], source: str = "settings") -> None:
-    """Check single values against _RULES, then the relations between settings."""
+    """Check single values against _RULES, then the relations between settings (a plugin's own rules are its
+    engine's check_engine_settings, which load_settings asks next)."""
     for name, (check, wanted) in _RULES.items():
         if name in values and not check(values[name]):
             raise SettingsError(f"setting {name!r} = {values[name]!r} is invalid: it must be {wanted} ({source})")
     if "min_lr" in values and "lr" in values and values["min_lr"] > values["lr"]:
         raise SettingsError(f"setting 'min_lr' = {values['min_lr']!r} is above 'lr' = {values['lr']!r} ({source})")
-    if (values.get("plugin") == "gemini" and values.get("gemini_placement_policy") == "static"
-            and values.get("gemini_offload_param_frac", 0.0) > 0.0 and values.get("gemini_offload_optim_frac") != 1.0):
-        # StaticPlacementPolicy.__init__ (colossalai/zero/gemini/placement_policy.py) would drop it with a warning
-        raise SettingsError(f"setting 'gemini_offload_param_frac' = {values['gemini_offload_param_frac']!r} needs "
-                            f"'gemini_offload_optim_frac' = 1.0 (ColossalAI ignores it otherwise), got "
-                            f"{values.get('gemini_offload_optim_frac')!r} ({source})")
     if "warmup_steps" in values and "max_steps" in values and values["warmup_steps"] >= values["max_steps"]:
         raise SettingsError(f"setting 'warmup_steps' = {values['warmup_steps']} must be below 'max_steps' = "
                             f"{values['max_steps']}: the cosine decay needs at least one step ({source})")
@@ -216,35 +197,33 @@ def validate(values: dict[str, Any], source: str = "settings") -> None:
 def resolve_global_batch(settings: Settings, world_size: int) -> Settings:
     """The settings with batch_size (per GPU) and gradient_accumulation_steps derived from global_batch_size (samples
     per optimizer step) and the number of processes: global = batch_size x world_size x accumulation. Unchanged when
-    global_batch_size is 0 or absent.
+    global_batch_size is 0.
 
     By default batch_size is the most one GPU holds: a smaller per-GPU batch keeps global_batch_size exactly where one
     fits, and where none does (160 on 6 processes) the nearest global batch is used; either is logged. With
     global_batch_exact=True, batch_size and global_batch_size are taken as set, and a global batch that is not their
     product is a SettingsError naming the numbers and the per-GPU batch sizes that would fit."""
-    wanted = settings.global_batch_size if "global_batch_size" in settings else 0
+    wanted = settings.optimisation.global_batch_size
     if wanted == 0:
         return settings
-    per_step = settings.batch_size * world_size  # samples of one micro-batch over all processes
-    if "global_batch_exact" in settings and settings.global_batch_exact:
+    per_step = settings.data.batch_size * world_size  # samples of one micro-batch over all processes
+    if settings.optimisation.global_batch_exact:
         if wanted % per_step:
             raise SettingsError(_global_batch_mismatch(settings, wanted, world_size, per_step))
-        batch, accumulation = settings.batch_size, wanted // per_step
+        batch, accumulation = settings.data.batch_size, wanted // per_step
     else:
-        batch, accumulation = fit_global_batch(wanted, settings.batch_size, world_size)
+        batch, accumulation = fit_global_batch(wanted, settings.data.batch_size, world_size)
         got = batch * world_size * accumulation
         if got != wanted:
             logger.warning("global_batch_size=%d fits no per-GPU batch on %d processes (%d is not a multiple of %d): "
                            "training with the nearest, %d per GPU x %d x %d accumulation = %d samples per step "
                            "(global_batch_exact=True stops instead) (%s)", wanted, world_size, wanted, world_size,
                            batch, world_size, accumulation, got, settings.source)
-        elif batch != settings.batch_size:
+        elif batch != settings.data.batch_size:
             logger.info("global_batch_size=%d on %d processes: %d per GPU (batch_size=%d is the most) x %d x %d "
-                        "accumulation = %d", wanted, world_size, batch, settings.batch_size, world_size, accumulation,
-                        wanted)
-    values = settings.to_dict()
-    values["batch_size"], values["gradient_accumulation_steps"] = batch, accumulation
-    return Settings(values, settings.source, settings.overridden)
+                        "accumulation = %d", wanted, world_size, batch, settings.data.batch_size, world_size,
+                        accumulation, wanted)
+    return settings.with_batch(batch, accumulation)
 
 
 def fit_global_batch(wanted: int, batch_size: int, world_size: int) -> tuple[int, int]:
@@ -263,12 +242,12 @@ def fit_global_batch(wanted: int, batch_size: int, world_size: int) -> tuple[int
 def _global_batch_mismatch(settings: Settings, wanted: int, world_size: int, per_step: int) -> str:
     fits = [b for b in range(1, wanted // world_size + 1) if wanted % (b * world_size) == 0]
     if fits:
-        b = max((fit for fit in fits if fit <= settings.batch_size), default=fits[0])  # fits its memory
+        b = max((fit for fit in fits if fit <= settings.data.batch_size), default=fits[0])  # fits its memory
         hint = (f"batch_size={b} ({b} x {world_size} x {wanted // (b * world_size)} accumulation = {wanted}); "
                 f"the per-GPU batch sizes that fit: {fits}")
     else:
         hint = f"global_batch_size a multiple of {world_size}: no batch_size fits {world_size} processes"
-    return (f"setting 'global_batch_size' = {wanted} is not a multiple of batch_size {settings.batch_size} x "
+    return (f"setting 'global_batch_size' = {wanted} is not a multiple of batch_size {settings.data.batch_size} x "
             f"{world_size} processes = {per_step} (global_batch_exact=True); use {hint} ({settings.source})")
 
 

@@ -23,33 +23,34 @@ from training.engine.colossalai_import import import_colossalai
 from training.engine.ddp import DDPEngine
 from training.engine.gemini import GeminiEngine
 from training.engine.zero2 import Zero2Engine
-from training.settings import SettingsError
+from training.settings_concerns import Settings, SettingsError
 
 __all__ = ["ENGINES", "Engine", "EngineChoice", "StepOutcome", "choose_engine", "engine_for", "import_colossalai"]
 
 ENGINES: dict[str, type[Engine]] = {cls.name: cls for cls in (GeminiEngine, Zero2Engine, DDPEngine)}
 
 
-def engine_for(settings, choice: EngineChoice) -> Engine:
+def engine_for(settings: Settings, choice: EngineChoice) -> Engine:
     """The engine of choice.plugin, its settings checked (the plugin/precision pairs it cannot run on any device)."""
     engine = ENGINES[choice.plugin](settings, choice)
     engine.check_settings()
     return engine
 
 
-def choose_engine(settings) -> Engine:
+def choose_engine(settings: Settings) -> Engine:
     """The engine that runs here for `settings`, not yet built: on CUDA the settings' plugin and precision, checked
     (bf16 support, HybridAdam's toolchain) before any model exists; without CUDA ddp in fp32, the only pair that
     runs there (any other is a SettingsError)."""
+    plugin, precision = settings.engine.plugin, settings.optimisation.precision
     if not torch.cuda.is_available():
-        if settings.plugin != DDPEngine.name or settings.precision != "fp32":
-            raise SettingsError(f"settings 'plugin' = {settings.plugin!r}, 'precision' = {settings.precision!r} need "
-                                f"a CUDA device and this machine has none; on CPU run plugin={DDPEngine.name} "
-                                f"precision=fp32 (gloo, torch.optim.AdamW)")
+        if plugin != DDPEngine.name or precision != "fp32":
+            raise SettingsError(f"settings 'plugin' = {plugin!r}, 'precision' = {precision!r} need a CUDA device and "
+                                f"this machine has none; on CPU run plugin={DDPEngine.name} precision=fp32 (gloo, "
+                                f"torch.optim.AdamW)")
         return DDPEngine(settings, EngineChoice(DDPEngine.name, "fp32", torch.device("cpu")))
-    engine = engine_for(settings, EngineChoice(settings.plugin, settings.precision,
+    engine = engine_for(settings, EngineChoice(plugin, precision,
                                                torch.device("cuda", torch.cuda.current_device())))
-    if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise SettingsError(f"setting 'precision' = 'bf16': {torch.cuda.get_device_name()} has no bf16; use fp16")
     engine.check_toolchain()
     return engine

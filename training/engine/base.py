@@ -36,6 +36,7 @@ from training.engine.colossalai_import import import_colossalai
 from training.engine.optimizer import build_optimizer, check_toolchain, parameter_groups
 from training.launch import rank
 from training.lr_schedule import WarmupCosineLR
+from training.settings_concerns import EngineSettings, OptimisationSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Engine:
     # Why this engine's settings need HybridAdam, for the toolchain error (where adam_kind can be HybridAdam).
     why_hybrid_adam: ClassVar[str] = ""
 
-    def __init__(self, settings, choice: EngineChoice):
+    def __init__(self, settings: Settings, choice: EngineChoice):
         self.settings = settings
         self.choice = choice
         self.booster = self.model = self.optimizer = self.scheduler = None  # set by boost()
@@ -95,6 +96,11 @@ class Engine:
     def check_settings(self) -> None:
         """The settings this plugin cannot run, on any device: a SettingsError naming them."""
 
+    @classmethod
+    def check_engine_settings(cls, settings: EngineSettings, source: str) -> None:
+        """The engine settings this plugin takes only together: a SettingsError naming them and `source`. Asked by
+        load_settings, when the settings are read, before anything runs."""
+
     def check_toolchain(self) -> None:
         """Where this engine's Adam is HybridAdam: stop with one line when its kernels cannot be built here."""
         check_toolchain(self.adam_kind, self.why_hybrid_adam)
@@ -111,14 +117,14 @@ class Engine:
             model = self._model_without_weights(inputs.config)
         else:
             model = self._model_with_weights(inputs)
-        model.set_gradient_checkpointing(settings.gradient_checkpointing)
+        model.set_gradient_checkpointing(settings.model.gradient_checkpointing)
         logger.info("gradient checkpointing: %s (%d of %d blocks recomputed in backward)", model.gradient_checkpointing,
                     len(model.checkpointed_layers()), inputs.config.num_hidden_layers)
         if self.loss_path is not None:
             model.loss_path = self.loss_path
         self._compile_if_allowed(model)
         n_params = sum(p.numel() for p in model.parameters())
-        logger.info("model %s: %.1fM parameters, %d layers, dim %d, vocab %d, %s %s", settings.init_model_path,
+        logger.info("model %s: %.1fM parameters, %d layers, dim %d, vocab %d, %s %s", settings.model.init_model_path,
                     n_params / 1e6, inputs.config.num_hidden_layers, inputs.config.hidden_size,
                     inputs.config.vocab_size, "to be loaded after boost as" if after_boost else "loaded as",
                     str(self.load_dtype).replace("torch.", ""))
@@ -127,7 +133,7 @@ class Engine:
     def _compile_if_allowed(self, model: Llama) -> bool:
         """compile=True: torch.compile each block in place (Llama.compile_blocks) where the device is CUDA and the
         plugin allows it (compile_blocks); otherwise one log line says why the blocks run eager. True when compiled."""
-        if not self.settings.compile:
+        if not self.settings.model.compile:
             return False
         allowed, why = self.compile_blocks
         if self.choice.device.type != "cuda":
@@ -142,7 +148,7 @@ class Engine:
         return True
 
     def _model_with_weights(self, inputs) -> torch.nn.Module:
-        return Llama.from_pretrained(self.settings.init_model_path, dtype=self.load_dtype, device="cpu",
+        return Llama.from_pretrained(self.settings.model.init_model_path, dtype=self.load_dtype, device="cpu",
                                      config=inputs.config)
 
     def _loads_after_boost(self) -> bool:
@@ -157,9 +163,9 @@ class Engine:
         None when a checkpoint is loaded next."""
         cai = import_colossalai()
         plugin, mixed_precision = self._plugin(cai)
-        optimizer = build_optimizer(self.settings, self.adam_kind, self.choice.device, self.optimizer_offloaded,
-                                    parameter_groups(self.settings, model))
-        scheduler = self._schedule(optimizer, self.settings)
+        optimizer = build_optimizer(self.settings.optimisation, self.adam_kind, self.choice.device,
+                                    self.optimizer_offloaded, parameter_groups(self.settings.optimisation, model))
+        scheduler = self._schedule(optimizer, self.settings.optimisation)
         self.booster = cai.Booster(plugin=plugin, mixed_precision=mixed_precision)
         # Boosting materializes a lazily built model (GeminiDDP._preprocess_param), replaying its random init; its
         # weights are loaded afterwards, and the RNG streams launch() seeded for dropout are left as they were.
@@ -182,11 +188,11 @@ class Engine:
         """A fresh start's weights that build_model left out, and the engine's state derived from them."""
 
     @staticmethod
-    def _schedule(optimizer, settings):
+    def _schedule(optimizer, settings: OptimisationSettings):
         return WarmupCosineLR(optimizer, total_steps=settings.max_steps, warmup_steps=settings.warmup_steps,
                               min_lr=settings.min_lr)  # ColossalAI's CosineAnnealingWarmupLR's values, any torch
 
-    def restart_schedule(self, settings, step: int) -> None:
+    def restart_schedule(self, settings: OptimisationSettings, step: int) -> None:
         """The lr schedule of `settings`, advanced to `step`: for a resume whose lr, min_lr, warmup_steps or
         max_steps differ from the checkpoint's, where the saved schedule (say, a cosine that ends at the old
         max_steps) would be wrong. The loaded optimizer state keeps the old lr until the new schedule sets it."""
@@ -214,7 +220,7 @@ class Engine:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.booster.backward(loss / int(self.settings.gradient_accumulation_steps), self.optimizer)
+        self.booster.backward(loss / int(self.settings.optimisation.gradient_accumulation_steps), self.optimizer)
 
     def step(self, loss_is_finite: bool, empty: bool = False) -> StepOutcome:
         """Clip and update; or skip when the loss (agreed across ranks) or the gradients are not finite, or when the
@@ -232,7 +238,7 @@ class Engine:
 
     @property
     def _max_grad_norm(self) -> float:
-        return float(self.settings.max_grad_norm)
+        return float(self.settings.optimisation.max_grad_norm)
 
     # ---- the engine's part of a checkpoint
 

@@ -26,7 +26,7 @@ class DDPEngine(Engine):
     def _plugin(self, cai):
         mixed = None
         if self.choice.precision == "fp16":
-            mixed = cai.FP16TorchMixedPrecision(init_scale=self.settings.initial_loss_scale)
+            mixed = cai.FP16TorchMixedPrecision(init_scale=self.settings.optimisation.initial_loss_scale)
         return cai.TorchDDPPlugin(), mixed
 
     def _after_boost(self) -> None:

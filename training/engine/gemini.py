@@ -8,7 +8,7 @@ from llama.llama_model import Llama
 from training.engine.masters import Layout
 from training.engine.optimizer import HYBRID_ADAM
 from training.engine.zero import ZeroEngine
-from training.settings import SettingsError
+from training.settings_concerns import EngineSettings, SettingsError
 
 
 class GeminiEngine(ZeroEngine):
@@ -29,7 +29,7 @@ class GeminiEngine(ZeroEngine):
     @property
     def optimizer_offloaded(self) -> bool:
         """"auto" placement may move Adam's states to CPU memory at any time."""
-        s = self.settings
+        s = self.settings.engine
         return self.choice.device.type == "cuda" and (s.gemini_placement_policy == "auto"
                                                       or s.gemini_offload_optim_frac > 0)
 
@@ -38,15 +38,25 @@ class GeminiEngine(ZeroEngine):
             raise SettingsError("setting 'precision' = 'fp32' is not supported by plugin 'gemini' (fp16 or bf16; "
                                 "or plugin='zero2' / 'ddp' for fp32)")
 
+    @classmethod
+    def check_engine_settings(cls, settings: EngineSettings, source: str) -> None:
+        s = settings
+        if s.gemini_placement_policy == "static" and s.gemini_offload_param_frac > 0.0 \
+                and s.gemini_offload_optim_frac != 1.0:
+            # StaticPlacementPolicy.__init__ (colossalai/zero/gemini/placement_policy.py) would drop it with a warning
+            raise SettingsError(f"setting 'gemini_offload_param_frac' = {s.gemini_offload_param_frac!r} needs "
+                                f"'gemini_offload_optim_frac' = 1.0 (ColossalAI ignores it otherwise), got "
+                                f"{s.gemini_offload_optim_frac!r} ({source})")
+
     def _plugin(self, cai):
-        s = self.settings
+        s, o = self.settings.engine, self.settings.optimisation
         static = s.gemini_placement_policy == "static"
         return cai.GeminiPlugin(
             precision=self.choice.precision, placement_policy=s.gemini_placement_policy,
             offload_optim_frac=s.gemini_offload_optim_frac if static else 0.0,
             offload_param_frac=s.gemini_offload_param_frac if static else 0.0,
-            initial_scale=s.initial_loss_scale, max_norm=s.max_grad_norm,
-            enable_gradient_accumulation=s.gradient_accumulation_steps > 1, pin_memory=True,
+            initial_scale=o.initial_loss_scale, max_norm=o.max_grad_norm,
+            enable_gradient_accumulation=o.gradient_accumulation_steps > 1, pin_memory=True,
         ), None
 
     def _model_without_weights(self, config) -> torch.nn.Module:

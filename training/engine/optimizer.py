@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.settings import SettingsError
+from training.settings_concerns import OptimisationSettings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -261,14 +261,14 @@ def set_offloaded_adam_threads() -> None:
 # ---------------------------------------------------------------------------------------------------- build
 
 
-def parameter_groups(settings, model: torch.nn.Module) -> list[torch.nn.Parameter] | list[dict]:
+def parameter_groups(settings: OptimisationSettings, model: torch.nn.Module) -> list[torch.nn.Parameter] | list[dict]:
     """The trainable parameters, as build_optimizer takes them. weight_decay_skip=False (the recipe): one group, every
     weight decayed. True: two groups, the second with weight_decay 0 holding what decay should leave alone: norm
     weights and biases (1-d) and embedding tables (nn.Embedding's weight; a tied output shares it). Torch's AdamW,
     HybridAdam, and the ZeRO wrappers keep per-group settings: GeminiOptimizer.__init__optimizer maps each group's
     params to its chunk slices, LowLevelZeroOptimizer keeps one master group per optimizer group."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not getattr(settings, "weight_decay_skip", False):
+    if not settings.weight_decay_skip:
         return [p for _, p in trainable]
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     no_decay = [p for _, p in trainable if p.dim() < 2 or id(p) in embeddings]
@@ -279,7 +279,7 @@ def parameter_groups(settings, model: torch.nn.Module) -> list[torch.nn.Paramete
     return [group for group in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
 
 
-def build_optimizer(settings, kind: str, device: torch.device, offloaded: bool,
+def build_optimizer(settings: OptimisationSettings, kind: str, device: torch.device, offloaded: bool,
                     params: list[torch.nn.Parameter] | list[dict]) -> torch.optim.Optimizer:
     """The Adam `kind` of the table above (the engine's adam_kind) over `params` (a list, or parameter_groups'
     groups), with the settings' lr, betas and weight decay (decoupled, AdamW). `offloaded`: its states and update

@@ -40,13 +40,13 @@ class ZeroEngine(Engine):
         """From a dir booster.load_model can read (this repo's weight names), only the shapes are built: the weights
         are read after boost, so that no process ever holds the whole model in host memory. A transformers dir is
         converted on load, whole, in every process."""
-        config_path = Path(self.settings.init_model_path) / CONFIG_NAME
+        config_path = Path(self.settings.model.init_model_path) / CONFIG_NAME
         return not is_transformers_dir(json.loads(config_path.read_text("utf-8")))
 
     def _model_with_weights(self, inputs) -> torch.nn.Module:
         logger.warning("init_model_path=%s is a transformers dir: every process converts it whole in host memory; "
                        "convert it once (python -m llama.convert from_hf) to load only each process's share",
-                       self.settings.init_model_path)
+                       self.settings.model.init_model_path)
         return super()._model_with_weights(inputs)
 
     def _after_boost(self) -> None:
@@ -59,7 +59,7 @@ class ZeroEngine(Engine):
         process keeps its share (Gemini's chunks; zero2's whole working copy on the GPU). Then, where the source is
         stored more precisely than the compute dtype, the fp32 master weights are written from it: the plugins cloned
         them from the rounded copy (training/engine/masters.py)."""
-        init = Path(self.settings.init_model_path)
+        init = Path(self.settings.model.init_model_path)
         if self._loads_after_boost():
             self.load_weights(init)
         tensors = llama_tensors(init, inputs.config)

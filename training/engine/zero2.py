@@ -24,12 +24,13 @@ class Zero2Engine(ZeroEngine):
 
     @property
     def optimizer_offloaded(self) -> bool:
-        return self.choice.device.type == "cuda" and bool(self.settings.zero2_cpu_offload)
+        return self.choice.device.type == "cuda" and bool(self.settings.engine.zero2_cpu_offload)
 
     def _plugin(self, cai):
-        s = self.settings
+        s = self.settings.optimisation
         return cai.LowLevelZeroPlugin(stage=2, precision=self.choice.precision, initial_scale=s.initial_loss_scale,
-                                      max_norm=s.max_grad_norm, cpu_offload=s.zero2_cpu_offload), None
+                                      max_norm=s.max_grad_norm,
+                                      cpu_offload=self.settings.engine.zero2_cpu_offload), None
 
     def _model_without_weights(self, config) -> torch.nn.Module:
         """zero2 clones every parameter into its master shard (LowLevelZeroOptimizer._create_master_param_current_rank),

@@ -18,7 +18,7 @@ each way: {"tokens_per_s_per_gpu", "mfu", "hfu", "peak_memory_gb", "step_s", "ch
 Same tokens, batch, engine and loop for all three: fp32 weights, bf16 autocast on CUDA (as plugin=ddp runs), torch's
 AdamW (fused on CUDA), one optimizer step per batch of --bs rows of --seq tokens. tokens/s per GPU = bs * seq *
 timed steps / their seconds, after --warmup untimed steps (compilation, the allocator's first sizes). MFU and HFU as
-training/metrics.py defines them (PaLM model FLOPs; HFU adds the recomputed blocks' forward). ours_vs_transformers
+training/flops.py defines them (PaLM model FLOPs; HFU adds the recomputed blocks' forward). ours_vs_transformers
 = fast / transformers tokens/s; fast_vs_old = fast / old.
 The 7B shape holds 16 bytes per parameter here (fp32 weight, gradient, two Adam moments): on a GPU too small for all
 32 layers it runs the 7B width with as many layers as fit, and "note" says so (MFU at 7B width depends little on
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from llama import Llama, LlamaConfig  # noqa: E402
 from llama.attention import resolve_kernel  # noqa: E402
-from training.metrics import flops_per_token, peak_tflops_per_gpu, recompute_flops_per_token  # noqa: E402
+from training.flops import flops_per_token, peak_tflops_per_gpu, recompute_flops_per_token  # noqa: E402
 
 # name: (dim, layers, heads, kv_heads, vocab, batch size at seq 2048)
 SHAPES = {"1b": (2048, 22, 32, 4, 32000, 8), "7b": (4096, 32, 32, 32, 32000, 4), "tiny": (64, 2, 4, 2, 256, 2)}

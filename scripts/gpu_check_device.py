@@ -127,8 +127,8 @@ def facts() -> dict:
 # Every module a device step or a training run loads beyond torch (training.*, llama.*, pretrain_main and what they
 # import, colossalai's engine chain, HybridAdam and its kernel loaders), so that a wheel set missing one fails here,
 # in seconds, and not in the middle of the check. torch.utils.tensorboard needs the tensorboard package.
-DEVICE_MODULES = ("training.engine", "training.loop", "training.optimizer", "training.lr_schedule", "training.metrics",
-                  "training.checkpoint", "training.engine.masters", "training.settings", "pretrain_main", "pretrain_args",
+DEVICE_MODULES = ("training.engine", "training.loop", "training.optimizer", "training.lr_schedule", "training.flops",
+                  "training.metrics", "training.checkpoint", "training.engine.masters", "training.settings", "pretrain_main", "pretrain_args",
                   "llama.llama_model", "llama.tiny", "colossalai.nn.optimizer", "colossalai.kernel.kernel_loader",
                   "colossalai.kernel.extensions.pybind.optimizer.fused_optimizer_cuda", "colossalai.lazy",
                   "colossalai.zero.gemini.utils", "torch.utils.tensorboard", "sentencepiece", "safetensors.torch",

@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import gpu_throughput  # noqa: E402
 
 from llama import Llama, LlamaConfig  # noqa: E402
-from training.metrics import flops_per_token  # noqa: E402
+from training.flops import flops_per_token  # noqa: E402
 
 
 def test_the_tiny_shape_gives_every_way_its_figures_and_the_ratios(capsys):

@@ -253,7 +253,7 @@ def test_stage1_from_a_transformers_dir_trains_as_the_transformers_class(tmp_pat
 
 
 def test_flops_per_token_count_the_tied_output_projection():
-    from training.metrics import flops_per_token
+    from training.flops import flops_per_token
 
     shapes = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     with torch.device("meta"):

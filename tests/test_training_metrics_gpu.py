@@ -1,4 +1,4 @@
-"""The GPU figures of training/metrics.py with the device faked: the peak-TFLOPS lookup by device name, and peak
+"""The GPU figures of training/flops.py and training/metrics.py with the device faked: the peak-TFLOPS lookup by device name, and peak
 memory (allocated and reserved) reported per logging window."""
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 
 import pretrain_args
 from settings_for import settings_for
-from training.metrics import Metrics, peak_tflops_per_gpu
+from training.flops import peak_tflops_per_gpu
+from training.metrics import Metrics
 
 GPU = torch.device("cuda", 0)
 
@@ -69,7 +70,7 @@ def test_peak_memory_is_per_logging_window(tmp_path, monkeypatch):
 @pytest.mark.parametrize("mode, recomputed", [("full", 4), ("selective", 2), ("none", 0)])
 def test_recompute_flops_are_the_forward_of_the_recomputed_blocks(mode, recomputed):
     from llama import Llama, LlamaConfig
-    from training.metrics import flops_per_token, recompute_flops_per_token
+    from training.flops import flops_per_token, recompute_flops_per_token
 
     model = Llama(LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                               max_sequence_length=64))

@@ -19,9 +19,9 @@ from training.checkpoint import (TrainerState, find_latest, last_save_seconds, l
 from training.checkpoint_files import CheckpointError
 from training.engine import Engine, choose_engine
 from training.evaluation import HeldOut, load_held_out
+from training.flops import flops_per_token, peak_tflops_per_gpu, recompute_flops_per_token
 from training.launch import StopRequest, launch, shutdown
-from training.metrics import (Metrics, batch_line, flops_per_token, gather_data_counters, peak_tflops_per_gpu,
-                              recompute_flops_per_token, setup_logging)
+from training.metrics import Metrics, batch_line, gather_data_counters, setup_logging
 from training.model_loading import ModelInputError, check_model_inputs, log_host_memory
 from training.run_preview import end_token_warning, preview_lines, tokens_line
 from training.corpus import DataError

@@ -129,7 +129,8 @@ def facts() -> dict:
 # in seconds, and not in the middle of the check. torch.utils.tensorboard needs the tensorboard package.
 DEVICE_MODULES = ("training.engine", "training.loop", "training.optimizer", "training.lr_schedule", "training.flops",
                   "training.metrics", "training.checkpoint", "training.engine.masters", "training.settings",
-                  "pretrain_main", "pretrain_args", "llama.llama_model", "llama.tiny", "colossalai.nn.optimizer", "colossalai.kernel.kernel_loader",
+                  "pretrain_main", "pretrain_args", "llama.llama_model", "llama.tiny", "colossalai.nn.optimizer",
+                  "colossalai.kernel.kernel_loader",
                   "colossalai.kernel.extensions.pybind.optimizer.fused_optimizer_cuda", "colossalai.lazy",
                   "colossalai.zero.gemini.utils", "torch.utils.tensorboard", "sentencepiece", "safetensors.torch",
                   "psutil", "tqdm", "numpy", "ninja")

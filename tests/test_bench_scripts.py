@@ -1,5 +1,6 @@
 """Every script in bench/ runs at a tiny size, as a user runs it (`python bench/X.py ...`), and prints one JSON line
 whose fields hold figures that make sense: a bench that crashes, or measures nothing, fails here."""
+import io
 import json
 import math
 import subprocess
@@ -63,6 +64,39 @@ def check_gguf_convert(out: dict) -> None:
     assert all(0 < v < 4 for v in out["tokens_per_char"].values())
 
 
+def check_widening(out: dict) -> None:
+    for model in ("base", "widened"):
+        assert all(0 < out[model][lang]["bits_per_char"] < 64 for lang in ("zh", "en"))
+        assert 0.0 <= out["answer_zh"][model]["cjk_share"] <= 1.0
+    # English ids are unchanged by the widening, so English tokens per character are too; Chinese takes fewer
+    assert out["widened"]["en"]["tokens_per_char"] == out["base"]["en"]["tokens_per_char"]
+    assert out["widened"]["zh"]["tokens_per_char"] < out["base"]["zh"]["tokens_per_char"]
+    # the split by target (and by input) covers every position once
+    split = out["zh_split"]
+    for side in ("target", "input"):
+        assert split[f"{side}_new"] + split[f"{side}_old"] == pytest.approx(out["widened"]["zh"]["bits_per_char"])
+    assert split["target_new"] > 0 and split["input_new"] > 0
+    assert out["widened_old_tokens"]["zh"]["tokens_per_char"] == out["base"]["zh"]["tokens_per_char"]
+
+
+def widened_pair(root, bpe_dir) -> tuple:
+    """A tiny model on a byte-level BPE, and its copy widened on Chinese text (tools.expand_vocab)."""
+    from conftest import TOKENIZER_TEXT
+    from llama.tiny import make_tiny_model
+    from tools.expand_vocab import parse_args, run
+
+    base = make_tiny_model(root / "base", bpe_dir, dim=32, n_layers=1, n_heads=2, max_seq_len=256)
+    zh = root / "zh.txt"
+    zh.write_text("\n".join(t for t in TOKENIZER_TEXT if not t.isascii()) * 3 + "\n", encoding="utf-8")
+    run(parse_args(["--model", str(base), "--zh-corpus", str(zh), "--zh-vocab-size", "20", "--sample-zh", str(zh),
+                    "--output", str(root / "widened"), "--quiet"]), out=io.StringIO())
+    data = root / "heldout.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "lang": lang}, ensure_ascii=False) + "\n" for t, lang in
+                            (("北京是中国的首都，有很多名胜古迹。", "zh"), ("The quick brown fox jumps.", "en"))),
+                    encoding="utf-8")
+    return base, root / "widened", data
+
+
 @pytest.fixture(scope="module")
 def bench_inputs(tmp_path_factory, tokenizer_path, bpe_tokenizer_dirs) -> dict:
     root = tmp_path_factory.mktemp("bench")
@@ -71,8 +105,10 @@ def bench_inputs(tmp_path_factory, tokenizer_path, bpe_tokenizer_dirs) -> dict:
 
     tok = _train_tokenizer("smollm")
     write_gguf(root / "tiny.gguf", tiny_llama(tok.get_vocab_size()), tok, "smollm")
+    base, widened, heldout = widened_pair(root, bpe_tokenizer_dirs["smollm2"])
     return {"corpus": root / "corpus", "tokenizer": tokenizer_path, "gguf": root / "tiny.gguf",
-            "bpe": bpe_tokenizer_dirs["smollm2"] / "tokenizer.json"}
+            "bpe": bpe_tokenizer_dirs["smollm2"] / "tokenizer.json", "base": base, "widened": widened,
+            "heldout": heldout}
 
 
 SCRIPTS = {
@@ -83,6 +119,8 @@ SCRIPTS = {
                            check_data_throughput),
     "expand_vocab_bpe.py": (lambda p: ["--tokenizer", p["bpe"], "--new-tokens", 20], check_expand_vocab_bpe),
     "gguf_convert.py": (lambda p: ["--gguf", p["gguf"]], check_gguf_convert),
+    "widening.py": (lambda p: ["--base", p["base"], "--widened", p["widened"], "--data", p["heldout"],
+                               "--max-new-tokens", 8], check_widening),
 }
 
 

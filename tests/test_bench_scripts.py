@@ -80,19 +80,21 @@ def check_widening(out: dict) -> None:
 
 
 def widened_pair(root, bpe_dir) -> tuple:
-    """A tiny model on a byte-level BPE, and its copy widened on Chinese text (tools.expand_vocab)."""
+    """A tiny model on a byte-level BPE, its copy widened on Chinese text (tools.expand_vocab), and a JSONL of one zh
+    text (from the widening text: its new merges shorten it) and one en text."""
     from conftest import TOKENIZER_TEXT
     from llama.tiny import make_tiny_model
     from tools.expand_vocab import parse_args, run
 
     base = make_tiny_model(root / "base", bpe_dir, dim=32, n_layers=1, n_heads=2, max_seq_len=256)
+    chinese = [t for t in dict.fromkeys(TOKENIZER_TEXT) if not t.isascii()]
     zh = root / "zh.txt"
-    zh.write_text("\n".join(t for t in TOKENIZER_TEXT if not t.isascii()) * 3 + "\n", encoding="utf-8")
+    zh.write_text("\n".join(chinese * 3) + "\n", encoding="utf-8")
     run(parse_args(["--model", str(base), "--zh-corpus", str(zh), "--zh-vocab-size", "20", "--sample-zh", str(zh),
                     "--output", str(root / "widened"), "--quiet"]), out=io.StringIO())
     data = root / "heldout.jsonl"
     data.write_text("".join(json.dumps({"text": t, "lang": lang}, ensure_ascii=False) + "\n" for t, lang in
-                            (("北京是中国的首都，有很多名胜古迹。", "zh"), ("The quick brown fox jumps.", "en"))),
+                            (("".join(chinese[:3]), "zh"), ("The quick brown fox jumps.", "en"))),
                     encoding="utf-8")
     return base, root / "widened", data
 

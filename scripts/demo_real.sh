@@ -26,6 +26,8 @@
 #   385 s x 0.7 (margin for a busier machine) / 5.5 s per step           -> ~49 steps: STEPS=16 per stage (48)
 # Measured, these defaults on this 2-core machine: 239 s idle; with other work on it (load ~2): 367 s end to end (from_gguf 8 s,
 # expand_vocab 4 s, stages 93 / 136 / 109 s, table and chat 17 s), plus ~10 s for the wheel; 487 s at load ~5.
+# With the wider widening (54,056 tokens): 460 s at load ~2.5-4 (expand_vocab 5 s, stages 137 / 134 / 102 s,
+# table 65 s).
 # Each doubling of SEQ or BATCH doubles the step time; on a GPU machine drop plugin/precision below and raise all three.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +45,8 @@ NPROC=${NPROC:-2}
 ZH_VOCAB=${ZH_VOCAB:-8000}  # at most this many new merges; the bundled corpora's Chinese gives 4,904 (49,152 -> 54,056)
 # The merges are learned on the Chinese of every bundled corpus (the learner merges only pairs with a CJK character,
 # so English ids stay identical), not pretraining_corpora/zh alone: on held-out zh the widened model then reads
-# 9.84 bits/char instead of 10.33 (base 7.49; docs/development.md#vocabulary-expansion). WIDEN_CORPUS=pretraining_corpora/zh
-# restores the narrower widening.
+# 9.84 bits/char instead of 10.33 (base 7.49; docs/development.md, "What widening costs the model").
+# WIDEN_CORPUS=pretraining_corpora/zh restores the narrower widening.
 WIDEN_CORPUS=${WIDEN_CORPUS:-pretraining_corpora}
 # SmolLM2-Instruct already answers in its own chat template (<|im_start|>...<|im_end|>); 16 steps cannot teach it
 # BiLLa's "Human: ... Assistant: " turns, so stage 3 keeps the template. CHAT_FORMAT=billa runs the recipe's format.

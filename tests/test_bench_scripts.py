@@ -1,5 +1,6 @@
 """Every script in bench/ runs at a tiny size, as a user runs it (`python bench/X.py ...`), and prints one JSON line
 whose fields hold figures that make sense: a bench that crashes, or measures nothing, fails here."""
+import io
 import json
 import math
 import subprocess
@@ -69,6 +70,41 @@ def check_gguf_convert(out: dict) -> None:
     assert all(0 < v < 4 for v in out["tokens_per_char"].values())
 
 
+def check_widening(out: dict) -> None:
+    for model in ("base", "widened"):
+        assert all(0 < out[model][lang]["bits_per_char"] < 64 for lang in ("zh", "en"))
+        assert 0.0 <= out["answer_zh"][model]["cjk_share"] <= 1.0
+    # English ids are unchanged by the widening, so English tokens per character are too; Chinese takes fewer
+    assert out["widened"]["en"]["tokens_per_char"] == out["base"]["en"]["tokens_per_char"]
+    assert out["widened"]["zh"]["tokens_per_char"] < out["base"]["zh"]["tokens_per_char"]
+    # the split by target (and by input) covers every position once
+    split = out["zh_split"]
+    for side in ("target", "input"):
+        assert split[f"{side}_new"] + split[f"{side}_old"] == pytest.approx(out["widened"]["zh"]["bits_per_char"])
+    assert split["target_new"] > 0 and split["input_new"] > 0
+    assert out["widened_old_tokens"]["zh"]["tokens_per_char"] == out["base"]["zh"]["tokens_per_char"]
+
+
+def widened_pair(root, bpe_dir) -> tuple:
+    """A tiny model on a byte-level BPE, its copy widened on Chinese text (tools.expand_vocab), and a JSONL of one zh
+    text (from the widening text: its new merges shorten it) and one en text."""
+    from conftest import TOKENIZER_TEXT
+    from llama.tiny import make_tiny_model
+    from tools.expand_vocab import parse_args, run
+
+    base = make_tiny_model(root / "base", bpe_dir, dim=32, n_layers=1, n_heads=2, max_seq_len=256)
+    chinese = [t for t in dict.fromkeys(TOKENIZER_TEXT) if not t.isascii()]
+    zh = root / "zh.txt"
+    zh.write_text("\n".join(chinese * 3) + "\n", encoding="utf-8")
+    run(parse_args(["--model", str(base), "--zh-corpus", str(zh), "--zh-vocab-size", "20", "--sample-zh", str(zh),
+                    "--output", str(root / "widened"), "--quiet"]), out=io.StringIO())
+    data = root / "heldout.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "lang": lang}, ensure_ascii=False) + "\n" for t, lang in
+                            (("".join(chinese[:3]), "zh"), ("The quick brown fox jumps.", "en"))),
+                    encoding="utf-8")
+    return base, root / "widened", data
+
+
 @pytest.fixture(scope="module")
 def bench_inputs(tmp_path_factory, tokenizer_path, bpe_tokenizer_dirs) -> dict:
     root = tmp_path_factory.mktemp("bench")
@@ -77,8 +113,10 @@ def bench_inputs(tmp_path_factory, tokenizer_path, bpe_tokenizer_dirs) -> dict:
 
     tok = _train_tokenizer("smollm")
     write_gguf(root / "tiny.gguf", tiny_llama(tok.get_vocab_size()), tok, "smollm")
+    base, widened, heldout = widened_pair(root, bpe_tokenizer_dirs["smollm2"])
     return {"corpus": root / "corpus", "tokenizer": tokenizer_path, "gguf": root / "tiny.gguf",
-            "bpe": bpe_tokenizer_dirs["smollm2"] / "tokenizer.json"}
+            "bpe": bpe_tokenizer_dirs["smollm2"] / "tokenizer.json", "base": base, "widened": widened,
+            "heldout": heldout}
 
 
 SCRIPTS = {
@@ -91,6 +129,8 @@ SCRIPTS = {
     "gguf_convert.py": (lambda p: ["--gguf", p["gguf"]], check_gguf_convert),
     "checkpoint_save.py": (lambda p: ["--dim", 32, "--layers", 1, "--ffn", 64, "--heads", 2, "--kv-heads", 1,
                                       "--vocab", 300, "--saves", 2], check_checkpoint_save),
+    "widening.py": (lambda p: ["--base", p["base"], "--widened", p["widened"], "--data", p["heldout"],
+                               "--max-new-tokens", 8], check_widening),
 }
 
 

@@ -70,7 +70,7 @@ def test_ddp_fp16_checkpoint_keeps_optimizer_and_scaler_and_no_sync_applies(tiny
     assert saved_scaler["scale"] == 1024 and saved_scaler["_growth_tracker"] == 2
 
     path = save_checkpoint(engine, _DataPosition(), TrainerState(step=2, loss=1.0), LlamaConfig.from_pretrained(
-        tiny_model), load_tokenizer(tiny_model), out, keep=2)
+        tiny_model), load_tokenizer(tiny_model), out, keep=2).path
     assert (path / "optimizer").is_dir() and (path / GRAD_SCALER).is_file()
 
     fresh_settings = _settings(tiny_model, out, initial_loss_scale=8)

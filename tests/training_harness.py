@@ -72,10 +72,10 @@ def kill_after_save(step: int) -> None:
     original = loop.save_checkpoint
 
     def save_then_die(engine, data, state, *args, **kwargs):
-        path = original(engine, data, state, *args, **kwargs)
+        saved = original(engine, data, state, *args, **kwargs)
         if state.step == step:
             os.kill(os.getpid(), signal.SIGKILL)
-        return path
+        return saved
 
     loop.save_checkpoint = save_then_die
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Iterable
@@ -78,27 +79,50 @@ def weight_files(directory: str | Path) -> list[Path]:
 
 
 def _whole(path: Path) -> Path:
-    """`path`, or a ValueError naming it when it is cut short, before any model is built from it. Cheap: safe_open
-    reads the header and checks that its tensors end where the file ends; a torch .bin (a zip) needs its directory,
-    which sits at the end of the file."""
-    try:
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt"):
-                pass
-        else:
-            with zipfile.ZipFile(path):
-                pass
-    except zipfile.BadZipFile:
-        if _is_legacy_torch_file(path):
-            return path  # torch.save's pre-zipfile format has no directory to check
-        raise ValueError(f"{path}: not a whole weight file ({path.stat().st_size:,} bytes; truncated or overwritten?): "
-                         f"copy it again") from None
-    except Exception as e:  # safetensors_rust.SafetensorError, which safetensors does not export
-        if type(e).__name__ != "SafetensorError":
-            raise
-        raise ValueError(f"{path}: not a whole weight file ({path.stat().st_size:,} bytes; {e}): "
-                         f"copy it again") from None
+    """`path`, or a ValueError naming it when it is cut short, before any model is built from it."""
+    problem = weight_file_problem(path)
+    if problem:
+        raise ValueError(f"{path}: not a whole weight file ({problem}): copy it again")
     return path
+
+
+def weight_file_problem(path: Path) -> str | None:
+    """What is wrong with the safetensors or torch weight file `path`, in words, or None when it is whole: what
+    model dirs and checkpoints are checked with before any is loaded. Cheap: headers and zip directories only."""
+    if path.suffix == ".safetensors":
+        return _safetensors_problem(path)
+    try:
+        with zipfile.ZipFile(path):  # torch.save's format; a truncated file has lost its zip directory, at its end
+            pass
+    except zipfile.BadZipFile as e:
+        if _is_legacy_torch_file(path):
+            return None  # torch.save's pre-zipfile format has no directory to check
+        return f"not a whole torch file ({e})"
+    except OSError as e:
+        return f"not a whole torch file ({e})"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """safetensors layout: an 8-byte little-endian header length, a JSON header whose data_offsets end where the
+    file ends. A truncated file ends early."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        (header_length,) = struct.unpack("<Q", head)
+        if 8 + header_length > size:
+            return f"{size} bytes, shorter than its own header ({header_length} bytes)"
+        try:
+            header = json.loads(f.read(header_length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "its header is not valid JSON"
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    expected = 8 + header_length + max(ends, default=0)
+    if size != expected:
+        return f"{size} bytes where its header promises {expected} (truncated or overwritten)"
+    return None
 
 
 def _is_legacy_torch_file(path: Path) -> bool:

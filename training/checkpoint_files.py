@@ -12,10 +12,10 @@ import json
 import os
 import re
 import shutil
-import struct
-import zipfile
 from pathlib import Path
 from typing import Any
+
+from llama.model_files import weight_file_problem
 
 TMP_SUFFIX = ".tmp"
 TRAINER_STATE = "trainer_state.json"
@@ -69,40 +69,11 @@ def fsync_dir(path: Path) -> None:
 
 def verify_files(path: Path) -> None:
     """Check that every safetensors and torch file of checkpoint `path` is whole before loading any, so that a
-    damaged one is named (safetensors' own error does not say which file). Cheap: headers and zip directories only."""
-    for file in sorted(path.rglob("*.safetensors")):
-        problem = _safetensors_problem(file)
+    damaged one is named (safetensors' own error does not say which file)."""
+    for file in [*sorted(path.rglob("*.safetensors")), *sorted(path.rglob("*.bin"))]:
+        problem = weight_file_problem(file)
         if problem:
             raise DamagedCheckpointError(f"{file.relative_to(path)} is damaged: {problem}")
-    for file in sorted(path.rglob("*.bin")):
-        try:
-            with zipfile.ZipFile(file):  # torch.save's format; a truncated file has lost its zip directory
-                pass
-        except (zipfile.BadZipFile, OSError) as e:
-            problem = f"not a whole torch file ({e})"
-            raise DamagedCheckpointError(f"{file.relative_to(path)} is damaged: {problem}") from None
-
-
-def _safetensors_problem(file: Path) -> str | None:
-    """safetensors layout: an 8-byte little-endian header length, a JSON header whose data_offsets end where the
-    file ends. A truncated file ends early."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{size} bytes, shorter than a safetensors header"
-        (header_length,) = struct.unpack("<Q", head)
-        if 8 + header_length > size:
-            return f"{size} bytes, shorter than its own header ({header_length} bytes)"
-        try:
-            header = json.loads(f.read(header_length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return "its header is not valid JSON"
-    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-    expected = 8 + header_length + max(ends, default=0)
-    if size != expected:
-        return f"{size} bytes where its header promises {expected} (truncated or overwritten)"
-    return None
 
 
 def io_cause(exc: BaseException, directory: Path) -> str | None:

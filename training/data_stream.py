@@ -78,7 +78,7 @@ class DataStream:
         for name, set_files in files.items():
             check_first_lines(self.rules, name, set_files, self.skip_bad_records)
         self.readers = {name: SetReader(name, set_files, rank, world_size) for name, set_files in files.items()}
-        self.cycle = weighted_cycle({name: spec.weight for name, spec in self.split.items()})
+        self.cycle = weighted_cycle(self._mix)
         logger.info("data: %s", ", ".join(f"{name} x{spec.weight} ({len(self.readers[name].files)} of "
                                            f"{len(files[name])} files)" for name, spec in self.split.items()))
 

@@ -38,6 +38,7 @@ global_batch_exact = False  # True: stop where batch_size x GPUs x accumulation 
 gradient_accumulation_steps = 1  # micro-batches per optimizer step; derived instead when global_batch_size > 0
 weight_decay = 0.1  # AdamW decoupled weight decay
 weight_decay_skip = False  # True: norms, biases, embeddings get no decay; False: all decay, the recipe's
+new_rows_only = False  # True: a warm-up run before stage 1: only the rows tools.expand_vocab added train, the rest frozen, no decay (training/new_rows.py); False: every weight, the recipe
 adam_beta1 = 0.9  # AdamW beta1
 adam_beta2 = 0.95  # AdamW beta2
 max_grad_norm = 2.0  # clip the global gradient norm to this

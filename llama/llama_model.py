@@ -227,6 +227,9 @@ class Llama(nn.Module):
         # "checkpointed" (ordinary ops in row chunks recomputed in backward, for wrappers that must see `output`
         # used as an ordinary op, e.g. parameter-gathering hooks) or "plain" (full fp32 logits: the reference).
         self.loss_path = "fused"
+        # Rows of the vocabulary below this id get no gradient, in tok_embeddings and output alike; 0: every row
+        # trains. A warm-up of the rows a vocabulary expansion added sets it (training/new_rows.py).
+        self.frozen_rows = 0
         # Rotary table per device. A plain attribute, not a buffer: state dicts stay Meta's names only and
         # model.to(bfloat16) cannot cast the complex table to a real dtype.
         self._rope_cache: dict[torch.device, torch.Tensor] = {}
@@ -285,6 +288,8 @@ class Llama(nn.Module):
             freqs_cis = table[positions][:, :, None, :]  # (bs, L, 1, head_dim/2)
             mask = packed_mask(runs, self.attention)
         h = self.tok_embeddings(input_ids)  # (bs, L, dim)
+        if self.frozen_rows:  # positions reading an old token pass no gradient to its row; values unchanged
+            h = torch.where((input_ids >= self.frozen_rows)[..., None], h, h.detach())
         recomputed = set(self.checkpointed_layers()) if self.training and torch.is_grad_enabled() else set()
         for i, layer in enumerate(self.layers):
             if i in recomputed:
@@ -327,8 +332,16 @@ class Llama(nn.Module):
         hidden = h[:, :-1][counted]  # (n_counted, dim)
         if self.loss_path not in LOSS_PATHS:
             raise ValueError(f"loss_path {self.loss_path!r}: expected one of {sorted(LOSS_PATHS)}")
-        loss_sum = LOSS_PATHS[self.loss_path](hidden, self.output.weight, targets[counted])
+        loss_sum = LOSS_PATHS[self.loss_path](hidden, self._trained_rows(self.output.weight), targets[counted])
         return loss_sum / counted.sum().clamp(min=1), None
+
+    def _trained_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The output matrix with no gradient reaching its rows below frozen_rows: the same values, bit for bit (a
+        copy under frozen_rows, since torch.where cannot alias)."""
+        if not self.frozen_rows:
+            return weight
+        new = torch.arange(weight.shape[0], device=weight.device) >= self.frozen_rows  # (vocab,)
+        return torch.where(new[:, None], weight, weight.detach())
 
     @torch.no_grad()
     def forward_with_cache(self, input_ids: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor:

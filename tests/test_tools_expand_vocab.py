@@ -1,5 +1,6 @@
 """tools.expand_vocab: old ids, rows and logits are untouched; new rows start as the mean of their old split."""
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def test_old_pieces_keep_their_ids_and_rows(expanded):
     base, out, report = expanded
     old, new = SentencePieceTokenizer(base), SentencePieceTokenizer(out)
     assert report["vocab_before"] == old.vocab_size and report["vocab_after"] == new.vocab_size > old.vocab_size
+    assert json.loads((out / "expand_vocab.json").read_text())["first_new_row"] == old.vocab_size  # new_rows_only
     for i in range(old.vocab_size):
         assert new.sp.id_to_piece(i) == old.sp.id_to_piece(i)
     a, b = Llama.from_pretrained(base), Llama.from_pretrained(out)

@@ -107,6 +107,7 @@ def test_old_ids_merges_and_added_tokens_are_unchanged(untied, bpe_path):
     added = new_tokens(bpe_path, out)
     first = max(t["id"] for t in old["added_tokens"]) + 1  # the specials sit above the BPE vocab
     assert [i for i, _ in added] == list(range(first, first + report["added"])) and report["added"] > 20
+    assert json.loads((out / "expand_vocab.json").read_text())["first_new_row"] == first  # read by new_rows_only
     assert len(new["model"]["merges"]) == n_old + report["added"]
 
 

@@ -31,9 +31,10 @@ or --tokenizer X.json) is widened by continued BPE training instead (tools/bpe_m
    config.json with the new vocab_size, the new tokenizer.json and the source's other JSON files
    (tokenizer_config.json, generation_config.json, ...) copied.
 
-The report gives the vocabulary sizes and tokens per character on Chinese and English sample text, before and
-after (--sample-zh / --sample-en; default: the bundled pretraining_corpora/zh and /en); for a tokenizer.json also
-the time the merges took to learn and whether the English sample's ids are identical. With --eval-data (JSONL as
+The report gives the vocabulary sizes and tokens per character on Chinese and English sample text, before and after
+(--sample-zh / --sample-en; default: the bundled pretraining_corpora/zh and /en); for a tokenizer.json also the time
+the merges took to learn and whether the English sample's ids are identical. It is printed, and kept beside the model
+as expand_vocab.json, where a warm-up of the new rows alone (new_rows_only=True) reads the first new row. With --eval-data (JSONL as
 tools.eval_ppl reads it, e.g. held-out zh and en text the widening corpus does not hold) it also gives bits per
 character and per byte per language of the model before and after: the widening's cost on a scale that does not
 change with the tokenizer.
@@ -61,6 +62,7 @@ from llama.tokenizer_files import load_tokenizer, tokenizer_file, tokenizer_kind
 from llama.tiny import corpus_texts
 from tools import bpe_merge
 from tools.vocab_merge import load_proto, merge_pieces, old_ids_of, piece_splitter
+from training.new_rows import NEW_ROWS_REPORT
 
 BUNDLED = Path(__file__).resolve().parents[1] / "pretraining_corpora"
 SAMPLE_CHARS = 2_000_000  # characters of sample text measured per language
@@ -160,6 +162,8 @@ def run(args: argparse.Namespace, out=None) -> dict:
         report = run_sentencepiece(args, out)
     if args.eval_data is not None:
         report["bits_per_char"] = report_bits(args, out)
+    # Beside the model, for a warm-up of the new rows alone (pretrain_main.py new_rows_only=True reads first_new_row)
+    (args.output / NEW_ROWS_REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
 
@@ -213,7 +217,7 @@ def run_sentencepiece(args: argparse.Namespace, out) -> dict:
 
     widened = load_tokenizer(args.output)
     report = {"vocab_before": merge.old_size, "vocab_after": len(merge.proto.pieces), "added": len(merge.added),
-              "already_present": merge.skipped_present}
+              "first_new_row": model.config.vocab_size, "already_present": merge.skipped_present}
     print(f"vocabulary: {report['vocab_before']:,} -> {report['vocab_after']:,} pieces "
           f"(+{report['added']:,} new; {report['already_present']:,} Chinese pieces were already present)", file=out)
     for lang, path, texts in sample_texts(args):
@@ -300,7 +304,7 @@ def run_bpe(args: argparse.Namespace, tokenizer_path: Path, out) -> dict:
     new_tokenizer = bpe_merge.write_tokenizer(bpe_merge.expanded_spec(base, learned), args.output / TOKENIZER_JSON_NAME)
 
     report = {"vocab_before": first_id, "vocab_after": first_id + len(learned.new_tokens),
-              "added": len(learned.new_tokens), "embedding_rows": config["vocab_size"], "tied": len(names) == 1,
+              "added": len(learned.new_tokens), "first_new_row": first_id, "embedding_rows": config["vocab_size"], "tied": len(names) == 1,
               "learn_seconds": learn_seconds, "learned_from_words": learned.words,
               "last_pair_count": learned.last_count}
     print(f"vocabulary: {report['vocab_before']:,} -> {report['vocab_after']:,} tokens (+{report['added']:,} new "

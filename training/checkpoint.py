@@ -321,6 +321,11 @@ def _load_checkpoint(path: Path, engine, data, settings: Settings) -> TrainerSta
         logger.warning("%s was written by %d processes, this run has %d: weights and optimizer states are re-sharded, "
                        "the data stream goes on from every old rank's position, the RNGs are seeded afresh; the run "
                        "will not match one that kept %d processes", path, old_world, new_world, old_world)
+    was_new_rows_only = state.settings.get("new_rows_only", False)
+    if was_new_rows_only != settings.optimisation.new_rows_only:  # its optimizer state holds other parameters
+        raise CheckpointError(f"{path} was written with new_rows_only={was_new_rows_only}: resume it with the same; "
+                              f"to train with new_rows_only={settings.optimisation.new_rows_only}, start a new run from "
+                              f"its weights (init_model_path={path})")
     verify_files(path)
     engine.load_weights(path)
     engine.load_state(path, old_world)

@@ -17,6 +17,7 @@ from llama.configuration_llama import CONFIG_NAME, LlamaConfig
 from llama.model_files import TOKENIZER_JSON_NAME, TOKENIZER_NAME, weight_files
 from llama.tokenizer import Tokenizer, check_tokenizer_matches
 from llama.tokenizer_files import load_tokenizer, tokenizer_file
+from training.new_rows import NewRowsError, first_new_row
 from training.settings_concerns import ModelSettings, Settings
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class ModelInputs:
     config: LlamaConfig  # as it will be trained (the run's dropout_prob); saved into every checkpoint
     tokenizer: Tokenizer  # with the run's end token (eos_token); saved into every checkpoint
     tokenizer_path: Path
+    new_rows_from: int = 0  # new_rows_only=True: the first row expand_vocab added (training/new_rows.py); 0: off
 
 
 def resolved_tokenizer_path(settings: ModelSettings) -> Path:
@@ -71,7 +73,11 @@ def check_model_inputs(run: Settings) -> ModelInputs:
     except ValueError as e:
         raise ModelInputError(str(e)) from None
     config.dropout_prob = float(settings.dropout_prob)
-    return ModelInputs(config, tokenizer, tokenizer_path)
+    try:
+        new_rows_from = first_new_row(init, config.vocab_size) if run.optimisation.new_rows_only else 0
+    except NewRowsError as e:
+        raise ModelInputError(str(e)) from None
+    return ModelInputs(config, tokenizer, tokenizer_path, new_rows_from)
 
 
 def _end_with(config: LlamaConfig, tokenizer) -> None:

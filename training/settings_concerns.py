@@ -59,6 +59,7 @@ class OptimisationSettings:
     gradient_accumulation_steps: int = 1
     weight_decay: float = 0.1
     weight_decay_skip: bool = False
+    new_rows_only: bool = False
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     max_grad_norm: float = 2.0

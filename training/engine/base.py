@@ -13,9 +13,9 @@ A run's engine, in order:
 Where coming features fit, without other modules asking which plugin runs:
     regional torch.compile of the transformer blocks: each engine's `compile_blocks` says whether its plugin allows
         it and why (a compile step applies it to the model build_model returns, before boost);
-    freezing (training a subset, e.g. new vocabulary rows): parameters set to requires_grad=False between build_model
-        and boost never reach the optimizer (parameter_groups takes the trainable ones only); an engine whose plugin
-        cannot hold frozen parameters says so in its check_settings.
+    freezing (training a subset): parameters set to requires_grad=False in build_model, before boost, never reach the
+        optimizer (parameter_groups takes the trainable ones only). new_rows_only (training/new_rows.py) freezes all
+        but the embedding and output, and their old rows through Llama.frozen_rows.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from training.checkpoint_files import (NO_OPTIMIZER_STATE, OPTIMIZER_DIR, OPTIMI
 from training.engine.colossalai_import import import_colossalai
 from training.engine.optimizer import build_optimizer, check_toolchain, parameter_groups
 from training.launch import rank
+from training.new_rows import train_new_rows_only
 from training.lr_schedule import WarmupCosineLR
 from training.settings_concerns import EngineSettings, OptimisationSettings, Settings
 
@@ -122,6 +123,8 @@ class Engine:
                     len(model.checkpointed_layers()), inputs.config.num_hidden_layers)
         if self.loss_path is not None:
             model.loss_path = self.loss_path
+        if inputs.new_rows_from:
+            train_new_rows_only(model, inputs.new_rows_from)
         self._compile_if_allowed(model)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("model %s: %.1fM parameters, %d layers, dim %d, vocab %d, %s %s", settings.model.init_model_path,

@@ -262,12 +262,15 @@ def set_offloaded_adam_threads() -> None:
 
 
 def parameter_groups(settings: OptimisationSettings, model: torch.nn.Module) -> list[torch.nn.Parameter] | list[dict]:
-    """The trainable parameters, as build_optimizer takes them. weight_decay_skip=False (the recipe): one group, every
-    weight decayed. True: two groups, the second with weight_decay 0 holding what decay should leave alone: norm
-    weights and biases (1-d) and embedding tables (nn.Embedding's weight; a tied output shares it). Torch's AdamW,
-    HybridAdam, and the ZeRO wrappers keep per-group settings: GeminiOptimizer.__init__optimizer maps each group's
-    params to its chunk slices, LowLevelZeroOptimizer keeps one master group per optimizer group."""
+    """The trainable parameters, as build_optimizer takes them. new_rows_only: one group, without weight decay
+    (training/new_rows.py). weight_decay_skip=False (the recipe): one group, every weight decayed. True: two groups,
+    the second with weight_decay 0 holding what decay should leave alone: norm weights and biases (1-d) and embedding
+    tables (nn.Embedding's weight; a tied output shares it). Torch's AdamW, HybridAdam, and the ZeRO wrappers keep
+    per-group settings: GeminiOptimizer.__init__optimizer maps each group's params to its chunk slices,
+    LowLevelZeroOptimizer keeps one master group per optimizer group."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if settings.new_rows_only:  # decoupled decay would shrink the frozen old rows, whose gradient is zero
+        return [{"params": [p for _, p in trainable], "weight_decay": 0.0}]
     if not settings.weight_decay_skip:
         return [p for _, p in trainable]
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}

@@ -21,6 +21,7 @@ from training.engine.base import Engine, StepOutcome
 from training.engine.masters import (Layout, load_resharded_masters, load_scaler_state, master_windows,
                                      masters_from_source, scaler_state)
 from training.launch import rank, world_size
+from training.settings_concerns import SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,14 @@ class ZeroEngine(Engine):
             self.load_weights(init)
         tensors = llama_tensors(init, inputs.config)
         name, first = next(tensors)
+        if inputs.new_rows_from and first.dtype != self.load_dtype:
+            # Frozen parameters get no fp32 master (GeminiDDP._init_chunks ignores them, LowLevelZeroModel casts the
+            # module): they are held, and saved, in the compute dtype.
+            held, stored = (str(t).replace("torch.", "") for t in (self.load_dtype, first.dtype))
+            raise SettingsError(f"new_rows_only=True under plugin={self.name} precision={self.choice.precision} holds "
+                                f"the frozen weights in {held}, but {init} stores {stored}: they would be saved "
+                                f"rounded. Widen in {held} (python -m tools.expand_vocab ... --dtype {held}), or run "
+                                f"plugin=ddp")
         if first.dtype != self.load_dtype:  # a model dir holds one dtype: the first tensor tells
             written = masters_from_source(self._master_windows(), itertools.chain([(name, first)], tensors),
                                           self.load_dtype)

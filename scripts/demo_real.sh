@@ -139,9 +139,13 @@ echo "$(elapsed) bits per character measured"
 FINAL="$DEMO_DIR/alignment_sft/final"
 echo
 echo "== chat with $FINAL (greedy)"
+answers=()
 for prompt in "请用一句话介绍北京。" "Name three primary colors."; do
     echo "Human: $prompt"
-    "$PY" -m tools.chat --model "$FINAL" --prompt "$prompt" --temperature 0 --max-new-tokens 48
+    reply=$("$PY" -m tools.chat --model "$FINAL" --prompt "$prompt" --temperature 0 --max-new-tokens 48)
+    echo "$reply"
+    answers+=("${reply#*Assistant: }")
 done
+"$PY" scripts/demo_answers.py --zh "${answers[0]}" --en "${answers[1]}"  # Chinese, not a loop; the colours named
 echo
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $DEMO_DIR"

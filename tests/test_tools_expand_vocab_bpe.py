@@ -93,8 +93,9 @@ def tied(tmp_path_factory, bpe_path, zh_corpus):
 
 
 def new_tokens(base_path: Path, out: Path) -> list[tuple[int, str]]:
-    old = bpe_merge.load_bpe(base_path).vocab
-    return sorted((i, t) for t, i in bpe_merge.load_bpe(out / "tokenizer.json").vocab.items() if t not in old)
+    """(id, token) of the tokens the widening added: past every old id (the specials, now in the vocab too, are not)."""
+    first = bpe_merge.load_bpe(base_path).next_id()
+    return sorted((i, t) for t, i in bpe_merge.load_bpe(out / "tokenizer.json").vocab.items() if i >= first)
 
 
 def test_old_ids_merges_and_added_tokens_are_unchanged(untied, bpe_path):
@@ -213,6 +214,26 @@ def test_a_tied_matrix_grows_once(tied, bpe_path):
         la, lb = a(ids).logits, b(ids).logits
     assert lb.shape[-1] == report["vocab_after"]
     torch.testing.assert_close(lb[..., :report["vocab_before"]], la, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_special_tokens_keep_their_ids_once_loaded(which, request):
+    """The specials sit above the BPE vocab (Llama 3, Qwen2) and the new tokens above them: loaded by the tokenizers
+    library (so by transformers and llama.load_tokenizer too), each special keeps the id the file gives it, instead
+    of the first id after the vocab, which is now a new token's."""
+    from transformers import AutoTokenizer
+
+    from llama.tokenizer_files import load_tokenizer
+
+    source, out, report = request.getfixturevalue(which)
+    old = json.loads((source / "tokenizer.json").read_text())["added_tokens"]
+    assert min(t["id"] for t in old) < report["first_new_row"]  # below the new tokens
+    loaded, hf = Tokenizer.from_file(str(out / "tokenizer.json")), AutoTokenizer.from_pretrained(out)
+    for token in old:
+        assert loaded.token_to_id(token["content"]) == hf.convert_tokens_to_ids(token["content"]) == token["id"]
+    assert loaded.get_vocab_size() == report["vocab_after"]
+    if which == "tied":  # its tokenizer_config.json names the eos
+        assert load_tokenizer(out).eos_id == load_tokenizer(source).eos_id == old[1]["id"]
 
 
 @pytest.mark.parametrize("which", ["untied", "tied"])

@@ -182,6 +182,15 @@ def expanded_spec(base: BpeTokenizer, learned: LearnedMerges) -> dict:
     spec = json.loads(json.dumps(base.spec))  # a deep copy
     model = spec["model"]
     first = base.next_id()
+    # On load the tokenizers library gives an added token that the model's vocab lacks the next id after the vocab
+    # (AddedVocabulary::add_tokens), whatever id the file names: right while the specials sit just past the vocab
+    # (Llama 3, Qwen2), but new tokens now follow them, and <|im_end|> would become a new token's id. Listed in the
+    # vocab as well (as GPT-2's file lists <|endoftext|>), each keeps its id; the BPE model never produces them, since
+    # added tokens are split off before it runs.
+    taken = set(model["vocab"].values())
+    for added in spec.get("added_tokens") or []:
+        if added["content"] not in model["vocab"] and added["id"] not in taken:
+            model["vocab"][added["content"]] = added["id"]
     for i, token in enumerate(learned.new_tokens):
         model["vocab"][token] = first + i
     as_strings = bool(model["merges"]) and isinstance(model["merges"][0], str)

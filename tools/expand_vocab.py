@@ -33,11 +33,11 @@ or --tokenizer X.json) is widened by continued BPE training instead (tools/bpe_m
 
 The report gives the vocabulary sizes and tokens per character on Chinese and English sample text, before and after
 (--sample-zh / --sample-en; default: the bundled pretraining_corpora/zh and /en); for a tokenizer.json also the time
-the merges took to learn and whether the English sample's ids are identical. It is printed, and kept beside the model
-as expand_vocab.json, where a warm-up of the new rows alone (new_rows_only=True) reads the first new row. With --eval-data (JSONL as
+the merges took to learn and whether the English sample's ids are identical. With --eval-data (JSONL as
 tools.eval_ppl reads it, e.g. held-out zh and en text the widening corpus does not hold) it also gives bits per
 character and per byte per language of the model before and after: the widening's cost on a scale that does not
-change with the tokenizer.
+change with the tokenizer. It is printed, and kept beside the model as expand_vocab.json, where a warm-up of the new
+rows alone (new_rows_only=True) reads the first new row.
 """
 from __future__ import annotations
 
@@ -304,8 +304,8 @@ def run_bpe(args: argparse.Namespace, tokenizer_path: Path, out) -> dict:
     new_tokenizer = bpe_merge.write_tokenizer(bpe_merge.expanded_spec(base, learned), args.output / TOKENIZER_JSON_NAME)
 
     report = {"vocab_before": first_id, "vocab_after": first_id + len(learned.new_tokens),
-              "added": len(learned.new_tokens), "first_new_row": first_id, "embedding_rows": config["vocab_size"], "tied": len(names) == 1,
-              "learn_seconds": learn_seconds, "learned_from_words": learned.words,
+              "added": len(learned.new_tokens), "first_new_row": first_id, "embedding_rows": config["vocab_size"],
+              "tied": len(names) == 1, "learn_seconds": learn_seconds, "learned_from_words": learned.words,
               "last_pair_count": learned.last_count}
     print(f"vocabulary: {report['vocab_before']:,} -> {report['vocab_after']:,} tokens (+{report['added']:,} new "
           f"merges, learned in {learn_seconds:.1f} s from {learned.words:,} distinct words; the last pair occurred "

@@ -5,7 +5,7 @@ pieces that spell it. Chinese-LLaMA's first pretraining stage trains those rows 
 frozen, before anything else moves; EEVE (Kim et al. 2024) unfreezes in stages the same way. Here that is a run of
 its own, from the widened model, before stage 1:
 
-    torchrun ... pretrain_main.py init_model_path=models/llama-7b-zh new_rows_only=True lr=1e-3 max_steps=500 \
+    torchrun ... pretrain_main.py init_model_path=models/llama-7b-zh new_rows_only=True lr=1e-4 max_steps=2000 \
         output_dir=outputs/new_rows
     torchrun ... pretrain_main.py init_model_path=outputs/new_rows/final          (stage 1 as usual)
 

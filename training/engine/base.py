@@ -35,8 +35,8 @@ from training.checkpoint_files import (NO_OPTIMIZER_STATE, OPTIMIZER_DIR, OPTIMI
 from training.engine.colossalai_import import import_colossalai
 from training.engine.optimizer import build_optimizer, check_toolchain, parameter_groups
 from training.launch import rank
-from training.new_rows import train_new_rows_only
 from training.lr_schedule import WarmupCosineLR
+from training.new_rows import train_new_rows_only
 from training.settings_concerns import EngineSettings, OptimisationSettings, Settings
 
 logger = logging.getLogger(__name__)

@@ -259,6 +259,11 @@ def test_flops_per_token_count_the_tied_output_projection():
     with torch.device("meta"):
         untied, tied = Llama(LlamaConfig(**shapes)), Llama(LlamaConfig(**shapes, tie_word_embeddings=True))
     assert flops_per_token(tied, 2, 32, 64) == flops_per_token(untied, 2, 32, 64)
+    full = flops_per_token(untied, 2, 32, 64)
+    frozen = sum(p.numel() for name, p in untied.named_parameters() if name.startswith(("layers.", "norm.")))
+    for name, p in untied.named_parameters():  # new_rows_only: the blocks get no weight gradient
+        p.requires_grad_(name.startswith(("tok_embeddings", "output")))
+    assert flops_per_token(untied, 2, 32, 64) == full - 2.0 * frozen
 
 
 def test_kv_cache_decoding_equals_the_full_forward_for_every_switch(family):

@@ -38,12 +38,14 @@ PEAK_TFLOPS = {  # name: (half, fp32)
 
 
 def flops_per_token(model: torch.nn.Module, n_layers: int, hidden_size: int, seq_len: int) -> float:
+    """6 per parameter as above; 4 for a frozen one (requires_grad=False, new_rows_only): its backward still passes the
+    gradient to its input, but computes none for itself."""
     embedding = getattr(model, "tok_embeddings", None)
     # The lookup costs no matmul; a tied embedding is also the output projection, which does.
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    n_embedding = embedding.weight.numel() if embedding is not None and not tied else 0
-    n_params = sum(p.numel() for p in model.parameters()) - n_embedding
-    return 6.0 * n_params + 12.0 * n_layers * hidden_size * seq_len
+    lookup = id(embedding.weight) if embedding is not None and not tied else None
+    matmuls = sum((6.0 if p.requires_grad else 4.0) * p.numel() for p in model.parameters() if id(p) != lookup)
+    return matmuls + 12.0 * n_layers * hidden_size * seq_len
 
 
 def recompute_flops_per_token(model: torch.nn.Module, hidden_size: int, seq_len: int) -> float:

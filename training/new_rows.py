@@ -2,8 +2,8 @@
 
 Widening gives each new token an embedding row (and output row) that is a guess: the mean of the rows of the old
 pieces that spell it. Chinese-LLaMA's first pretraining stage trained the embeddings alone, with the rest of the
-model frozen, before anything else moved; EEVE (Kim et al. 2024) unfreezes in stages the same way. Here that is a run of
-its own, from the widened model, before stage 1:
+model frozen, before anything else moved; EEVE (Kim et al. 2024) unfreezes in stages the same way. Here the new rows
+alone train, in a run of its own from the widened model, before stage 1:
 
     torchrun ... pretrain_main.py init_model_path=models/llama-7b-zh new_rows_only=True lr=1e-4 max_steps=2000 \
         output_dir=outputs/new_rows

@@ -1,6 +1,7 @@
 """new_rows_only=True (training/new_rows.py): a warm-up in which only the vocabulary rows expand_vocab added train.
 The freeze is exact: after the run every old row and every other weight is bit-identical to the source, under ddp
-and under the ZeRO engines on CPU (tests/zero_cpu.py), and a checkpoint resumes only with the same setting."""
+and under the ZeRO engines on CPU (tests/zero_cpu.py), where a killed warm-up also resumes exactly; a checkpoint
+resumes only with the same setting."""
 import json
 import shutil
 
@@ -13,7 +14,7 @@ from llama.model_files import load_tensors
 from training.engine.optimizer import parameter_groups
 from training.model_loading import ModelInputError, check_model_inputs
 from training.new_rows import NEW_ROWS_REPORT, train_new_rows_only
-from training_runs import TINY_RUN, explain, tied_tiny_model, tiny_model, torchrun  # noqa: F401
+from training_runs import TINY_RUN, explain, read_metrics, tied_tiny_model, tiny_model, torchrun  # noqa: F401
 from settings_for import settings_for
 
 import pretrain_args
@@ -109,7 +110,7 @@ def test_ddp_warm_up_moves_only_new_rows_and_resumes_only_as_a_warm_up(tiny_mode
 
 
 @pytest.mark.parametrize("plugin, tied", [("zero2", True), ("gemini", False)])
-def test_zero_warm_up_moves_only_new_rows(plugin, tied, tiny_model, tied_tiny_model, tmp_path):
+def test_zero_warm_up_moves_only_new_rows_and_resumes_exactly(plugin, tied, tiny_model, tied_tiny_model, tmp_path):
     bf16 = tmp_path / "bf16"  # stored as the engine holds frozen weights
     source = tied_tiny_model if tied else tiny_model
     Llama.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(bf16)
@@ -118,12 +119,24 @@ def test_zero_warm_up_moves_only_new_rows(plugin, tied, tiny_model, tied_tiny_mo
     vocab = json.loads((bf16 / "config.json").read_text())["vocab_size"]
     first = vocab // 2
     model = widened_copy(bf16, tmp_path / "widened", first)
-    out = tmp_path / "run"
-    result = torchrun(TINY_RUN + [f"init_model_path={model}", "new_rows_only=True", f"plugin={plugin}",
-                                  "precision=bf16", "max_steps=3", f"output_dir={out}", f"logdir={out}/logs"],
-                      env={"HARNESS_ZERO_ON_CPU": "1"})
+    run = TINY_RUN + [f"init_model_path={model}", "new_rows_only=True", f"plugin={plugin}", "precision=bf16",
+                      "max_steps=4", "saving_steps=2"]
+    zero = {"HARNESS_ZERO_ON_CPU": "1"}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    result = torchrun(run + [f"output_dir={straight}", f"logdir={straight}/logs"], env=zero)
     assert result.returncode == 0, explain(result)
-    assert_only_new_rows_moved(model, out / "final", first)
+    assert_only_new_rows_moved(model, straight / "final", first)
+
+    # Killed after its step-2 checkpoint and resumed, the warm-up goes on exactly (its masters are the new rows')
+    split_run = run + [f"output_dir={split}", f"logdir={split}/logs"]
+    killed = torchrun(split_run, env={**zero, "HARNESS_KILL_AFTER_SAVE": "2"})
+    assert killed.returncode != 0, explain(killed)
+    resumed = torchrun(split_run + ["recover_training_from_checkpoint=latest"], env=zero)
+    assert resumed.returncode == 0, explain(resumed)
+    expected, got = read_metrics(straight / "logs"), read_metrics(split / "logs")
+    assert [got[step]["loss"] for step in (3, 4)] == [expected[step]["loss"] for step in (3, 4)]
+    a, b = load_tensors(straight / "final"), load_tensors(split / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_zero_refuses_a_source_it_would_round(tiny_model, tmp_path):

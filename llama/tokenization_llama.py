@@ -10,6 +10,7 @@ import numpy as np
 from sentencepiece import SentencePieceProcessor
 
 from llama.model_files import TOKENIZER_NAME
+from llama.text_units import TextUnits
 from llama.tokenizer import Tokenizer, piece_bytes
 from llama.tokenizer_config import copy_tokenizer_file, end_token_id, read_tokenizer_config, write_tokenizer_config
 
@@ -103,8 +104,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     @functools.cached_property
     def _piece_bytes(self) -> np.ndarray:
-        """UTF-8 length of the text each piece spells."""
-        return np.array([len(b) for b in self._token_bytes], dtype=np.int64)
+        """UTF-8 length of the text each piece spells (TextUnits' table; kept here, token_ends runs per record)."""
+        return TextUnits.of(self).bytes_per_id
 
     @functools.cached_property
     def _dummy_prefix_bytes(self) -> int:

@@ -103,8 +103,8 @@ def test_ddp_warm_up_moves_only_new_rows_and_resumes_only_as_a_warm_up(tiny_mode
     assert_only_new_rows_moved(model, out / "final", first)
 
     (checkpoint,) = out.glob("ckpt_step-2_*")
-    full = torchrun(TINY_RUN + [f"init_model_path={model}", "max_steps=3", f"recover_training_from_checkpoint={checkpoint}",
-                                f"output_dir={out}", f"logdir={out}/logs2"])
+    full = torchrun(TINY_RUN + [f"init_model_path={model}", "max_steps=3", f"output_dir={out}", f"logdir={out}/logs2",
+                                f"recover_training_from_checkpoint={checkpoint}"])
     assert full.returncode != 0
     assert f"{checkpoint} was written with new_rows_only=True: resume it with the same" in full.stdout, explain(full)
 

@@ -61,9 +61,8 @@ def train_new_rows_only(model: Llama, first_row: int) -> None:
     model.tok_embeddings.weight.requires_grad_(True)
     model.output.weight.requires_grad_(True)  # the same parameter when tied
     model.frozen_rows = first_row
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    vocab = model.tok_embeddings.weight.shape[0]
+    vocab = model.config.vocab_size
     logger.info("new_rows_only: rows %d..%d of %s train (%d new tokens); the other %d rows and every other weight are "
                 "frozen, weight decay off", first_row, vocab - 1,
-                "the tied embedding" if trained == model.tok_embeddings.weight.numel() else "the embedding and output",
+                "the tied embedding" if model.config.tie_word_embeddings else "the embedding and output",
                 vocab - first_row, first_row)

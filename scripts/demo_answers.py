@@ -2,26 +2,25 @@
 
     python scripts/demo_answers.py --zh "北京是中国的首都。" --en "Red, blue and yellow."
 
-The Chinese answer must be Chinese, not a loop: most of its characters CJK, and no character or word (any run of
+The Chinese answer must be Chinese, not a loop: most of its visible characters CJK (tools.text_stats.cjk_share,
+as bench/widening.py reports it), and no character or word (any run of
 1 to 8 characters) repeated more than three times in a row ("说说说说" fails, as does "美国的美国的美国的美国的"). The
 English answer to "Name three primary colors." must name red, blue and yellow.
 """
 from __future__ import annotations
 
 import argparse
-import re
+import sys
+from pathlib import Path
 
-CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-MOST = 0.5  # share of the answer's non-space, non-punctuation characters that must be CJK
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.text_stats import cjk_share  # noqa: E402
+
+MOST = 0.5  # share of the answer's visible characters that must be CJK
 MAX_REPEATS = 3
 LONGEST_UNIT = 8
 COLORS = ("red", "blue", "yellow")
-
-
-def cjk_share(text: str) -> float:
-    """CJK characters / the characters that are letters or CJK (spaces, digits and punctuation left out)."""
-    counted = [c for c in text if c.isalpha()]
-    return sum(bool(CJK.match(c)) for c in counted) / len(counted) if counted else 0.0
 
 
 def longest_repeat(text: str) -> tuple[str, int]:
@@ -41,7 +40,7 @@ def zh_verdict(answer: str) -> str:
     share, (unit, times) = cjk_share(answer), longest_repeat(answer)
     problems = []
     if share <= MOST:
-        problems.append(f"only {share:.0%} of its letters are CJK")
+        problems.append(f"only {share:.0%} of its characters are CJK")
     if times > MAX_REPEATS:
         problems.append(f"{unit!r} repeats {times} times in a row")
     facts = f"{share:.0%} CJK, longest repeat {times}x"

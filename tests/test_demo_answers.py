@@ -6,13 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from demo_answers import cjk_share, en_verdict, longest_repeat, main, zh_verdict  # noqa: E402
-
-
-def test_cjk_share_counts_letters_only():
-    assert cjk_share("北京。") == 1.0
-    assert cjk_share("北京 is 北京") == pytest.approx(4 / 6)
-    assert cjk_share("123 ...") == 0.0
+from demo_answers import en_verdict, longest_repeat, main, zh_verdict  # noqa: E402
 
 
 @pytest.mark.parametrize("text, unit, times", [
@@ -31,7 +25,8 @@ def test_verdicts():
     assert zh_verdict('说法："他是一个独人，他的名字是"').endswith("meets the bar")
     assert "'说' repeats 24 times in a row" in zh_verdict("说" * 24)
     assert "repeats 4 times" in zh_verdict("美国的" * 4) and zh_verdict("美国的" * 3).endswith("meets the bar")
-    assert "only 0% of its letters are CJK" in zh_verdict('The Japanese word for "Sakura" is')
+    assert "only 0% of its characters are CJK" in zh_verdict('The Japanese word for "Sakura" is')
+    assert "only 50% of its characters are CJK" in zh_verdict("北京 is")  # half is not most
     assert en_verdict("Red, Blue, and Yellow") == "English answer: names red, blue and yellow"
     assert en_verdict("Red and green") == "English answer: misses blue, yellow"
 

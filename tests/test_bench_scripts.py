@@ -85,6 +85,16 @@ def check_widening(out: dict) -> None:
     assert out["widened_old_tokens"]["zh"]["tokens_per_char"] == out["base"]["zh"]["tokens_per_char"]
 
 
+def check_widening_recovery(out: dict) -> None:
+    assert [run["name"] for run in out["runs"]] == ["stage1", "warmup lr=0.001", "warmup lr=0.001 + stage1"]
+    for scores in [out["widened"]] + [run["bits_per_char"] for run in out["runs"]]:
+        assert set(scores) == {"zh", "en"} and all(0 < v < 64 for v in scores.values())
+    for run in out["runs"]:
+        assert run["steps"] == 3 and run["step_s"] > 0
+        # the stage-1 runs score the held-out sets at steps 0 and 2 and at their end; a warm-up does not
+        assert sorted(run["curve"]) == ([] if run["name"] == "warmup lr=0.001" else ["0", "2", "3"])
+
+
 def widened_pair(root, bpe_dir) -> tuple:
     """A tiny model on a byte-level BPE, its copy widened on Chinese text (tools.expand_vocab), and a JSONL of one zh
     text (from the widening text: its new merges shorten it) and one en text."""
@@ -131,6 +141,11 @@ SCRIPTS = {
                                       "--vocab", 300, "--saves", 2], check_checkpoint_save),
     "widening.py": (lambda p: ["--base", p["base"], "--widened", p["widened"], "--data", p["heldout"],
                                "--max-new-tokens", 8], check_widening),
+    "widening_recovery.py": (lambda p: ["--widened", p["widened"], "--data", p["heldout"], "--warmup-lrs", "1e-3",
+                                        "--warmup-steps", 3, "--stage1-steps", 3, "--eval-steps", 2, "--nproc", 1,
+                                        "--set", f"pretrain_data_root_dir={p['corpus']}", "--set", "max_seq_length=64",
+                                        "--set", "logging_steps=1"],
+                             check_widening_recovery),
 }
 
 
